@@ -1,0 +1,497 @@
+"""The wire format shared by the rendezvous server and the peers.
+
+The article's listings included a header, ``p2pcommon.h``, that readers
+noticed was missing from the tarball.  This module is that header: the
+constants and the packet layouts that ``rendezvous.py``, ``punch.py`` and
+``p2pclient.py`` agree on.
+
+Every message is a fixed 8-byte header followed by a payload::
+
+     0       1       2       3       4       5       6       7
+    +-------+-------+-------+-------+-------+-------+-------+-------+
+    |     magic     |version| type  | flags |reserved|   length    |
+    +-------+-------+-------+-------+-------+-------+-------+-------+
+    |                payload (length bytes) ...                     |
+
+All integers are in network byte order.  The flags say whether a message
+is a reply from the server and whether it is hole punching traffic, which
+the receiver bounces back, or regular traffic, which it processes (article
+point 8).  Each message type's payload is a table of (field, format) pairs
+in ``LAYOUTS`` below: that table *is* the wire diagram.  On the TCP control
+connection the header's length field frames the messages; over UDP one
+datagram carries one message.
+"""
+
+import ipaddress
+import socket
+import struct
+
+MAGIC = 0x5032          # "P2"
+VERSION = 1
+DEFAULT_PORT = 7777     # TCP and UDP; the server probes mappings on PORT + 1
+
+HEADER = struct.Struct('!HBBBxH')
+HEADER_SIZE = HEADER.size
+
+# A datagram this small is never fragmented on any real path (IPv6's
+# minimum MTU is 1280), and fragments are what NATs lose first.
+MAX_DATAGRAM = 1200
+MAX_PAYLOAD = 65535     # the largest length the header can say (TCP frames)
+MAX_NAME = 32           # bytes of UTF-8
+MAX_TEXT = 1000         # bytes of UTF-8 in one chat message or error text
+MAX_ENDPOINTS = 16      # private endpoints one peer may report
+MAX_PEERS_LISTED = 1000
+
+TOKEN_SIZE = 16         # session and registration tokens, from secrets
+NO_SESSION = bytes(TOKEN_SIZE)
+
+# Flags (article point 8).
+FLAG_REPLY = 0x01       # sent by the server in answer to a peer
+FLAG_PUNCHING = 0x02    # hole punching traffic: bounce it, don't process it
+KNOWN_FLAGS = FLAG_REPLY | FLAG_PUNCHING
+
+# Message types.  1-15: control connection (TCP) and mapping (UDP) between
+# a peer and the server; 16 and up: UDP between two peers.
+REGISTER = 1
+REGISTERED = 2
+ERROR = 3
+MAPPING = 4
+LIST = 5
+PEERS = 6
+CONNECT = 7
+INTRODUCE = 8
+RELAY = 9
+BYE = 10
+PUNCH = 16
+PUNCH_ACK = 17
+DATA = 18
+ACK = 19
+KEEPALIVE = 20
+
+# ERROR codes.
+E_BAD_MESSAGE = 1
+E_NAME_TAKEN = 2
+E_UNKNOWN_PEER = 3
+E_NOT_REGISTERED = 4
+E_ALREADY_REGISTERED = 5
+E_NOT_INTRODUCED = 6
+E_TOO_MANY = 7
+E_RATE_LIMITED = 8
+
+# Addresses inside payloads are XORed with this key, as STUN's
+# XOR-MAPPED-ADDRESS does: some NATs "helpfully" rewrite any four bytes
+# that equal their private address, which would corrupt our payloads
+# (Ford, Srisuresh and Kegel, section 3.6).
+XOR_PORT = 0x2112
+XOR_ADDRESS = bytes.fromhex('2112a442') * 4
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the wire format; the text names the field."""
+
+
+class FramingError(ProtocolError):
+    """A TCP stream whose message boundaries are lost: close the connection."""
+
+
+# ---------------------------------------------------------------------------
+# Field formats.  A format is either a struct code ('H', '16s', ...) or one
+# of the small codecs below for the variable-sized fields.
+
+
+class Name:
+    """A peer's name: length byte + 1-32 bytes of printable UTF-8, no spaces."""
+
+    def pack(self, value):
+        """Return the encoded name, after checking the name rules."""
+        data = value.encode('utf-8')
+        check_name(value, len(data))
+        return bytes([len(data)]) + data
+
+    def unpack(self, buf, offset, field):
+        """Decode a name at offset; return (name, next offset)."""
+        data, offset = _take_counted(buf, offset, 1, field)
+        try:
+            value = data.decode('utf-8')
+        except UnicodeDecodeError:
+            raise ProtocolError(f'{field}: not UTF-8: {data!r}') from None
+        check_name(value, len(data), field)
+        return value, offset
+
+
+class Text:
+    """Free text (chat, error messages): 2-byte length + UTF-8."""
+
+    def pack(self, value):
+        """Return the encoded text."""
+        data = value.encode('utf-8')
+        if len(data) > MAX_TEXT:
+            raise ProtocolError(f'text: {len(data)} bytes, more than {MAX_TEXT}')
+        return struct.pack('!H', len(data)) + data
+
+    def unpack(self, buf, offset, field):
+        """Decode text at offset; return (text, next offset)."""
+        data, offset = _take_counted(buf, offset, 2, field)
+        if len(data) > MAX_TEXT:
+            raise ProtocolError(f'{field}: {len(data)} bytes, more than {MAX_TEXT}')
+        try:
+            return data.decode('utf-8'), offset
+        except UnicodeDecodeError:
+            raise ProtocolError(f'{field}: not UTF-8: {data[:40]!r}') from None
+
+
+class Blob:
+    """Opaque bytes, 2-byte length: a whole message carried inside RELAY."""
+
+    def pack(self, value):
+        """Return the length-prefixed bytes."""
+        return struct.pack('!H', len(value)) + bytes(value)
+
+    def unpack(self, buf, offset, field):
+        """Return (bytes, next offset)."""
+        return _take_counted(buf, offset, 2, field)
+
+
+class Endpoint:
+    """An (IP address, port) pair, IPv4 or IPv6, always 19 bytes on the wire.
+
+    family (1 byte: 4 or 6), port XOR 0x2112 (2 bytes), address XOR key
+    (16 bytes; an IPv4 address uses the first 4 and zeros after).  A fixed
+    size keeps the MAPPING reply exactly as large as its request.
+    """
+
+    SIZE = 19
+    layout = struct.Struct('!BH16s')
+
+    def pack(self, value):
+        """Encode an (address string, port) pair."""
+        host, port = value[0], value[1]
+        ip = ipaddress.ip_address(host)
+        raw = ip.packed.ljust(16, b'\0')
+        return self.layout.pack(ip.version, port ^ XOR_PORT, _xor(raw))
+
+    def unpack(self, buf, offset, field):
+        """Decode an endpoint at offset; return ((host, port), next offset)."""
+        if len(buf) - offset < self.SIZE:
+            raise ProtocolError(f'{field}: truncated endpoint')
+        family, port, raw = self.layout.unpack_from(buf, offset)
+        raw = _xor(raw)
+        if family == 4 and raw[4:] == bytes(12):
+            host = str(ipaddress.IPv4Address(raw[:4]))
+        elif family == 6:
+            host = str(ipaddress.IPv6Address(raw))
+        else:
+            raise ProtocolError(f'{field}: bad address family {family}')
+        return (host, port ^ XOR_PORT), offset + self.SIZE
+
+
+class EndpointList:
+    """A count byte and up to MAX_ENDPOINTS endpoints."""
+
+    def pack(self, value):
+        """Encode a list of (host, port) pairs."""
+        if len(value) > MAX_ENDPOINTS:
+            raise ProtocolError(f'endpoints: {len(value)}, more than {MAX_ENDPOINTS}')
+        return bytes([len(value)]) + b''.join(ENDPOINT.pack(e) for e in value)
+
+    def unpack(self, buf, offset, field):
+        """Decode the list; return (list of (host, port), next offset)."""
+        if offset >= len(buf):
+            raise ProtocolError(f'{field}: missing count')
+        count = buf[offset]
+        if count > MAX_ENDPOINTS:
+            raise ProtocolError(f'{field}: {count} endpoints, more than {MAX_ENDPOINTS}')
+        offset += 1
+        endpoints = []
+        for i in range(count):
+            endpoint, offset = ENDPOINT.unpack(buf, offset, f'{field}[{i}]')
+            endpoints.append(endpoint)
+        return endpoints, offset
+
+
+class NameList:
+    """A 2-byte count and that many names (the PEERS reply)."""
+
+    def pack(self, value):
+        """Encode a list of names."""
+        return struct.pack('!H', len(value)) + b''.join(NAME.pack(n) for n in value)
+
+    def unpack(self, buf, offset, field):
+        """Decode the list; return (list of names, next offset)."""
+        if len(buf) - offset < 2:
+            raise ProtocolError(f'{field}: missing count')
+        (count,) = struct.unpack_from('!H', buf, offset)
+        if count > MAX_PEERS_LISTED:
+            raise ProtocolError(f'{field}: {count} names, more than {MAX_PEERS_LISTED}')
+        offset += 2
+        names = []
+        for i in range(count):
+            name, offset = NAME.unpack(buf, offset, f'{field}[{i}]')
+            names.append(name)
+        return names, offset
+
+
+NAME, TEXT, BLOB = Name(), Text(), Blob()
+ENDPOINT, ENDPOINTS, NAMES = Endpoint(), EndpointList(), NameList()
+TOKEN = f'{TOKEN_SIZE}s'
+
+# ---------------------------------------------------------------------------
+# The wire diagram: one table per message type, field name next to format.
+
+LAYOUTS = {
+    # Control connection, peer -> server (article points 2 and 4).
+    REGISTER:   [('name', NAME), ('private', ENDPOINTS)],
+    LIST:       [],
+    CONNECT:    [('target', NAME)],
+    # Control connection, server -> peer.
+    REGISTERED: [('token', TOKEN)],   # ties our UDP MAPPING to this registration
+    ERROR:      [('code', 'H'), ('text', TEXT)],
+    PEERS:      [('names', NAMES)],
+    INTRODUCE:  [('name', NAME),                 # who the other peer is
+                 ('session', TOKEN),             # proves the pair to each other
+                 ('public', ENDPOINT),           # as the server saw it (point 3)
+                 ('port_delta', 'h'),            # mapping change, for prediction (point 6)
+                 ('private', ENDPOINTS)],        # as the peer reported them (point 10)
+    # Either way on the control connection: peer traffic the server relays
+    # between the two peers of a session (point 11), and goodbye.
+    RELAY:      [('session', TOKEN), ('message', BLOB)],
+    BYE:        [('session', TOKEN)],   # to the server: zeros, "I am leaving"
+    # UDP, peer -> server and back (point 3).  The request carries 19 zero
+    # bytes so that the reply, which fills them with the peer's public
+    # endpoint, is never larger than the request: no amplification.
+    MAPPING:    [('token', TOKEN), ('public', ENDPOINT)],
+    # UDP, peer <-> peer, each with the pair's session token (points 5, 8, 9).
+    PUNCH:      [('session', TOKEN)],
+    PUNCH_ACK:  [('session', TOKEN)],
+    DATA:       [('session', TOKEN), ('seq', 'I'), ('text', TEXT)],
+    ACK:        [('session', TOKEN), ('seq', 'I')],
+    KEEPALIVE:  [('session', TOKEN)],
+}
+
+TYPE_NAMES = {
+    REGISTER: 'REGISTER', REGISTERED: 'REGISTERED', ERROR: 'ERROR',
+    MAPPING: 'MAPPING', LIST: 'LIST', PEERS: 'PEERS', CONNECT: 'CONNECT',
+    INTRODUCE: 'INTRODUCE', RELAY: 'RELAY', BYE: 'BYE', PUNCH: 'PUNCH',
+    PUNCH_ACK: 'PUNCH_ACK', DATA: 'DATA', ACK: 'ACK', KEEPALIVE: 'KEEPALIVE',
+}
+
+# Messages that travel between two peers and are checked against a session.
+PEER_TYPES = frozenset({PUNCH, PUNCH_ACK, DATA, ACK, KEEPALIVE, BYE})
+PUNCHING_TYPES = frozenset({PUNCH, PUNCH_ACK})
+
+
+class Message:
+    """One decoded message: its type, flags and payload fields as attributes."""
+
+    def __init__(self, type, flags=0, **fields):
+        self.type = type
+        self.flags = flags
+        self.fields = fields
+        self.__dict__.update(fields)
+
+    @property
+    def name_of_type(self):
+        """The type's name, for logs."""
+        return TYPE_NAMES.get(self.type, str(self.type))
+
+    def __repr__(self):
+        fields = ', '.join(f'{k}={v!r}' for k, v in self.fields.items())
+        return f'{self.name_of_type}({fields})'
+
+    def __eq__(self, other):
+        return (isinstance(other, Message) and
+                (self.type, self.flags, self.fields) ==
+                (other.type, other.flags, other.fields))
+
+
+def encode(type, flags=0, **fields):
+    """Pack one message: header plus the payload in its layout's order."""
+    if type in PUNCHING_TYPES:
+        flags |= FLAG_PUNCHING
+    payload = b''.join(_pack_field(fmt, fields[name]) for name, fmt in LAYOUTS[type])
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f'payload: {len(payload)} bytes, more than {MAX_PAYLOAD}')
+    return HEADER.pack(MAGIC, VERSION, type, flags, len(payload)) + payload
+
+
+def reply(type, **fields):
+    """Pack a message from the server to a peer (FLAG_REPLY set)."""
+    return encode(type, FLAG_REPLY, **fields)
+
+
+def decode(data):
+    """Unpack one whole message (a datagram, or one TCP frame).
+
+    Raises ProtocolError, naming the field, for anything malformed.
+    """
+    type, flags, length = parse_header(data)
+    if len(data) != HEADER_SIZE + length:
+        raise ProtocolError(
+            f'length: header says {length} payload bytes, got {len(data) - HEADER_SIZE}')
+    return decode_payload(type, flags, memoryview(data)[HEADER_SIZE:])
+
+
+def parse_header(data):
+    """Check the fixed header; return (type, flags, payload length)."""
+    if len(data) < HEADER_SIZE:
+        raise FramingError(f'header: truncated, {len(data)} of {HEADER_SIZE} bytes')
+    magic, version, type, flags, length = HEADER.unpack_from(data)
+    _check_stream(magic, version)
+    if type not in LAYOUTS:
+        raise ProtocolError(f'type: unknown message type {type}')
+    if flags & ~KNOWN_FLAGS:
+        raise ProtocolError(f'flags: unknown bits 0x{flags:02x}')
+    return type, flags, length
+
+
+def decode_payload(type, flags, payload):
+    """Unpack the payload of a message whose header has been checked."""
+    payload = bytes(payload)
+    fields = {}
+    offset = 0
+    for name, fmt in LAYOUTS[type]:
+        fields[name], offset = _unpack_field(fmt, payload, offset, name)
+    if offset != len(payload):
+        raise ProtocolError(
+            f'length: {len(payload) - offset} bytes after the last field of '
+            f'{TYPE_NAMES[type]}')
+    return Message(type, flags, **fields)
+
+
+class FrameReader:
+    """Reassembles messages from a TCP byte stream.
+
+    TCP delivers bytes, not messages: one recv() may hold half a message or
+    several.  The fixed header's length field says where each one ends, so
+    that field is the frame's length prefix.
+    """
+
+    def __init__(self, max_length=MAX_PAYLOAD):
+        self.buffer = bytearray()
+        self.max_length = max_length
+
+    def feed(self, data):
+        """Add received bytes to the buffer."""
+        self.buffer += data
+
+    def frames(self):
+        """Yield each complete frame (header and payload) in the buffer.
+
+        Raises FramingError when the stream cannot be resynchronised: bad
+        magic, another version, or a length over max_length.  The caller
+        then closes the connection.  Any other fault (an unknown type, a bad
+        field) is inside one frame, which decode() reports, and the stream
+        stays in step.
+        """
+        while len(self.buffer) >= HEADER_SIZE:
+            magic, version, _, _, length = HEADER.unpack_from(self.buffer)
+            _check_stream(magic, version)
+            if length > self.max_length:
+                raise FramingError(f'length: {length}, more than {self.max_length}')
+            end = HEADER_SIZE + length
+            if len(self.buffer) < end:
+                return
+            frame = bytes(self.buffer[:end])
+            del self.buffer[:end]
+            yield frame
+
+    @property
+    def pending(self):
+        """Bytes of an incomplete frame still waiting for the rest."""
+        return len(self.buffer)
+
+
+def _check_stream(magic, version):
+    """Raise FramingError unless this is our protocol, our version."""
+    if magic != MAGIC:
+        raise FramingError(f'magic: 0x{magic:04x}, expected 0x{MAGIC:04x}')
+    if version != VERSION:
+        raise FramingError(f'version: {version}, expected {VERSION}')
+
+
+# ---------------------------------------------------------------------------
+# Names and addresses.
+
+
+def check_name(name, size=None, field='name'):
+    """Raise ProtocolError unless name is 1-32 bytes, printable, no whitespace."""
+    size = len(name.encode('utf-8')) if size is None else size
+    if not 1 <= size <= MAX_NAME:
+        raise ProtocolError(f'{field}: {size} bytes, must be 1 to {MAX_NAME}: {name!r}')
+    if not name.isprintable() or any(c.isspace() for c in name):
+        raise ProtocolError(f'{field}: must be printable with no spaces: {name!r}')
+
+
+def format_endpoint(endpoint):
+    """'203.0.113.2:40000' or '[2001:db8::2]:40000', for people."""
+    host, port = endpoint[0], endpoint[1]
+    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
+
+
+def parse_endpoint(text, default_port=DEFAULT_PORT):
+    """Parse 'HOST', 'HOST:PORT' or '[V6]:PORT' into (host, port)."""
+    host, port = text, default_port
+    if text.startswith('['):
+        host, _, rest = text[1:].partition(']')
+        if rest.startswith(':'):
+            port = rest[1:]
+    elif text.count(':') == 1:
+        host, port = text.split(':')
+    try:
+        port = int(port)
+    except ValueError:
+        raise ValueError(f'bad port in {text!r}') from None
+    if not host or not 0 < port < 65536:
+        raise ValueError(f'bad endpoint {text!r}: expected HOST[:PORT]')
+    return host, port
+
+
+def same_endpoint(a, b):
+    """Compare two socket addresses by host and port only.
+
+    IPv6 socket addresses are 4-tuples (flowinfo, scope id); we compare the
+    parts that the wire carries.
+    """
+    return (ipaddress.ip_address(a[0]), a[1]) == (ipaddress.ip_address(b[0]), b[1])
+
+
+def family_of(host):
+    """socket.AF_INET or AF_INET6 for an address string."""
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
+# ---------------------------------------------------------------------------
+
+
+def _pack_field(fmt, value):
+    if isinstance(fmt, str):
+        try:
+            return struct.pack('!' + fmt, value)
+        except struct.error as error:
+            raise ProtocolError(f'{fmt}: {error}') from None
+    return fmt.pack(value)
+
+
+def _unpack_field(fmt, buf, offset, field):
+    if isinstance(fmt, str):
+        size = struct.calcsize('!' + fmt)
+        if len(buf) - offset < size:
+            raise ProtocolError(f'{field}: truncated, needs {size} bytes')
+        (value,) = struct.unpack_from('!' + fmt, buf, offset)
+        return value, offset + size
+    return fmt.unpack(buf, offset, field)
+
+
+def _take_counted(buf, offset, count_size, field):
+    """Read a count of count_size bytes, then that many bytes."""
+    if len(buf) - offset < count_size:
+        raise ProtocolError(f'{field}: truncated length')
+    count = int.from_bytes(buf[offset:offset + count_size], 'big')
+    start = offset + count_size
+    if len(buf) - start < count:
+        raise ProtocolError(f'{field}: says {count} bytes, only {len(buf) - start} left')
+    return bytes(buf[start:start + count]), start + count
+
+
+def _xor(raw):
+    return bytes(a ^ b for a, b in zip(raw, XOR_ADDRESS))

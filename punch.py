@@ -1,0 +1,206 @@
+"""Hole punching and keeping the hole open (the article's Listing 2).
+
+Three pieces, each one article point:
+
+* ``discover_mapping`` asks the rendezvous server, over UDP, which public
+  address and port our NAT gave us (point 3), from two server ports, to
+  see whether the NAT keeps one mapping for every destination (a "cone")
+  or makes a new one per destination ("symmetric", point 6).
+* ``Punch`` sends PUNCH datagrams to every address the peer might have and
+  locks onto the first one that proves it is the peer (points 5 and 10).
+* ``Keepalive`` keeps the punched mapping from timing out and notices
+  when the path has died anyway (point 9).
+
+Nothing here blocks except ``discover_mapping``, which runs once at start-up:
+the client's single event loop drives ``Punch`` and ``Keepalive`` by
+calling their methods when a datagram arrives or a timer is due.
+"""
+
+import select
+import time
+
+import p2pcommon as wire
+
+# A few datagrams a second are enough: the first punch on each side is
+# usually dropped by the other NAT, and the next one, 100 ms later, finds
+# the mapping that the peer's own punch has opened by then.
+PUNCH_INTERVAL = 0.1
+PUNCH_TIMEOUT = 5.0
+
+# Linux conntrack forgets an unanswered UDP mapping after 30 s, and Ford et
+# al. saw NATs that forget after 20 s; the article says "around 60".  A
+# keepalive every 15 s stays inside all of these.
+KEEPALIVE_INTERVAL = 15.0
+DEAD_AFTER = 3          # intervals of silence before a path counts as dead
+
+# A symmetric NAT that allocates ports in sequence gives our next
+# destination the port after the last one: try this many steps ahead.
+PREDICTION_STEPS = 8
+
+MAPPING_TRIES = 5
+MAPPING_WAIT = 0.5
+
+
+class Mapping:
+    """What the server saw of us: public endpoints from its two UDP ports."""
+
+    def __init__(self, public, probed):
+        self.public = public
+        self.probed = probed
+
+    @property
+    def symmetric(self):
+        """True if the NAT gave the second server port another mapping."""
+        return self.probed is not None and not wire.same_endpoint(self.public, self.probed)
+
+    def describe(self):
+        """A few words for the status line."""
+        if self.probed is None:
+            return 'NAT type unknown: the probe port did not answer'
+        if self.symmetric:
+            return f'symmetric NAT: the probe port saw {wire.format_endpoint(self.probed)}'
+        return 'cone NAT or none: one mapping for every destination'
+
+
+def discover_mapping(sock, server, probe, token):
+    """Learn our public endpoint from the server's two UDP ports (points 3, 6).
+
+    Sends a MAPPING request, carrying our registration token so that the
+    server files the answer under our name, to ``server`` and ``probe`` and
+    retries on loss.  Returns a Mapping; raises TimeoutError if the main
+    port never answers.  Other datagrams that arrive meanwhile are dropped:
+    nobody knows our address yet.
+    """
+    request = wire.encode(wire.MAPPING, token=token, public=(_any_address(server), 0))
+    seen = {}
+    for _ in range(MAPPING_TRIES):
+        for target in (server, probe):
+            if target not in seen:
+                sock.sendto(request, target)
+        deadline = time.monotonic() + MAPPING_WAIT
+        while len(seen) < 2 and time.monotonic() < deadline:
+            if select.select([sock], [], [], deadline - time.monotonic())[0]:
+                _take_mapping_reply(sock, token, (server, probe), seen)
+        if len(seen) == 2:
+            break
+    if server not in seen:
+        raise TimeoutError(f'no UDP answer from {wire.format_endpoint(server)}')
+    return Mapping(seen[server], seen.get(probe))
+
+
+def _take_mapping_reply(sock, token, targets, seen):
+    """Read one datagram; file it in seen if it is our MAPPING reply."""
+    try:
+        data, source = sock.recvfrom(wire.MAX_DATAGRAM)
+        message = wire.decode(data)
+    except (OSError, wire.ProtocolError):
+        return
+    for target in targets:
+        if (message.type == wire.MAPPING and message.token == token
+                and wire.same_endpoint(source, target)):
+            seen[target] = message.public
+
+
+def _any_address(endpoint):
+    return '::' if ':' in endpoint[0] else '0.0.0.0'
+
+
+def candidates(introduction):
+    """Every endpoint where the peer might be reached, best guess first.
+
+    Its public endpoint as the server saw it (point 3); when its NAT gave
+    the server's two ports two different mappings, the ports it will
+    probably use next (point 6); and the private endpoints it reported,
+    which work when we are behind the same NAT (point 10).
+    """
+    public = introduction.public
+    found = [public]
+    if introduction.port_delta:
+        for step in range(1, PREDICTION_STEPS + 1):
+            port = public[1] + step * introduction.port_delta
+            if 0 < port < 65536:
+                found.append((public[0], port))
+    found += introduction.private
+    unique = []
+    for endpoint in found:
+        if endpoint not in unique:
+            unique.append(endpoint)
+    return unique
+
+
+class Punch:
+    """One hole punching attempt toward one peer (article point 5).
+
+    ``send(data, endpoint)`` puts a datagram on our UDP socket.  The client
+    calls ``tick`` from its loop and ``receive`` for every PUNCH or
+    PUNCH_ACK that carries this pair's session token.
+    """
+
+    def __init__(self, send, session, targets, now, timeout=PUNCH_TIMEOUT):
+        self.send = send
+        self.session = session
+        self.targets = list(targets)
+        self.started = now
+        self.deadline = now + timeout
+        self.next_round = now
+        self.locked = None
+
+    def tick(self, now):
+        """Send a round of PUNCH to every candidate when one is due."""
+        if self.locked is None and now >= self.next_round:
+            punch = wire.encode(wire.PUNCH, session=self.session)
+            for target in self.targets:
+                self.send(punch, target)
+            self.next_round = now + PUNCH_INTERVAL
+
+    def expired(self, now):
+        """True when the peer has not answered within the timeout."""
+        return self.locked is None and now >= self.deadline
+
+    def receive(self, message, source):
+        """Take a datagram of this session from source; return the locked endpoint.
+
+        A PUNCH is bounced back as PUNCH_ACK (point 8), always: the peer may
+        still be punching after we have locked.  Any datagram carrying the
+        session token proves that the peer (only it and the server know
+        the token: point 10) reaches us from ``source`` and that our NAT
+        lets it in; its NAT lets our replies back to that same endpoint.
+        So the first proof locks in, even if it came from an address we
+        never punched, as from a symmetric NAT.
+        """
+        if message.type == wire.PUNCH:
+            self.send(wire.encode(wire.PUNCH_ACK, session=self.session), source)
+        if self.locked is None:
+            self.locked = source
+        return self.locked
+
+
+class Keepalive:
+    """Keeps a punched path open and notices when it dies (article point 9).
+
+    NATs forget a UDP mapping that sees no traffic, and then the peer's
+    datagrams are dropped.  Anything we send refreshes our side; a
+    KEEPALIVE goes out when nothing else has for ``interval`` seconds.
+    ``interval`` 0 turns keepalives off.
+    """
+
+    def __init__(self, interval, now):
+        self.interval = interval
+        self.last_sent = now
+        self.last_heard = now
+
+    def sent(self, now):
+        """Record that something went out on the path."""
+        self.last_sent = now
+
+    def heard(self, now):
+        """Record that something came in on the path."""
+        self.last_heard = now
+
+    def due(self, now):
+        """True when a KEEPALIVE should go out now."""
+        return self.interval > 0 and now - self.last_sent >= self.interval
+
+    def dead(self, now):
+        """True after DEAD_AFTER intervals without a word from the peer."""
+        return self.interval > 0 and now - self.last_heard > DEAD_AFTER * self.interval

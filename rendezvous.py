@@ -1,0 +1,433 @@
+"""The rendezvous server, or mediator (the article's Listing 1).
+
+It only introduces peers (article point 1).  Each peer keeps one TCP
+control connection to it (point 2) and sends it UDP MAPPING requests, whose
+source address is the peer's public endpoint, the mapping its NAT made
+(point 3).  When one peer asks to CONNECT to another, the server sends both
+an INTRODUCE with the other's public and private endpoints and a fresh
+session token (points 4 and 10); the peers then punch (point 5) and talk
+directly, without the server (point 7).  Only when punching fails does the
+server RELAY their traffic over the control connections (point 11).
+
+One event loop serves every socket: the TCP listener, every control
+connection, and two UDP sockets, on PORT and PORT + 1, so that a peer can
+see whether its NAT maps both destinations to the same public port (point
+6).  The loop uses the ``selectors`` module, which picks epoll or kqueue
+where there is one: plain ``select()`` takes descriptors below 1,024
+only (FD_SETSIZE), which would cap us at about a thousand peers.
+"""
+
+import argparse
+import collections
+import logging
+import secrets
+import selectors
+import socket
+import sys
+import time
+
+import p2pcommon as wire
+
+log = logging.getLogger('rendezvous')
+
+# Limits on what one source may cost us (all shown in --help).
+MAX_CONNECTIONS_PER_ADDRESS = 64
+REGISTER_TIMEOUT = 30.0         # seconds a connection may stay unregistered
+MAX_OUTPUT = 256 * 1024         # bytes queued for a peer that does not read
+MAX_REQUEST = 2048              # the largest control message a peer may send
+UDP_BURST = 64                  # datagrams read per wake-up, before others get a turn
+SUMMARY_INTERVAL = 60.0         # seconds between reports of dropped datagrams
+
+
+class Peer:
+    """One control connection and, once registered, what we know of the peer."""
+
+    def __init__(self, sock, address, now):
+        self.sock = sock
+        self.address = address          # of the TCP connection, for logs
+        self.reader = wire.FrameReader(MAX_REQUEST)
+        self.output = bytearray()
+        self.connected_at = now
+        self.name = None
+        self.token = None               # registration token: ties MAPPING to us
+        self.private = []               # endpoints the peer reported (point 10)
+        self.public = None              # seen on our main UDP port (point 3)
+        self.probed = None              # seen on the probe port (point 6)
+        self.sessions = set()           # session tokens of our introductions
+
+    @property
+    def port_delta(self):
+        """How far the NAT moved our port between the two server ports (point 6).
+
+        Zero for a cone NAT, which keeps one mapping for every destination;
+        for a symmetric NAT that counts up, the step to predict the next.
+        """
+        if self.public is None or self.probed is None or self.public[0] != self.probed[0]:
+            return 0
+        delta = self.probed[1] - self.public[1]
+        return delta if -32768 <= delta < 32768 else 0
+
+    def __str__(self):
+        return self.name or wire.format_endpoint(self.address)
+
+
+class Rendezvous:
+    """The mediator: a registry of peers and one loop over all sockets."""
+
+    def __init__(self, bind='0.0.0.0', port=wire.DEFAULT_PORT):
+        self.selector = selectors.DefaultSelector()
+        self.peers = {}                 # name -> Peer (registered)
+        self.by_token = {}              # registration token -> Peer
+        self.sessions = {}              # session token -> (Peer, Peer)
+        self.connections = {}           # socket -> Peer, registered or not
+        self.per_address = collections.Counter()
+        self.dropped = collections.Counter()    # bad datagrams, by reason
+        self.next_summary = time.monotonic() + SUMMARY_INTERVAL
+        family = wire.family_of(bind)
+        self.listener = self._open(family, socket.SOCK_STREAM, bind, port)
+        self.listener.listen(128)
+        port = self.listener.getsockname()[1]   # port 0 means "any free one"
+        self.udp = self._open(family, socket.SOCK_DGRAM, bind, port)
+        self.probe = self._open(family, socket.SOCK_DGRAM, bind, port + 1)
+        self.port = port
+        self.selector.register(self.listener, selectors.EVENT_READ, self.accept)
+        self.selector.register(self.udp, selectors.EVENT_READ, self.receive_datagrams)
+        self.selector.register(self.probe, selectors.EVENT_READ, self.receive_datagrams)
+
+    @staticmethod
+    def _open(family, kind, bind, port):
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((bind, port))
+        sock.setblocking(False)
+        return sock
+
+    # -- the loop -----------------------------------------------------------
+
+    def serve_forever(self):
+        """Run the event loop until interrupted."""
+        while True:
+            self.serve_once(timeout=1.0)
+
+    def serve_once(self, timeout):
+        """Wait for ready sockets, handle each, then the timers."""
+        for key, mask in self.selector.select(timeout):
+            key.data(key.fileobj, mask)
+        self.check_timers(time.monotonic())
+
+    def check_timers(self, now):
+        """Close connections that never registered; summarise dropped datagrams."""
+        for peer in [p for p in self.connections.values() if p.name is None]:
+            if now - peer.connected_at > REGISTER_TIMEOUT:
+                log.info('closing %s: not registered after %.0f s', peer, REGISTER_TIMEOUT)
+                self.close(peer)
+        if now >= self.next_summary:
+            if self.dropped:
+                log.warning('dropped bad datagrams in the last %.0f s: %s', SUMMARY_INTERVAL,
+                            ', '.join(f'{n} {why}' for why, n in self.dropped.items()))
+                self.dropped.clear()
+            self.next_summary = now + SUMMARY_INTERVAL
+
+    # -- TCP control connections -------------------------------------------
+
+    def accept(self, listener, mask):
+        """Take a new control connection, unless its address has too many."""
+        try:
+            sock, address = listener.accept()
+        except OSError:
+            return
+        if self.per_address[address[0]] >= MAX_CONNECTIONS_PER_ADDRESS:
+            log.warning('refusing %s: %d connections from that address already',
+                        wire.format_endpoint(address), MAX_CONNECTIONS_PER_ADDRESS)
+            sock.close()
+            return
+        sock.setblocking(False)
+        self.per_address[address[0]] += 1
+        peer = Peer(sock, address, time.monotonic())
+        self.connections[sock] = peer
+        self.selector.register(sock, selectors.EVENT_READ, Connection(self, peer).ready)
+        log.debug('connection from %s', peer)
+
+    def close(self, peer):
+        """Forget a connection: free its name and its sessions at once."""
+        try:
+            self.selector.unregister(peer.sock)
+        except KeyError:
+            return      # closed already
+        del self.connections[peer.sock]
+        peer.sock.close()
+        self.per_address[peer.address[0]] -= 1
+        if self.per_address[peer.address[0]] <= 0:
+            del self.per_address[peer.address[0]]
+        for session in peer.sessions:
+            pair = self.sessions.pop(session, None)
+            if pair:
+                # Tell the partner at once, as if the peer had said BYE.
+                other = pair[1] if pair[0] is peer else pair[0]
+                self.send(other, wire.RELAY, session=session,
+                          message=wire.encode(wire.BYE, session=session))
+        if peer.name and self.peers.get(peer.name) is peer:
+            del self.peers[peer.name]
+            del self.by_token[peer.token]
+            log.info('%s disconnected', peer)
+
+    def send(self, peer, type, **fields):
+        """Queue a reply for a peer; drop the peer if it never reads."""
+        if peer.sock.fileno() < 0:
+            return      # it left while we were working on its request
+        data = wire.reply(type, **fields)
+        if len(peer.output) + len(data) > MAX_OUTPUT:
+            log.warning('dropping %s: %d bytes queued and it does not read',
+                        peer, len(peer.output))
+            self.close(peer)
+            return
+        log.debug('> %s to %s (tcp)', wire.TYPE_NAMES[type], peer)
+        peer.output += data
+        self.selector.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                             self.selector.get_key(peer.sock).data)
+
+    def send_error(self, peer, code, text):
+        """Tell a peer what was wrong with its request."""
+        log.info('error to %s: %s', peer, text)
+        self.send(peer, wire.ERROR, code=code, text=text[:wire.MAX_TEXT])
+
+    # -- requests on the control connection ---------------------------------
+
+    def handle(self, peer, message):
+        """Dispatch one control message from a peer."""
+        log.debug('< %s from %s (tcp)', message.name_of_type, peer)
+        if message.type == wire.REGISTER:
+            self.register(peer, message)
+        elif peer.name is None:
+            self.send_error(peer, wire.E_NOT_REGISTERED, 'register first')
+        elif message.type == wire.LIST:
+            names = sorted(n for n, p in self.peers.items() if p.public)
+            self.send(peer, wire.PEERS, names=names[:wire.MAX_PEERS_LISTED])
+        elif message.type == wire.CONNECT:
+            self.connect(peer, message.target)
+        elif message.type == wire.RELAY:
+            self.relay(peer, message)
+        elif message.type == wire.BYE:
+            self.close(peer)
+        else:
+            self.send_error(peer, wire.E_BAD_MESSAGE,
+                            f'type: {message.name_of_type} is not a request to the server')
+
+    def register(self, peer, message):
+        """Give a name to a connection, unless a live connection holds it."""
+        if peer.name is not None:
+            self.send_error(peer, wire.E_ALREADY_REGISTERED, f'already registered as {peer}')
+            return
+        if message.name in self.peers:
+            self.send_error(peer, wire.E_NAME_TAKEN, f'name {message.name!r} is taken')
+            return
+        peer.name, peer.private = message.name, message.private
+        peer.token = secrets.token_bytes(wire.TOKEN_SIZE)
+        self.peers[peer.name] = peer
+        self.by_token[peer.token] = peer
+        log.info('%s registered from %s, private %s', peer, wire.format_endpoint(peer.address),
+                 ' '.join(map(wire.format_endpoint, peer.private)) or 'none')
+        self.send(peer, wire.REGISTERED, token=peer.token)
+
+    def connect(self, peer, target_name):
+        """Introduce two peers to each other with a fresh session token (point 4)."""
+        target = self.peers.get(target_name)
+        if target is None or target.public is None:
+            self.send_error(peer, wire.E_UNKNOWN_PEER, f'no peer named {target_name!r}')
+            return
+        if target is peer:
+            self.send_error(peer, wire.E_UNKNOWN_PEER, 'cannot connect to yourself')
+            return
+        if peer.public is None:
+            self.send_error(peer, wire.E_NOT_REGISTERED,
+                            'your public endpoint is not known yet: send MAPPING first')
+            return
+        session = secrets.token_bytes(wire.TOKEN_SIZE)
+        self.sessions[session] = (peer, target)
+        peer.sessions.add(session)
+        target.sessions.add(session)
+        # Both at once: each side must punch toward the other (point 5).
+        self.introduce(target, peer, session)
+        self.introduce(peer, target, session)
+        log.info('introduced %s (%s) and %s (%s)', peer, wire.format_endpoint(peer.public),
+                 target, wire.format_endpoint(target.public))
+
+    def introduce(self, peer, other, session):
+        """Tell peer how to reach other: public, predicted and private (points 4, 6, 10)."""
+        self.send(peer, wire.INTRODUCE, name=other.name, session=session,
+                  public=other.public, port_delta=other.port_delta, private=other.private)
+
+    def relay(self, peer, message):
+        """Forward peer traffic within an introduced pair, and only that (point 11)."""
+        pair = self.sessions.get(message.session)
+        if pair is None or peer not in pair:
+            self.send_error(peer, wire.E_NOT_INTRODUCED, 'relay: not a session of yours')
+            return
+        try:
+            inner = wire.decode(message.message)
+        except wire.ProtocolError as error:
+            self.send_error(peer, wire.E_BAD_MESSAGE, f'relay: {error}')
+            return
+        if inner.type not in wire.PEER_TYPES or inner.session != message.session:
+            self.send_error(peer, wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
+            return
+        other = pair[1] if pair[0] is peer else pair[0]
+        log.debug('relaying %s from %s to %s', inner.name_of_type, peer, other)
+        self.send(other, wire.RELAY, session=message.session, message=message.message)
+
+    # -- UDP: mapping requests (point 3) ------------------------------------
+
+    def receive_datagrams(self, sock, mask):
+        """Answer MAPPING requests with the source endpoint we saw (point 3).
+
+        Reads up to UDP_BURST datagrams before returning to the loop: one
+        wake-up per datagram would spend most of the time in select().
+        """
+        for _ in range(UDP_BURST):
+            try:
+                data, source = sock.recvfrom(wire.MAX_DATAGRAM + 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:    # e.g. an ICMP error from an earlier send
+                log.debug('udp: %s', error)
+                continue
+            self.answer_mapping(sock, data, source)
+
+    def answer_mapping(self, sock, data, source):
+        """Check one datagram; record and answer it if it is a MAPPING."""
+        try:
+            message = wire.decode(data)
+            if message.type != wire.MAPPING or message.flags & wire.FLAG_REPLY:
+                raise wire.ProtocolError(f'type: {message.name_of_type} over udp')
+        except wire.ProtocolError as error:
+            self.dropped[str(error).split(':')[0]] += 1
+            log.debug('< bad datagram from %s: %s', wire.format_endpoint(source), error)
+            return
+        public = (source[0], source[1])
+        log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public),
+                  sock.getsockname()[1])
+        peer = self.by_token.get(message.token)
+        if peer is not None:
+            if sock is self.udp:
+                if peer.public != public:
+                    log.info('%s has public endpoint %s', peer, wire.format_endpoint(public))
+                peer.public = public
+            else:
+                peer.probed = public
+        log.debug('> MAPPING to %s (udp %d)', wire.format_endpoint(public),
+                  sock.getsockname()[1])
+        # The reply has the request's size exactly: no amplification.
+        answer = wire.reply(wire.MAPPING, token=message.token, public=public)
+        try:
+            sock.sendto(answer, source)
+        except OSError as error:
+            log.debug('udp send to %s: %s', wire.format_endpoint(source), error)
+
+
+class Connection:
+    """The loop's handler for one control connection: read, frame, write."""
+
+    def __init__(self, server, peer):
+        self.server = server
+        self.peer = peer
+
+    def ready(self, sock, mask):
+        """Called by the loop when the socket can be read or written."""
+        if mask & selectors.EVENT_WRITE:
+            self.write()
+        if mask & selectors.EVENT_READ:
+            self.read()
+
+    def read(self):
+        """Read what is there; handle every complete message in it."""
+        peer = self.peer
+        try:
+            data = peer.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            self.server.close(peer)
+            return
+        peer.reader.feed(data)
+        try:
+            for frame in peer.reader.frames():
+                self.handle_frame(frame)
+                if peer.sock.fileno() < 0:
+                    return      # the message closed the connection
+        except wire.FramingError as error:
+            log.warning('closing %s: %s', peer, error)
+            self.server.send_error(peer, wire.E_BAD_MESSAGE, str(error))
+            self.write()
+            self.server.close(peer)
+
+    def handle_frame(self, frame):
+        """Decode one frame; a bad one gets an ERROR, the stream goes on."""
+        try:
+            message = wire.decode(frame)
+        except wire.FramingError:
+            raise
+        except wire.ProtocolError as error:
+            log.info('bad message from %s: %s', self.peer, error)
+            self.server.send_error(self.peer, wire.E_BAD_MESSAGE, str(error))
+            return
+        self.server.handle(self.peer, message)
+
+    def write(self):
+        """Send what is queued; stop asking for EVENT_WRITE when done."""
+        peer = self.peer
+        try:
+            sent = peer.sock.send(peer.output)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.server.close(peer)
+            return
+        del peer.output[:sent]
+        if not peer.output and peer.sock.fileno() >= 0:
+            self.server.selector.modify(peer.sock, selectors.EVENT_READ, self.ready)
+
+
+def parse_args(argv):
+    """The command line; every limit is listed in --help."""
+    parser = argparse.ArgumentParser(
+        description='Rendezvous server for UDP hole punching: introduces peers, '
+                    'tells them their public endpoints, relays when punching fails.',
+        epilog=f'Limits: {MAX_CONNECTIONS_PER_ADDRESS} connections per source address; '
+               f'a connection that has not registered after {REGISTER_TIMEOUT:.0f} s is '
+               f'closed; a peer with more than {MAX_OUTPUT // 1024} KiB of unread replies '
+               f'is dropped; control messages over {MAX_REQUEST} bytes close the '
+               f'connection.')
+    parser.add_argument('--bind', default='0.0.0.0',
+                        help='address to listen on (default: 0.0.0.0; "::" for IPv6)')
+    parser.add_argument('--port', type=int, default=wire.DEFAULT_PORT,
+                        help=f'TCP and UDP port; PORT+1 is the UDP probe port '
+                             f'(default: {wire.DEFAULT_PORT})')
+    parser.add_argument('-v', '--verbose', action='store_true',
+                        help='log every message in and out, one line each')
+    parser.add_argument('-q', '--quiet', action='store_true', help='log errors only')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run the rendezvous server until interrupted."""
+    args = parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format='%(asctime)s %(message)s', stream=sys.stderr)
+    try:
+        server = Rendezvous(args.bind, args.port)
+    except OSError as error:
+        log.error('cannot listen on %s port %d: %s', args.bind, args.port, error.strerror)
+        return 1
+    log.info('rendezvous listening on %s (tcp, udp) and udp port %d for probes',
+             wire.format_endpoint((args.bind, server.port)), server.port + 1)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info('stopped')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
