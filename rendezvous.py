@@ -19,6 +19,7 @@ only (FD_SETSIZE), which would cap us at about a thousand peers.
 
 import argparse
 import collections
+import errno
 import logging
 import secrets
 import selectors
@@ -83,16 +84,31 @@ class Rendezvous:
         self.per_address = collections.Counter()
         self.dropped = collections.Counter()    # bad datagrams, by reason
         self.next_summary = time.monotonic() + SUMMARY_INTERVAL
-        family = wire.family_of(bind)
-        self.listener = self._open(family, socket.SOCK_STREAM, bind, port)
-        self.listener.listen(128)
-        port = self.listener.getsockname()[1]   # port 0 means "any free one"
-        self.udp = self._open(family, socket.SOCK_DGRAM, bind, port)
-        self.probe = self._open(family, socket.SOCK_DGRAM, bind, port + 1)
-        self.port = port
+        self.listener, self.udp, self.probe = self._open_all(bind, port)
+        self.port = self.listener.getsockname()[1]
         self.selector.register(self.listener, selectors.EVENT_READ, self.accept)
         self.selector.register(self.udp, selectors.EVENT_READ, self.receive_datagrams)
         self.selector.register(self.probe, selectors.EVENT_READ, self.receive_datagrams)
+
+    def _open_all(self, bind, port):
+        """TCP and UDP on port, UDP on port + 1.  Port 0: any free pair."""
+        family = wire.family_of(bind)
+        for _ in range(20 if port == 0 else 1):
+            sockets = []
+            try:
+                sockets.append(self._open(family, socket.SOCK_STREAM, bind, port))
+                chosen = sockets[0].getsockname()[1]
+                sockets.append(self._open(family, socket.SOCK_DGRAM, bind, chosen))
+                sockets.append(self._open(family, socket.SOCK_DGRAM, bind, chosen + 1))
+            except OSError:
+                for sock in sockets:
+                    sock.close()
+                if port:
+                    raise
+                continue
+            sockets[0].listen(128)
+            return sockets
+        raise OSError(errno.EADDRINUSE, 'no free pair of ports')
 
     @staticmethod
     def _open(family, kind, bind, port):

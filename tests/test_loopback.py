@@ -1,0 +1,196 @@
+"""End to end on loopback: the real server and clients, driven through stdin."""
+
+import signal
+import socket
+
+import pytest
+
+import p2pcommon as wire
+from procs import command, start, start_server
+
+CONNECTED = r'^\* connected to {} at 127\.0\.0\.1:\d+ \(direct, \d+ ms\)$'
+
+
+@pytest.fixture
+def server():
+    """A rendezvous server on a free port; yields its port."""
+    proc, port = start_server()
+    yield port
+    proc.stop()
+    assert not [line for line in proc.err.lines if 'Traceback' in line], proc.transcript()
+
+
+@pytest.fixture
+def clients(server):
+    """A factory for registered clients; checks at the end that none crashed."""
+    started = []
+
+    def client(name, *args, register=True):
+        proc = start(command('p2pclient.py', name, '--server', f'127.0.0.1:{server}', *args),
+                     name)
+        started.append(proc)
+        if register:
+            proc.expect(rf'^\* registered as {name} with 127\.0\.0\.1:{server}; '
+                        r'public endpoint 127\.0\.0\.1:\d+')
+        return proc
+
+    yield client
+    for proc in started:
+        proc.stop()
+        assert proc.err.lines == [], proc.transcript()
+
+
+def connect(alice, bob):
+    """alice connects to bob; both say how (direct, on loopback)."""
+    alice.send('/connect bob')
+    alice.expect(CONNECTED.format('bob'))
+    bob.expect(CONNECTED.format('alice'))
+
+
+def test_connect_by_name_and_chat_both_ways(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    alice.send('hello bob')
+    bob.expect(r'^<alice> hello bob$')
+    bob.send('hi alice')
+    alice.expect(r'^<bob> hi alice$')
+
+
+def test_connect_on_the_command_line(clients):
+    clients('bob')
+    alice = clients('alice', '--connect', 'bob')
+    alice.expect(CONNECTED.format('bob'))
+
+
+def test_list_shows_registered_names(clients):
+    alice = clients('alice')
+    clients('bob')
+    alice.send('/list')
+    alice.expect(r'^\* peers: alice, bob$')
+
+
+def test_name_taken_is_one_clear_line_and_exit_1(clients):
+    clients('alice')
+    second = clients('alice', register=False)
+    second.expect(r"^\* name 'alice' is taken$")
+    assert second.wait() == 1
+
+
+def test_name_is_free_again_once_its_holder_leaves(clients):
+    first = clients('alice')
+    first.send('/quit')
+    assert first.wait() == 0
+    clients('alice')
+
+
+def test_unknown_peer_is_named_in_the_error(clients):
+    alice = clients('alice')
+    alice.send('/connect carol')
+    alice.expect(r"^\* error from the rendezvous server: no peer named 'carol'$")
+    alice.send('/list')
+    alice.expect(r'^\* peers: alice$')        # and the client goes on
+
+
+def test_server_down_at_start():
+    with socket.socket() as sock:           # a port with nobody listening
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    alice = start(command('p2pclient.py', 'alice', '--server', f'127.0.0.1:{port}'), 'alice')
+    alice.expect(rf'^\* cannot reach the rendezvous server at 127\.0\.0\.1:{port}: '
+                 r'Connection refused$')
+    assert alice.wait() == 1
+    assert alice.err.lines == []
+
+
+@pytest.mark.parametrize('name', ['', 'with space', 'x' * 33, 'tab\there'])
+def test_bad_name_is_refused_before_anything_happens(name):
+    proc = start(command('p2pclient.py', name), 'client')
+    assert proc.wait() == 2
+    assert 'name' in proc.err.lines[-1] and 'Traceback' not in '\n'.join(proc.err.lines)
+
+
+def test_peer_quits_and_the_other_is_told(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    bob.send('/quit')
+    assert bob.wait() == 0
+    alice.expect(r'^\* bob left$')
+
+
+def test_end_of_input_says_bye_and_exits_0(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    bob.close_stdin()
+    assert bob.wait() == 0
+    alice.expect(r'^\* bob left$')
+
+
+def test_ctrl_c_says_bye_and_exits_0(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    bob.popen.send_signal(signal.SIGINT)
+    assert bob.wait() == 0
+    alice.expect(r'^\* bob left$')
+
+
+def test_utf8_text_arrives_intact(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    alice.send('grüße, 日本語, emoji 🎉')
+    bob.expect(r'^<alice> grüße, 日本語, emoji 🎉$')
+
+
+def test_control_characters_cannot_forge_a_status_line(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    alice.send('\r* connected to mallory \x1b[2J')
+    line = bob.expect(r'^<alice> ').string
+    assert '\x1b' not in line and '\r' not in line
+    assert line == r'<alice> \r* connected to mallory \x1b[2J'
+
+
+def test_a_thousand_lines_arrive_complete_and_in_order(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    alice.popen.stdin.write(''.join(f'line {i}\n' for i in range(1000)))
+    alice.popen.stdin.flush()
+    bob.expect(r'^<alice> line 999$', timeout=30)
+    chat = [line for line in bob.lines if line.startswith('<alice>')]
+    assert chat == [f'<alice> line {i}' for i in range(1000)]
+
+
+def test_a_long_line_arrives_whole_in_pieces(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    text = 'é' * 1500           # 3,000 bytes: more than one datagram holds
+    alice.send(text)
+    bob.expect(r'^<alice> ')
+    bob.expect(r'^<alice> ')
+    bob.expect(r'^<alice> ')
+    received = ''.join(line[len('<alice> '):] for line in bob.lines
+                       if line.startswith('<alice> '))
+    assert received == text
+
+
+def test_chat_before_connecting_says_what_to_do(clients):
+    alice = clients('alice')
+    alice.send('anyone there?')
+    alice.expect(r'^\* not connected: /connect PEER first$')
+
+
+def test_unknown_command_is_reported(clients):
+    alice = clients('alice')
+    alice.send('/frobnicate')
+    alice.expect(r"^\* unknown command '/frobnicate'; /help lists the commands$")
+
+
+def test_a_malformed_control_message_gets_an_error_naming_it(server, clients):
+    with socket.create_connection(('127.0.0.1', server), timeout=5) as sock:
+        sock.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, 99, 0, 0))
+        reader = wire.FrameReader()
+        reader.feed(sock.recv(4096))
+        error = wire.decode(next(reader.frames()))
+    assert error.type == wire.ERROR and error.code == wire.E_BAD_MESSAGE
+    assert 'unknown message type 99' in error.text
+    alice, bob = clients('alice'), clients('bob')       # everyone else is served
+    connect(alice, bob)
