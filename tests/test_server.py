@@ -1,0 +1,194 @@
+"""The rendezvous server, spoken to in raw protocol by test peers."""
+
+import os
+import socket
+
+import pytest
+
+import p2pcommon as wire
+from procs import start_server
+
+
+class RawPeer:
+    """A hand-driven peer: a control connection and a UDP socket."""
+
+    def __init__(self, port, name=None):
+        self.port = port
+        self.tcp = socket.create_connection(('127.0.0.1', port), timeout=5)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(('127.0.0.1', 0))
+        self.udp.settimeout(5)
+        self.reader = wire.FrameReader()
+        self.token = None
+        if name:
+            self.register(name)
+
+    def send(self, type, **fields):
+        """Send one control message."""
+        self.tcp.sendall(wire.encode(type, **fields))
+
+    def receive(self):
+        """The next control message from the server."""
+        while True:
+            for frame in self.reader.frames():
+                return wire.decode(frame)
+            data = self.tcp.recv(65536)
+            assert data, 'the server closed the connection'
+            self.reader.feed(data)
+
+    def register(self, name):
+        """Register and tell the server our public UDP endpoint."""
+        self.send(wire.REGISTER, name=name, private=[self.udp.getsockname()])
+        reply = self.receive()
+        assert reply.type == wire.REGISTERED, reply
+        self.token = reply.token
+        self.mapping(self.token)
+
+    def mapping(self, token, port=None):
+        """Send a MAPPING request; return the reply and its size."""
+        request = wire.encode(wire.MAPPING, token=token, public=('0.0.0.0', 0))
+        self.udp.sendto(request, ('127.0.0.1', port or self.port))
+        data, _ = self.udp.recvfrom(2048)
+        assert len(data) <= len(request)
+        return wire.decode(data)
+
+    def close(self):
+        """Close both sockets."""
+        self.tcp.close()
+        self.udp.close()
+
+
+@pytest.fixture
+def server():
+    """The real server, with -v so that its log shows every message."""
+    proc, port = start_server('-v')
+    yield proc, port
+    proc.stop()
+    assert not [line for line in proc.err.lines if 'Traceback' in line], proc.transcript()
+
+
+@pytest.fixture
+def peers(server):
+    """A factory for RawPeer objects, closed at the end."""
+    made = []
+
+    def peer(name=None):
+        made.append(RawPeer(server[1], name))
+        return made[-1]
+
+    yield peer
+    for p in made:
+        p.close()
+
+
+def test_mapping_reply_holds_the_source_address_and_port(peers):
+    alice = peers('alice')
+    reply = alice.mapping(alice.token)
+    assert reply.type == wire.MAPPING and reply.flags & wire.FLAG_REPLY
+    assert reply.public == alice.udp.getsockname()
+
+
+def test_probe_port_answers_too(server, peers):
+    alice = peers('alice')
+    reply = alice.mapping(alice.token, port=server[1] + 1)
+    assert reply.public == alice.udp.getsockname()
+
+
+def test_introduce_goes_to_both_with_one_fresh_session(peers):
+    alice, bob = peers('alice'), peers('bob')
+    alice.send(wire.CONNECT, target='bob')
+    to_bob, to_alice = bob.receive(), alice.receive()
+    assert (to_bob.type, to_alice.type) == (wire.INTRODUCE, wire.INTRODUCE)
+    assert to_bob.session == to_alice.session != wire.NO_SESSION
+    assert (to_bob.name, to_bob.public) == ('alice', alice.udp.getsockname())
+    assert (to_alice.name, to_alice.public) == ('bob', bob.udp.getsockname())
+    assert to_alice.private == [bob.udp.getsockname()]
+    assert to_alice.port_delta == 0
+    alice.send(wire.CONNECT, target='bob')
+    assert alice.receive().session != to_alice.session
+
+
+def test_nobody_else_can_set_a_peers_public_endpoint(peers):
+    alice, bob, mallory = peers('alice'), peers('bob'), peers()
+    mallory.mapping(os.urandom(wire.TOKEN_SIZE))        # answered, but files nothing
+    mallory.send(wire.REGISTER, name='mallory', private=[])
+    assert mallory.receive().type == wire.REGISTERED
+    bob.send(wire.CONNECT, target='alice')
+    assert bob.receive().public == alice.udp.getsockname()
+
+
+def test_relay_forwards_within_the_pair_only(peers):
+    alice, bob, carol = peers('alice'), peers('bob'), peers('carol')
+    alice.send(wire.CONNECT, target='bob')
+    session = alice.receive().session
+    bob.receive()
+    data = wire.encode(wire.DATA, session=session, seq=0, text='via the server')
+    alice.send(wire.RELAY, session=session, message=data)
+    relayed = bob.receive()
+    assert relayed.type == wire.RELAY and relayed.message == data
+    carol.send(wire.RELAY, session=session, message=data)
+    error = carol.receive()
+    assert (error.code, error.text) == (wire.E_NOT_INTRODUCED, 'relay: not a session of yours')
+
+
+def test_relay_carries_peer_traffic_only(peers):
+    alice = peers('alice')
+    peers('bob')
+    alice.send(wire.CONNECT, target='bob')
+    session = alice.receive().session
+    alice.send(wire.RELAY, session=session, message=wire.encode(wire.LIST))
+    error = alice.receive()
+    assert (error.code, error.text) == (wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
+
+
+def test_a_peer_that_leaves_is_announced_to_its_partner(peers):
+    alice, bob = peers('alice'), peers('bob')
+    alice.send(wire.CONNECT, target='bob')
+    session = alice.receive().session
+    bob.close()
+    relayed = alice.receive()
+    assert relayed.type == wire.RELAY
+    assert wire.decode(relayed.message) == wire.Message(wire.BYE, session=session)
+
+
+def test_requests_before_registering_are_refused(peers):
+    stranger = peers()
+    stranger.send(wire.CONNECT, target='bob')
+    error = stranger.receive()
+    assert (error.code, error.text) == (wire.E_NOT_REGISTERED, 'register first')
+
+
+def test_registering_twice_is_refused(peers):
+    alice = peers('alice')
+    alice.send(wire.REGISTER, name='alice2', private=[])
+    assert alice.receive().code == wire.E_ALREADY_REGISTERED
+
+
+def test_a_broken_stream_is_closed_with_a_reason(server, peers):
+    alice, bob = peers('alice'), peers('bob')
+    bob.tcp.sendall(b'GET / HTTP/1.0\r\n\r\n')
+    error = bob.receive()
+    assert error.type == wire.ERROR and error.text.startswith('magic: ')
+    assert bob.tcp.recv(100) == b''
+    alice.send(wire.LIST)
+    assert alice.receive().names == ['alice']
+
+
+def test_bad_datagrams_are_dropped_and_the_server_goes_on(peers):
+    alice = peers('alice')
+    for junk in (b'', b'x', os.urandom(100), wire.encode(wire.LIST)):
+        alice.udp.sendto(junk, ('127.0.0.1', alice.port))
+    assert alice.mapping(alice.token).public == alice.udp.getsockname()
+
+
+def test_verbose_log_shows_each_message_one_line(server, peers):
+    proc, _ = server
+    alice = peers('alice')
+    alice.send(wire.LIST)
+    alice.receive()
+    proc.expect_log(r'< REGISTER from 127\.0\.0\.1:\d+ \(tcp\)')
+    proc.expect_log(r'> REGISTERED to alice \(tcp\)')
+    proc.expect_log(r'< MAPPING from 127\.0\.0\.1:\d+ \(udp \d+\)')
+    proc.expect_log(r'> MAPPING to 127\.0\.0\.1:\d+ \(udp \d+\)')
+    proc.expect_log(r'< LIST from alice \(tcp\)')
+    proc.expect_log(r'> PEERS to alice \(tcp\)')
