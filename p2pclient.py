@@ -103,7 +103,7 @@ class Client:
         self.control = None
         self.reader = wire.FrameReader()
         self.output = bytearray()
-        self.line = bytearray()
+        self.stdin = None
         self.selector = selectors.DefaultSelector()
         self.next_mapping = 0.0
         self.running = True
@@ -179,7 +179,7 @@ class Client:
 
     def run(self, stdin_fd=0):
         """Serve stdin, the control socket and the UDP socket until /quit."""
-        os.set_blocking(stdin_fd, False)
+        self.stdin = LineReader(stdin_fd)
         self.selector.register(stdin_fd, selectors.EVENT_READ, self.read_stdin)
         self.selector.register(self.control, selectors.EVENT_READ, self.read_control)
         self.selector.register(self.udp, selectors.EVENT_READ, self.read_udp)
@@ -229,24 +229,13 @@ class Client:
     # -- stdin: commands and chat -------------------------------------------
 
     def read_stdin(self, fd, mask):
-        """Read what the user typed; act on each complete line."""
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            if self.line:
-                self.command(self.line.decode('utf-8', 'replace'))
+        """Act on each complete line the user typed; quit at end of input."""
+        lines, ended = self.stdin.read()
+        for line in lines:
+            if self.running:
+                self.command(line)
+        if ended and self.running:
             self.quit()
-            return
-        self.line += data
-        while b'\n' in self.line or len(self.line) > MAX_LINE:
-            end = self.line.find(b'\n')
-            end = MAX_LINE if end < 0 else end
-            line, self.line = bytes(self.line[:end]), self.line[end + 1:]
-            self.command(line.decode('utf-8', 'replace').rstrip('\r'))
-            if not self.running:
-                return
 
     def command(self, line):
         """Act on one line: a /command, or chat to the current peer."""
@@ -477,6 +466,85 @@ class Client:
         session.channel.hurry(now)
 
 
+class LineReader:
+    """Whole lines from a non-blocking file descriptor (stdin)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.partial = bytearray()
+        os.set_blocking(fd, False)
+
+    def read(self):
+        """Return (complete lines, True at end of input).
+
+        A line longer than MAX_LINE is cut there, so that endless input
+        without a newline cannot fill our memory.
+        """
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return [], False
+        self.partial += data
+        lines = []
+        while b'\n' in self.partial or len(self.partial) >= MAX_LINE or \
+                (not data and self.partial):
+            end = self.partial.find(b'\n')
+            end = min(MAX_LINE, len(self.partial)) if end < 0 else end
+            lines.append(self.partial[:end].decode('utf-8', 'replace').rstrip('\r'))
+            del self.partial[:end + 1]
+        return lines, not data
+
+
+class RawChat:
+    """Plain lines over UDP, one datagram each: the article's netcat demo.
+
+    ``nc -u -p 17000 PEER 17000`` at both ends; this speaks the same way,
+    with no rendezvous and no header, so it can talk to a real netcat.
+    """
+
+    def __init__(self, peer, port, out=sys.stdout):
+        self.peer = peer
+        self.out = out
+        self.udp = socket.socket(wire.family_of(peer[0]), socket.SOCK_DGRAM)
+        self.udp.bind(('::' if self.udp.family == socket.AF_INET6 else '0.0.0.0', port))
+        self.udp.setblocking(False)
+
+    def run(self, stdin_fd=0):
+        """Send each line typed; print each datagram from the peer."""
+        stdin = LineReader(stdin_fd)
+        selector = selectors.DefaultSelector()
+        selector.register(stdin_fd, selectors.EVENT_READ)
+        selector.register(self.udp, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is self.udp:
+                    self.receive()
+                    continue
+                lines, ended = stdin.read()
+                for line in lines:
+                    self.send(line + '\n')
+                if ended:
+                    return
+
+    def send(self, line):
+        """One line, one datagram."""
+        try:
+            self.udp.sendto(line.encode('utf-8'), self.peer)
+        except OSError:
+            pass    # like netcat: a lost datagram is not an error
+
+    def receive(self):
+        """Print what the peer sent; datagrams from anyone else are ignored."""
+        try:
+            data, source = self.udp.recvfrom(65536)
+        except OSError:
+            return
+        if wire.same_endpoint(source, self.peer):
+            for line in data.decode('utf-8', 'replace').splitlines():
+                self.out.write(safe(line) + '\n')
+            self.out.flush()
+
+
 def safe(text):
     """Text a peer sent, with control characters shown as escapes.
 
@@ -504,7 +572,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         description='Chat peer to peer through NATs: a rendezvous server introduces '
                     'the peers, UDP hole punching connects them directly.')
-    parser.add_argument('name', help='your name: 1-32 bytes, printable, no spaces')
+    parser.add_argument('name', nargs='?',
+                        help='your name: 1-32 bytes, printable, no spaces')
     parser.add_argument('--server', default=f'127.0.0.1:{wire.DEFAULT_PORT}',
                         metavar='HOST[:PORT]',
                         help=f'the rendezvous server (default: 127.0.0.1:{wire.DEFAULT_PORT})')
@@ -519,9 +588,21 @@ def parse_args(argv):
                         metavar='SECONDS',
                         help=f'give up punching and relay after this long '
                              f'(default: {punch.PUNCH_TIMEOUT:.0f})')
+    parser.add_argument('--raw', action='store_true',
+                        help='plain-text UDP with --peer, as netcat does: no rendezvous, '
+                             'no header, one datagram per line')
+    parser.add_argument('--peer', metavar='IP:PORT', help='with --raw: the peer to talk to')
     args = parser.parse_args(argv)
     try:
-        wire.check_name(args.name)
+        if args.raw:
+            if not args.peer:
+                parser.error('--raw needs --peer IP:PORT')
+            args.peer = wire.parse_endpoint(args.peer)
+            wire.family_of(args.peer[0])
+        elif args.name is None:
+            parser.error('a name is needed (or --raw --peer IP:PORT)')
+        else:
+            wire.check_name(args.name)
         args.server = wire.parse_endpoint(args.server)
     except (wire.ProtocolError, ValueError) as error:
         parser.error(str(error))
@@ -531,6 +612,8 @@ def parse_args(argv):
 def main(argv=None):
     """Run the client; exit 0 on /quit or end of input, 1 on a fatal error."""
     args = parse_args(argv)
+    if args.raw:
+        return run_raw(args)
     client = Client(args.name, args.server, args.port, args.keepalive, args.punch_timeout)
     try:
         client.start()
@@ -542,6 +625,20 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         client.quit()
+    return 0
+
+
+def run_raw(args):
+    """The --raw mode: exit 0 at end of input, 1 if the port is not free."""
+    try:
+        chat = RawChat(args.peer, args.port)
+    except OSError as error:
+        print(f'* cannot use UDP port {args.port}: {error.strerror}')
+        return 1
+    try:
+        chat.run()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

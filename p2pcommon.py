@@ -47,7 +47,7 @@ NO_SESSION = bytes(TOKEN_SIZE)
 
 # Flags (article point 8).
 FLAG_REPLY = 0x01       # sent by the server in answer to a peer
-FLAG_PUNCHING = 0x02    # hole punching traffic: bounce it, don't process it
+FLAG_PUNCHING = 0x02    # hole punching traffic: bounce it back (PUNCH, KEEPALIVE)
 KNOWN_FLAGS = FLAG_REPLY | FLAG_PUNCHING
 
 # Message types.  1-15: control connection (TCP) and mapping (UDP) between
@@ -277,7 +277,10 @@ TYPE_NAMES = {
 
 # Messages that travel between two peers and are checked against a session.
 PEER_TYPES = frozenset({PUNCH, PUNCH_ACK, DATA, ACK, KEEPALIVE, BYE})
-PUNCHING_TYPES = frozenset({PUNCH, PUNCH_ACK})
+# Hole punching traffic, which the receiver bounces back as PUNCH_ACK
+# (point 8).  A KEEPALIVE is a punch too: its bounce refreshes the mapping
+# on the sender's side as well, and tells the sender that the path lives.
+PUNCHING_TYPES = frozenset({PUNCH, KEEPALIVE})
 
 
 class Message:

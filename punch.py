@@ -160,15 +160,16 @@ class Punch:
     def receive(self, message, source):
         """Take a datagram of this session from source; return the locked endpoint.
 
-        A PUNCH is bounced back as PUNCH_ACK (point 8), always: the peer may
-        still be punching after we have locked.  Any datagram carrying the
+        Hole punching traffic (PUNCH, KEEPALIVE: the header's punching flag)
+        is bounced back as PUNCH_ACK (point 8), always: the peer may still
+        be punching after we have locked.  Any datagram carrying the
         session token proves that the peer (only it and the server know
         the token: point 10) reaches us from ``source`` and that our NAT
         lets it in; its NAT lets our replies back to that same endpoint.
         So the first proof locks in, even if it came from an address we
         never punched, as from a symmetric NAT.
         """
-        if message.type == wire.PUNCH:
+        if message.flags & wire.FLAG_PUNCHING:
             self.send(wire.encode(wire.PUNCH_ACK, session=self.session), source)
         if self.locked is None:
             self.locked = source

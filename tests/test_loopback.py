@@ -194,3 +194,42 @@ def test_a_malformed_control_message_gets_an_error_naming_it(server, clients):
     assert 'unknown message type 99' in error.text
     alice, bob = clients('alice'), clients('bob')       # everyone else is served
     connect(alice, bob)
+
+
+def free_udp_port():
+    """A UDP port on loopback that nobody uses right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_raw_mode_talks_plain_lines_like_netcat():
+    port_a, port_b = free_udp_port(), free_udp_port()
+    a = start(command('p2pclient.py', '--raw', '--peer', f'127.0.0.1:{port_b}',
+                      '--port', port_a), 'a')
+    b = start(command('p2pclient.py', '--raw', '--peer', f'127.0.0.1:{port_a}',
+                      '--port', port_b), 'b')
+    try:
+        # Each side's first line may be lost if the other has not bound yet:
+        # repeat until one arrives, as a user of netcat would.
+        for attempt in range(50):
+            a.send(f'hello b {attempt}')
+            try:
+                b.expect(r'^hello b \d+$', timeout=0.2)
+                break
+            except AssertionError:
+                continue
+        b.send('hello a')
+        a.expect(r'^hello a$')
+        a.close_stdin()
+        assert a.wait() == 0
+    finally:
+        a.stop()
+        b.stop()
+    assert a.err.lines == [] and b.err.lines == []
+
+
+def test_raw_mode_needs_a_peer():
+    proc = start(command('p2pclient.py', '--raw'), 'raw')
+    assert proc.wait() == 2
+    assert proc.err.lines[-1].endswith('--raw needs --peer IP:PORT')

@@ -20,6 +20,11 @@ def introduction(port_delta=0, private=(), public=('198.51.100.2', 40000)):
                         private=list(private))
 
 
+def received(type, session=SESSION):
+    """A message as it comes off the wire, flags and all."""
+    return wire.decode(wire.encode(type, session=session))
+
+
 def test_candidates_are_public_then_private():
     found = punch.candidates(introduction(private=[('198.18.2.2', 5000)]))
     assert found == [('198.51.100.2', 40000), ('198.18.2.2', 5000)]
@@ -49,14 +54,21 @@ def test_a_punch_is_bounced_and_locks_the_path():
     attempt = punch.Punch(lambda data, to: sent.append((wire.decode(data), to)),
                           SESSION, [('198.51.100.2', 1)], now=0.0)
     source = ('198.51.100.2', 7)                # a port we never punched: symmetric NAT
-    assert attempt.receive(wire.Message(wire.PUNCH, session=SESSION), source) == source
-    assert sent == [(wire.Message(wire.PUNCH_ACK, wire.FLAG_PUNCHING, session=SESSION),
-                     source)]
-    attempt.receive(wire.Message(wire.PUNCH_ACK, session=SESSION), ('198.18.2.2', 2))
+    assert attempt.receive(received(wire.PUNCH), source) == source
+    assert sent == [(wire.Message(wire.PUNCH_ACK, session=SESSION), source)]
+    attempt.receive(received(wire.PUNCH_ACK), ('198.18.2.2', 2))
     assert attempt.locked == source             # the first proof wins
     attempt.tick(10.0)
     assert len(sent) == 1                        # no more punching once locked
     assert not attempt.expired(10.0)
+
+
+def test_a_keepalive_is_bounced_too():
+    sent = []
+    attempt = punch.Punch(lambda data, to: sent.append(wire.decode(data)), SESSION, [], 0.0)
+    attempt.receive(received(wire.KEEPALIVE), ('::1', 1))
+    attempt.receive(received(wire.PUNCH_ACK), ('::1', 1))
+    assert sent == [wire.Message(wire.PUNCH_ACK, session=SESSION)]
 
 
 def test_a_punch_expires_without_an_answer():
@@ -114,9 +126,8 @@ def test_a_punch_before_our_introduce_is_kept_and_answered():
         client.udp.bind(('127.0.0.1', 0))
         bob.bind(('127.0.0.1', 0))
         bob.settimeout(5)
-        early = wire.Message(wire.PUNCH, session=SESSION)
-        client.peer_message(early, bob.getsockname())
-        client.peer_message(wire.Message(wire.PUNCH, session=OTHER), bob.getsockname())
+        client.peer_message(received(wire.PUNCH), bob.getsockname())
+        client.peer_message(received(wire.PUNCH, OTHER), bob.getsockname())
         assert out.getvalue() == ''                     # nothing to say yet
         # Its public endpoint is still unknown to us: punch a closed local port.
         client.introduced(introduction(public=('127.0.0.1', 9)))
