@@ -15,6 +15,7 @@ and then, in one loop over stdin, the control socket and the UDP socket:
 """
 
 import argparse
+import collections
 import os
 import selectors
 import socket
@@ -26,6 +27,8 @@ import punch
 from reliable import ReliableChannel
 
 CONNECT_TIMEOUT = 5.0       # seconds to reach the rendezvous server
+RECONNECT_FIRST = 1.0       # seconds before the first reconnect; doubles each try
+RECONNECT_MAX = 30.0
 MAX_LINE = 64 * 1024        # an endless stdin line is cut here
 HELP = """commands:
   /connect PEER   ask the rendezvous server to introduce PEER, then punch
@@ -42,8 +45,9 @@ class Fatal(Exception):
 class Session:
     """One introduced peer: the punch, then a direct path or the relay."""
 
-    def __init__(self, client, name, token, targets, now, started):
+    def __init__(self, client, link, name, token, targets, now, started):
         self.client = client
+        self.link = link            # the server that introduced us: it relays
         self.name = name
         self.token = token
         self.targets = targets
@@ -78,20 +82,188 @@ class Session:
             self.client.send_udp(data, self.endpoint)
             self.keepalive.sent(time.monotonic())
         elif self.relayed:
-            self.client.send_control(wire.RELAY, session=self.token, message=data)
+            self.link.send(wire.RELAY, session=self.token, message=data)
 
     def transmit_data(self, seq, text):
         """The reliable layer's way out: one DATA."""
         self.send(wire.DATA, seq=seq, text=text)
 
 
+class ServerLink:
+    """Our control connection to one rendezvous server (article point 2).
+
+    It frames messages both ways and keeps the server's view of our UDP
+    mapping fresh.  When the server goes away, direct chat does not need
+    it (point 7): the link reconnects with backoff and registers again.
+    """
+
+    def __init__(self, client, address):
+        self.client = client
+        self.address = address          # (host, port) as the user gave it
+        self.sock = None
+        self.reader = wire.FrameReader()
+        self.output = bytearray()
+        self.token = None               # from REGISTERED: registered when set
+        self.udp = self.probe = None    # the server's two UDP endpoints
+        self.connects = collections.deque()   # names we sent CONNECT for, in order
+        self.backoff = RECONNECT_FIRST
+        self.retry_at = None            # when to reconnect, while lost
+        self.next_refresh = 0.0
+
+    def __str__(self):
+        return wire.format_endpoint(self.address)
+
+    def open(self, family=None):
+        """Connect (blocking, with a timeout) and send REGISTER; raises OSError."""
+        host, port = self.address
+        found = socket.getaddrinfo(host, port, family or 0, socket.SOCK_STREAM)
+        server = found[0][4][:2]
+        self.sock = socket.create_connection(server, timeout=CONNECT_TIMEOUT)
+        self.udp, self.probe = server, (server[0], server[1] + 1)
+        self.reader = wire.FrameReader()
+        self.output.clear()
+        self.connects.clear()
+        self.token = None
+        private = (self.sock.getsockname()[0], self.client.udp.getsockname()[1])
+        self.send(wire.REGISTER, name=self.client.name, private=[private])
+
+    def wait_registered(self):
+        """Block until REGISTERED or ERROR; raise Fatal on an error."""
+        while self.token is None:
+            try:
+                data = self.sock.recv(65536)
+            except OSError as error:
+                data, why = b'', error.strerror
+            else:
+                why = 'it closed the connection'
+            if not data:
+                raise Fatal(f'the rendezvous server at {self} did not register us: {why}')
+            self.reader.feed(data)
+            for frame in self.reader.frames():
+                message = wire.decode(frame)
+                if message.type == wire.ERROR:
+                    raise Fatal(message.text)
+                if message.type == wire.REGISTERED:
+                    self.token = message.token
+
+    def attach(self, selector):
+        """Hand the connected socket to the client's loop."""
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ, self.ready)
+        self.flush()
+
+    def send(self, type, **fields):
+        """Queue a message to the server; it goes out as the socket takes it."""
+        if self.sock is None:
+            return
+        self.output += wire.encode(type, **fields)
+        self.flush()
+
+    def flush(self):
+        """Write what the socket takes now; the loop writes the rest later."""
+        try:
+            sent = self.sock.send(self.output)
+            del self.output[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as error:
+            self.lost(error.strerror)
+            return
+        selector = self.client.selector
+        if self.sock in selector.get_map():
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.output else 0)
+            selector.modify(self.sock, events, self.ready)
+
+    def ready(self, sock, mask):
+        """Called by the loop: write what is queued, read what came."""
+        if mask & selectors.EVENT_WRITE:
+            self.flush()
+        if self.sock is None or not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self.lost(error.strerror)
+            return
+        if not data:
+            self.lost('it closed the connection')
+            return
+        self.reader.feed(data)
+        try:
+            for frame in self.reader.frames():
+                self.client.handle_control(self, wire.decode(frame))
+                if self.sock is None:
+                    return
+        except wire.ProtocolError as error:
+            self.lost(f'it sent a bad message ({error})')
+
+    def lost(self, why):
+        """The server went away: say so once, and plan to reconnect."""
+        if self.sock is None:
+            return
+        self.client.say(f'lost the rendezvous server {self}: {why}; '
+                        f'direct chat goes on, reconnecting')
+        self.close()
+        self.retry_at = time.monotonic() + self.backoff
+
+    def close(self):
+        """Close the connection (flushing nothing more)."""
+        if self.sock in self.client.selector.get_map():
+            self.client.selector.unregister(self.sock)
+        self.sock.close()
+        self.sock = None
+        self.token = None
+
+    def tick(self, now):
+        """Reconnect when due; refresh the server's view of our mapping."""
+        if self.sock is None and self.retry_at is not None and now >= self.retry_at:
+            self.reconnect(now)
+        if self.token is not None and now >= self.next_refresh:
+            self.refresh_mapping(now)
+
+    def reconnect(self, now):
+        """Try the server again; on failure wait twice as long (up to a limit)."""
+        try:
+            self.open(self.client.udp.family)
+        except OSError:
+            self.sock = None
+            self.backoff = min(self.backoff * 2, RECONNECT_MAX)
+            self.retry_at = now + self.backoff
+            return
+        self.retry_at = None
+        self.attach(self.client.selector)
+
+    def registered(self, token, now):
+        """REGISTERED after a reconnect: tell the server our mapping again."""
+        self.token = token
+        self.backoff = RECONNECT_FIRST
+        self.client.say(f'registered as {self.client.name} with {self} again')
+        self.refresh_mapping(now)
+
+    def refresh_mapping(self, now):
+        """Send MAPPING to both server ports (points 3, 6, 9).
+
+        Keeps our NAT's mapping toward the server alive and the server's
+        record of it right, so that it introduces us with an endpoint that
+        still works.
+        """
+        request = wire.encode(wire.MAPPING, token=self.token,
+                              public=self.client.mapping.public)
+        self.client.send_udp(request, self.udp)
+        self.client.send_udp(request, self.probe)
+        interval = self.client.keepalive_interval
+        self.next_refresh = now + (interval if interval > 0 else punch.KEEPALIVE_INTERVAL)
+
+
 class Client:
     """The peer: registration, the event loop and the user's commands."""
 
-    def __init__(self, name, server, udp_port=0, keepalive=punch.KEEPALIVE_INTERVAL,
+    def __init__(self, name, servers, udp_port=0, keepalive=punch.KEEPALIVE_INTERVAL,
                  punch_timeout=punch.PUNCH_TIMEOUT, out=sys.stdout):
         self.name = name
-        self.server = server
+        self.links = [ServerLink(self, server) for server in servers]
         self.udp_port = udp_port
         self.keepalive_interval = keepalive
         self.punch_timeout = punch_timeout
@@ -100,12 +272,10 @@ class Client:
         self.current = None         # the Session that chat lines go to
         self.asked = {}             # peer name -> when we sent CONNECT
         self.early_punches = []     # (message, source) before their INTRODUCE
-        self.control = None
-        self.reader = wire.FrameReader()
-        self.output = bytearray()
+        self.udp = None
+        self.mapping = None
         self.stdin = None
         self.selector = selectors.DefaultSelector()
-        self.next_mapping = 0.0
         self.running = True
 
     # -- output -------------------------------------------------------------
@@ -123,65 +293,57 @@ class Client:
     # -- start-up: register, then learn the mapping -------------------------
 
     def start(self):
-        """Connect to the server, register, and learn our public endpoint."""
-        host, port = self.server
+        """Register with every server we can reach, then learn our mapping."""
+        self.open_udp()
+        reached = []
+        for link in self.links:
+            try:
+                link.open(self.udp.family)
+            except OSError as error:
+                why = f'cannot reach the rendezvous server at {link}: {error.strerror or error}'
+                if len(self.links) == 1:
+                    raise Fatal(why) from None
+                self.say(f'{why}; will keep trying')
+                link.retry_at = time.monotonic() + link.backoff
+                continue
+            link.wait_registered()
+            reached.append(link)
+        if not reached:
+            raise Fatal('no rendezvous server reached')
+        first = reached[0]
         try:
-            address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4]
-            self.control = socket.create_connection(address[:2], timeout=CONNECT_TIMEOUT)
+            self.mapping = punch.discover_mapping(self.udp, first.udp, first.probe, first.token)
+        except TimeoutError as error:
+            raise Fatal(f'{error}: UDP to the rendezvous server is blocked') from None
+        now = time.monotonic()
+        for link in reached:
+            link.refresh_mapping(now)       # the other servers learn it too
+            link.attach(self.selector)
+            self.say(f'registered as {self.name} with {link}; '
+                     f'public endpoint {wire.format_endpoint(self.mapping.public)} '
+                     f'({self.mapping.describe()})')
+        self.udp.setblocking(False)
+
+    def open_udp(self):
+        """The one UDP socket we punch from, of the first server's family."""
+        host, port = self.links[0].address
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         except OSError as error:
-            raise Fatal(f'cannot reach the rendezvous server at '
-                        f'{wire.format_endpoint(self.server)}: '
+            raise Fatal(f'cannot reach the rendezvous server at {self.links[0]}: '
                         f'{error.strerror or error}') from None
-        family = self.control.family
-        self.server_udp = address[:2]
-        self.server_probe = (address[0], address[1] + 1)
         self.udp = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self.udp.bind(('::' if family == socket.AF_INET6 else '0.0.0.0', self.udp_port))
         except OSError as error:
             raise Fatal(f'cannot use UDP port {self.udp_port}: {error.strerror}') from None
-        private = (self.control.getsockname()[0], self.udp.getsockname()[1])
-        self.control.sendall(wire.encode(wire.REGISTER, name=self.name, private=[private]))
-        token = self.wait_registered()
-        try:
-            self.mapping = punch.discover_mapping(self.udp, self.server_udp,
-                                                  self.server_probe, token)
-        except TimeoutError as error:
-            raise Fatal(f'{error}: UDP to the rendezvous server is blocked') from None
-        self.token = token
-        self.say(f'registered as {self.name} with {wire.format_endpoint(self.server)}; '
-                 f'public endpoint {wire.format_endpoint(self.mapping.public)} '
-                 f'({self.mapping.describe()})')
-        self.control.setblocking(False)
-        self.udp.setblocking(False)
-        self.next_mapping = time.monotonic() + self.keepalive_interval
-
-    def wait_registered(self):
-        """Block until REGISTERED (return its token) or an ERROR (Fatal)."""
-        while True:
-            try:
-                data = self.control.recv(65536)
-            except OSError as error:
-                data, why = b'', error.strerror
-            else:
-                why = 'it closed the connection'
-            if not data:
-                raise Fatal(f'the rendezvous server did not register us: {why}')
-            self.reader.feed(data)
-            for frame in self.reader.frames():
-                message = wire.decode(frame)
-                if message.type == wire.REGISTERED:
-                    return message.token
-                if message.type == wire.ERROR:
-                    raise Fatal(message.text)
 
     # -- the loop -----------------------------------------------------------
 
     def run(self, stdin_fd=0):
-        """Serve stdin, the control socket and the UDP socket until /quit."""
+        """Serve stdin, the control sockets and the UDP socket until /quit."""
         self.stdin = LineReader(stdin_fd)
         self.selector.register(stdin_fd, selectors.EVENT_READ, self.read_stdin)
-        self.selector.register(self.control, selectors.EVENT_READ, self.read_control)
         self.selector.register(self.udp, selectors.EVENT_READ, self.read_udp)
         while self.running:
             punching = any(s.punching for s in self.sessions.values())
@@ -191,15 +353,11 @@ class Client:
             self.check_timers(time.monotonic())
 
     def check_timers(self, now):
-        """Drive punches, retransmissions and keepalives."""
+        """Drive punches, retransmissions, keepalives and reconnects."""
         for session in list(self.sessions.values()):
             self.check_session(session, now)
-        if self.keepalive_interval > 0 and now >= self.next_mapping:
-            # Keeps the server's view of our mapping fresh, so that it
-            # introduces us with an endpoint that still works (point 9).
-            self.send_udp(wire.encode(wire.MAPPING, token=self.token,
-                                      public=self.mapping.public), self.server_udp)
-            self.next_mapping = now + self.keepalive_interval
+        for link in self.links:
+            link.tick(now)
 
     def check_session(self, session, now):
         """One session's timers: punch, relay fallback, keepalive, loss."""
@@ -223,7 +381,7 @@ class Client:
         self.say(f'lost the direct path to {session.name}; punching again')
         session.start_punch(now)
         session.keepalive.heard(now)
-        self.send_control(wire.RELAY, session=session.token,
+        session.link.send(wire.RELAY, session=session.token,
                           message=wire.encode(wire.PUNCH, session=session.token))
 
     # -- stdin: commands and chat -------------------------------------------
@@ -245,7 +403,7 @@ class Client:
         elif words[0] == '/connect' and len(words) == 2:
             self.connect(words[1])
         elif words[0] == '/list' and len(words) == 1:
-            self.send_control(wire.LIST)
+            self.ask_server(wire.LIST)
         elif words[0] == '/quit':
             self.quit()
         elif words[0] == '/help':
@@ -254,16 +412,27 @@ class Client:
         else:
             self.say(f'unknown command {safe(line)!r}; /help lists the commands')
 
+    def ask_server(self, type, **fields):
+        """Send a request to the first server we are registered with."""
+        for link in self.links:
+            if link.token is not None:
+                link.send(type, **fields)
+                return link
+        self.say('not registered with any rendezvous server yet; still trying')
+        return None
+
     def connect(self, name):
-        """Ask the server to introduce us to name (point 4)."""
+        """Ask a server to introduce us to name (point 4)."""
         try:
             wire.check_name(name)
         except wire.ProtocolError as error:
             self.say(f'bad peer name: {error}')
             return
-        self.asked[name] = time.monotonic()
-        self.say(f'asking the rendezvous server to introduce {name}')
-        self.send_control(wire.CONNECT, target=name)
+        link = self.ask_server(wire.CONNECT, target=name)
+        if link:
+            link.connects.append(name)
+            self.asked[name] = time.monotonic()
+            self.say(f'asking the rendezvous server to introduce {name}')
 
     def chat(self, line):
         """Send a chat line to the current peer, in pieces that fit a datagram."""
@@ -277,86 +446,53 @@ class Client:
             self.current.channel.send(piece, now)
 
     def quit(self):
-        """Say BYE to every peer and to the server, then stop the loop."""
+        """Say BYE to every peer and to the servers, then stop the loop."""
         for session in self.sessions.values():
             session.send(wire.BYE)
-        self.send_control(wire.BYE, session=wire.NO_SESSION)
-        self.flush_control()
+        for link in self.links:
+            link.send(wire.BYE, session=wire.NO_SESSION)
         self.running = False
 
-    # -- the control connection ---------------------------------------------
+    # -- messages from a server ---------------------------------------------
 
-    def send_control(self, type, **fields):
-        """Queue a message to the server on the control connection."""
-        if self.control is None:
-            return
-        self.output += wire.encode(type, **fields)
-        self.flush_control()
-
-    def flush_control(self):
-        """Write what the socket takes now; the loop writes the rest later."""
-        if self.control is None:
-            return
-        try:
-            sent = self.control.send(self.output)
-            del self.output[:sent]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as error:
-            self.lost_server(error.strerror)
-            return
-        if self.control in self.selector.get_map():
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.output else 0)
-            self.selector.modify(self.control, events, self.read_control)
-
-    def read_control(self, sock, mask):
-        """Read from the server; handle each complete message."""
-        if mask & selectors.EVENT_WRITE:
-            self.flush_control()
-        if not mask & selectors.EVENT_READ or self.control is None:
-            return
-        try:
-            data = sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self.lost_server(error.strerror)
-            return
-        if not data:
-            self.lost_server('it closed the connection')
-            return
-        self.reader.feed(data)
-        try:
-            for frame in self.reader.frames():
-                self.handle_control(wire.decode(frame))
-        except wire.ProtocolError as error:
-            self.lost_server(f'it sent a bad message ({error})')
-
-    def lost_server(self, why):
-        """The server is gone; direct chat goes on without it (point 7)."""
-        self.say(f'lost the rendezvous server: {why}; direct chat goes on')
-        self.selector.unregister(self.control)
-        self.control.close()
-        self.control = None
-
-    def handle_control(self, message):
-        """Act on one message from the server."""
+    def handle_control(self, link, message):
+        """Act on one message from a server."""
         if message.type == wire.INTRODUCE:
-            self.introduced(message)
+            if link.connects and link.connects[0] == message.name:
+                link.connects.popleft()
+            self.introduced(link, message)
         elif message.type == wire.RELAY:
             self.relayed(message)
         elif message.type == wire.PEERS:
             names = ', '.join(message.names) or 'nobody'
             self.say(f'peers: {names}')
+        elif message.type == wire.REGISTERED:
+            link.registered(message.token, time.monotonic())
         elif message.type == wire.ERROR:
-            self.say(f'error from the rendezvous server: {safe(message.text)}')
+            self.server_error(link, message)
 
-    def introduced(self, message):
-        """The server introduced a peer: start punching toward it (points 4, 5)."""
+    def server_error(self, link, message):
+        """An ERROR: try the next server for an unknown peer, else show it."""
+        if link.token is None:
+            self.say(f'{link} refused to register us: {safe(message.text)}')
+            link.lost('registration refused')
+            return
+        if message.code == wire.E_UNKNOWN_PEER and link.connects:
+            name = link.connects.popleft()
+            later = self.links[self.links.index(link) + 1:]
+            for other in later:
+                if other.token is not None:
+                    other.send(wire.CONNECT, target=name)
+                    other.connects.append(name)
+                    return
+        self.say(f'error from the rendezvous server: {safe(message.text)}')
+
+    def introduced(self, link, message):
+        """A server introduced a peer: start punching toward it (points 4, 5)."""
         now = time.monotonic()
         started = self.asked.pop(message.name, now)
         targets = punch.candidates(message)
-        session = Session(self, message.name, message.session, targets, now, started)
+        session = Session(self, link, message.name, message.session, targets, now, started)
         self.sessions[message.session] = session
         self.say(f'introduced to {message.name}; punching to '
                  f'{" ".join(map(wire.format_endpoint, targets))}')
@@ -411,11 +547,13 @@ class Client:
 
     def mapping_refreshed(self, message, source):
         """A MAPPING reply to our refresh: note when our public endpoint moved."""
-        if message.token != self.token or not wire.same_endpoint(source, self.server_udp):
-            return
-        if not wire.same_endpoint(message.public, self.mapping.public):
-            self.mapping.public = message.public
-            self.say(f'our public endpoint is now {wire.format_endpoint(message.public)}')
+        for link in self.links:
+            if message.token == link.token and wire.same_endpoint(source, link.udp):
+                if not wire.same_endpoint(message.public, self.mapping.public):
+                    self.mapping.public = message.public
+                    self.say(f'our public endpoint is now '
+                             f'{wire.format_endpoint(message.public)}')
+                return
 
     def peer_message(self, message, source):
         """A datagram from a peer: accepted only with a session token we hold."""
@@ -574,9 +712,9 @@ def parse_args(argv):
                     'the peers, UDP hole punching connects them directly.')
     parser.add_argument('name', nargs='?',
                         help='your name: 1-32 bytes, printable, no spaces')
-    parser.add_argument('--server', default=f'127.0.0.1:{wire.DEFAULT_PORT}',
-                        metavar='HOST[:PORT]',
-                        help=f'the rendezvous server (default: 127.0.0.1:{wire.DEFAULT_PORT})')
+    parser.add_argument('--server', action='append', metavar='HOST[:PORT]',
+                        help=f'a rendezvous server; give several to register with all '
+                             f'(default: 127.0.0.1:{wire.DEFAULT_PORT})')
     parser.add_argument('--port', type=int, default=0, metavar='UDP_PORT',
                         help='local UDP port to punch from (default: any free port)')
     parser.add_argument('--connect', metavar='PEER', help='connect to PEER at once')
@@ -603,7 +741,8 @@ def parse_args(argv):
             parser.error('a name is needed (or --raw --peer IP:PORT)')
         else:
             wire.check_name(args.name)
-        args.server = wire.parse_endpoint(args.server)
+        args.server = [wire.parse_endpoint(server)
+                       for server in args.server or [f'127.0.0.1:{wire.DEFAULT_PORT}']]
     except (wire.ProtocolError, ValueError) as error:
         parser.error(str(error))
     return args

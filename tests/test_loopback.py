@@ -233,3 +233,55 @@ def test_raw_mode_needs_a_peer():
     proc = start(command('p2pclient.py', '--raw'), 'raw')
     assert proc.wait() == 2
     assert proc.err.lines[-1].endswith('--raw needs --peer IP:PORT')
+
+
+def test_chat_goes_on_without_the_server_and_it_reregisters_on_return():
+    server, port = start_server()
+    names = {}
+    try:
+        for name in ('alice', 'bob'):
+            names[name] = start(command('p2pclient.py', name, '--server', f'127.0.0.1:{port}'),
+                                name)
+            names[name].expect(r'^\* registered as')
+        alice, bob = names['alice'], names['bob']
+        connect(alice, bob)
+        server.stop()                   # the mediator is not in the data path (point 7)
+        for proc in (alice, bob):
+            proc.expect(rf'^\* lost the rendezvous server 127\.0\.0\.1:{port}: .*reconnecting$')
+        alice.send('still here?')
+        bob.expect(r'^<alice> still here\?$')
+        server, _ = start_server('--port', port)
+        for name, proc in names.items():
+            proc.expect(rf'^\* registered as {name} with 127\.0\.0\.1:{port} again$', timeout=40)
+        names['carol'] = start(command('p2pclient.py', 'carol', '--server',
+                                       f'127.0.0.1:{port}'), 'carol')
+        names['carol'].expect(r'^\* registered as')
+        names['carol'].send('/connect alice')
+        alice.expect(CONNECTED.format('carol'))
+    finally:
+        server.stop()
+        for proc in names.values():
+            proc.stop()
+    for proc in names.values():
+        assert proc.err.lines == [], proc.transcript()
+
+
+def test_with_two_servers_one_can_die():
+    first, port1 = start_server()
+    second, port2 = start_server()
+    procs = []
+    try:
+        for name in ('alice', 'bob'):
+            procs.append(start(command('p2pclient.py', name, '--server', f'127.0.0.1:{port1}',
+                                       '--server', f'127.0.0.1:{port2}'), name))
+            procs[-1].expect(rf'^\* registered as {name} with 127\.0\.0\.1:{port1};')
+            procs[-1].expect(rf'^\* registered as {name} with 127\.0\.0\.1:{port2};')
+        first.stop()
+        alice, bob = procs
+        alice.expect(r'^\* lost the rendezvous server')
+        connect(alice, bob)
+        alice.send('through the second server')
+        bob.expect(r'^<alice> through the second server$')
+    finally:
+        for proc in (first, second, *procs):
+            proc.stop()

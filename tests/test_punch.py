@@ -120,7 +120,7 @@ def test_discover_mapping_gives_up_when_nobody_answers():
 
 def test_a_punch_before_our_introduce_is_kept_and_answered():
     out = io.StringIO()
-    client = Client('alice', ('127.0.0.1', 9), out=out)
+    client = Client('alice', [('127.0.0.1', 9)], out=out)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client.udp, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as bob:
         client.udp.bind(('127.0.0.1', 0))
@@ -130,7 +130,7 @@ def test_a_punch_before_our_introduce_is_kept_and_answered():
         client.peer_message(received(wire.PUNCH, OTHER), bob.getsockname())
         assert out.getvalue() == ''                     # nothing to say yet
         # Its public endpoint is still unknown to us: punch a closed local port.
-        client.introduced(introduction(public=('127.0.0.1', 9)))
+        client.introduced(client.links[0], introduction(public=('127.0.0.1', 9)))
         answer = wire.decode(bob.recvfrom(2048)[0])
         assert answer.type == wire.PUNCH_ACK
         assert answer.session == SESSION
