@@ -86,7 +86,7 @@ class Session:
 
     def transmit_data(self, seq, text):
         """The reliable layer's way out: one DATA."""
-        self.send(wire.DATA, seq=seq, text=text)
+        self.send(wire.DATA, seq=seq, oldest=self.channel.oldest, text=text)
 
 
 class ServerLink:
@@ -573,7 +573,7 @@ class Client:
         if source is not None and message.type != wire.BYE:
             self.punched(session, message, source, now)
         if message.type == wire.DATA:
-            ready, ack = session.channel.receive(message.seq, message.text)
+            ready, ack = session.channel.receive(message.seq, message.text, message.oldest)
             session.send(wire.ACK, seq=ack)
             for text in ready:
                 self.show_chat(session.name, text)

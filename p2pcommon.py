@@ -166,6 +166,8 @@ class Endpoint:
     def pack(self, value):
         """Encode an (address string, port) pair."""
         host, port = value[0], value[1]
+        if not 0 <= port <= 65535:
+            raise ProtocolError(f'endpoint: port {port} out of range')
         ip = ipaddress.ip_address(host)
         raw = ip.packed.ljust(16, b'\0')
         return self.layout.pack(ip.version, port ^ XOR_PORT, _xor(raw))
@@ -214,6 +216,8 @@ class NameList:
 
     def pack(self, value):
         """Encode a list of names."""
+        if len(value) > MAX_PEERS_LISTED:
+            raise ProtocolError(f'names: {len(value)}, more than {MAX_PEERS_LISTED}')
         return struct.pack('!H', len(value)) + b''.join(NAME.pack(n) for n in value)
 
     def unpack(self, buf, offset, field):
@@ -263,7 +267,7 @@ LAYOUTS = {
     # UDP, peer <-> peer, each with the pair's session token (points 5, 8, 9).
     PUNCH:      [('session', TOKEN)],
     PUNCH_ACK:  [('session', TOKEN)],
-    DATA:       [('session', TOKEN), ('seq', 'I'), ('text', TEXT)],
+    DATA:       [('session', TOKEN), ('seq', 'I'), ('oldest', 'I'), ('text', TEXT)],
     ACK:        [('session', TOKEN), ('seq', 'I')],
     KEEPALIVE:  [('session', TOKEN)],
 }
@@ -435,9 +439,10 @@ def parse_endpoint(text, default_port=DEFAULT_PORT):
     """Parse 'HOST', 'HOST:PORT' or '[V6]:PORT' into (host, port)."""
     host, port = text, default_port
     if text.startswith('['):
-        host, _, rest = text[1:].partition(']')
-        if rest.startswith(':'):
-            port = rest[1:]
+        host, bracket, rest = text[1:].partition(']')
+        if not bracket or (rest and not rest.startswith(':')):
+            raise ValueError(f'bad endpoint {text!r}: expected [IPV6]:PORT')
+        port = rest[1:] if rest else default_port
     elif text.count(':') == 1:
         host, port = text.split(':')
     try:

@@ -14,7 +14,7 @@ import collections
 
 RTO_INITIAL = 0.5       # seconds before the first retransmission
 RTO_MAX = 4.0           # the wait doubles up to this
-MAX_TRIES = 10          # about 25 s of trying before we report a loss
+MAX_TRIES = 10          # about 30 s of trying before we report a loss
 WINDOW = 64             # messages in flight before new ones wait
 
 
@@ -49,8 +49,16 @@ class ReliableChannel:
         self.waiting.append(text)
         self._fill_window(now)
 
-    def receive(self, seq, text):
-        """Take a DATA; return (texts now deliverable in order, ack number)."""
+    def receive(self, seq, text, oldest=0):
+        """Take a DATA; return (texts now deliverable in order, ack number).
+
+        ``oldest`` is the lowest sequence number the sender still offers:
+        when it has given up on a message (and told its user), we stop
+        waiting for it, or every later message would wait forever.
+        """
+        if oldest > self.expected:
+            self.early = {s: t for s, t in self.early.items() if s >= oldest}
+            self.expected = oldest
         if seq >= self.expected and seq - self.expected < 4 * WINDOW:
             self.early[seq] = text
         ready = []
@@ -85,6 +93,11 @@ class ReliableChannel:
         """Resend everything in flight now: the path under us has changed."""
         for out in self.in_flight.values():
             self._transmit(out, now)
+
+    @property
+    def oldest(self):
+        """The lowest sequence number we still offer (sent with every DATA)."""
+        return next(iter(self.in_flight), self.next_seq)
 
     @property
     def unacknowledged(self):

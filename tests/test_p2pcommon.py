@@ -29,7 +29,7 @@ NAMES = ['alice', 'zoë', '日本', 'a' * wire.MAX_NAME, NAME_32, 'Ωμέγα-1'
 
 def _samples():
     """Field sets for every message type: the round trip table."""
-    inner = wire.encode(wire.DATA, session=TOKEN_A, seq=3, text='hi')
+    inner = wire.encode(wire.DATA, session=TOKEN_A, seq=3, oldest=0, text='hi')
     return {
         wire.REGISTER: [dict(name=n, private=p) for n, p in [
             ('alice', []), ('zoë', V4[:1]), ('日本', V6[:1]), (NAME_32, V4 + V6),
@@ -58,9 +58,10 @@ def _samples():
                        *[dict(token=TOKEN_B, public=e) for e in V4 + V6]],
         wire.PUNCH: [dict(session=TOKEN_A)],
         wire.PUNCH_ACK: [dict(session=TOKEN_B)],
-        wire.DATA: [dict(session=TOKEN_A, seq=0, text=''),
-                    dict(session=TOKEN_A, seq=2**32 - 1, text='zoë 日本 ' * 10),
-                    dict(session=TOKEN_B, seq=7, text='x' * wire.MAX_TEXT)],
+        wire.DATA: [dict(session=TOKEN_A, seq=0, oldest=0, text=''),
+                    dict(session=TOKEN_A, seq=2**32 - 1, oldest=2**32 - 1,
+                         text='zoë 日本 ' * 10),
+                    dict(session=TOKEN_B, seq=7, oldest=5, text='x' * wire.MAX_TEXT)],
         wire.ACK: [dict(session=TOKEN_A, seq=0), dict(session=TOKEN_B, seq=2**32 - 1)],
         wire.KEEPALIVE: [dict(session=TOKEN_A)],
     }
@@ -423,7 +424,7 @@ def test_oversize_text_on_decode():
     text = b'x' * (wire.MAX_TEXT + 1)
     counted = struct.pack('!H', len(text)) + text
     raises_naming('text', frame(wire.ERROR, struct.pack('!H', 1) + counted))
-    raises_naming('text', frame(wire.DATA, TOKEN_A + struct.pack('!I', 1) + counted))
+    raises_naming('text', frame(wire.DATA, TOKEN_A + struct.pack('!II', 1, 0) + counted))
 
 
 def test_oversize_text_on_encode():
@@ -431,13 +432,14 @@ def test_oversize_text_on_encode():
     with pytest.raises(ProtocolError, match='text'):
         wire.encode(wire.ERROR, code=1, text='x' * (wire.MAX_TEXT + 1))
     with pytest.raises(ProtocolError, match='text'):
-        wire.encode(wire.DATA, session=TOKEN_A, seq=1, text='é' * (wire.MAX_TEXT // 2 + 1))
+        wire.encode(wire.DATA, session=TOKEN_A, seq=1, oldest=0,
+                    text='é' * (wire.MAX_TEXT // 2 + 1))
 
 
 def test_text_not_utf8():
     """Text that is not UTF-8 names the text field."""
     bad = b'\xff\xfe'
-    raises_naming('text', frame(wire.DATA, TOKEN_A + struct.pack('!IH', 1, 2) + bad))
+    raises_naming('text', frame(wire.DATA, TOKEN_A + struct.pack('!IIH', 1, 0, 2) + bad))
 
 
 def test_names_count_lying():
@@ -471,8 +473,6 @@ def test_struct_field_out_of_range_on_encode():
                     port_delta=40000, private=[])
 
 
-@pytest.mark.xfail(strict=True, reason='bug: Endpoint.pack lets struct.error escape for a '
-                   'port outside 0-65535, unlike the other fields (ProtocolError)')
 @pytest.mark.parametrize('port', [65536, -1])
 def test_endpoint_port_out_of_range_on_encode(port):
     """An endpoint port out of range is a ProtocolError like any other bad field."""
@@ -480,8 +480,6 @@ def test_endpoint_port_out_of_range_on_encode(port):
         wire.encode(wire.MAPPING, token=TOKEN_A, public=('203.0.113.1', port))
 
 
-@pytest.mark.xfail(strict=True, reason='bug: NameList.pack does not enforce '
-                   'MAX_PEERS_LISTED, so encode() produces a PEERS that decode() refuses')
 def test_too_many_names_on_encode():
     """encode() refuses a PEERS list that decode() would refuse."""
     names = [f'p{i}' for i in range(wire.MAX_PEERS_LISTED + 1)]
@@ -705,8 +703,6 @@ def test_parse_endpoint_errors(text):
         wire.parse_endpoint(text)
 
 
-@pytest.mark.xfail(strict=True, reason='bug: parse_endpoint ignores whatever follows "]" '
-                   'unless it starts with ":", and accepts a missing "]"')
 @pytest.mark.parametrize('text', ['[2001:db8::1]7000', '[2001:db8::1]x:7000', '[2001:db8::1'])
 def test_parse_endpoint_rejects_junk_after_bracket(text):
     """'[V6]' must be followed by ':PORT' or nothing; a typo is not silently ignored."""

@@ -122,7 +122,7 @@ def test_relay_forwards_within_the_pair_only(peers):
     alice.send(wire.CONNECT, target='bob')
     session = alice.receive().session
     bob.receive()
-    data = wire.encode(wire.DATA, session=session, seq=0, text='via the server')
+    data = wire.encode(wire.DATA, session=session, seq=0, oldest=0, text='via the server')
     alice.send(wire.RELAY, session=session, message=data)
     relayed = bob.receive()
     assert relayed.type == wire.RELAY and relayed.message == data
