@@ -1,0 +1,1272 @@
+#!/usr/bin/env python3
+r"""A NAT lab in network namespaces: real Linux NATs for testing hole punching.
+
+The article (see ARTICLE.md) talks about full-cone, restricted,
+port-restricted and symmetric NATs, hairpinning, NAT timers and carrier-grade
+NAT. This module builds all of those out of Linux network namespaces, veth
+pairs and nftables rules, so that the p2pnat programs can be run against them
+and the claims of the article checked. It needs root, ``ip`` (iproute2),
+``nft`` and ``iptables`` (only for link delay); runtime is stdlib only.
+
+Topology (addresses are from the documentation/benchmark ranges only)::
+
+          server 203.0.113.10 + .11         stranger 203.0.113.66
+                 2001:db8:10::10 (+::11)    2001:db8:66::66
+                        |                       |
+                        +---------- inet -------+      the "internet" router
+                       /   (198.51.100.254)  \
+         198.51.100.1 /                       \ 198.51.100.2   WAN links: delay,
+                    ra                         rb              jitter, loss here
+           198.18.1.1 | (bridge "lan")          | 198.18.2.1
+              +-------+------+           +------+-------+
+             a1             a2          b1             b2
+        198.18.1.2     198.18.1.3   198.18.2.2     198.18.2.3
+        2001:db8:a::2  2001:db8:a::3 2001:db8:b::2 2001:db8:b::3
+
+With ``cgn='a'`` (or ``'both'``) a carrier-grade NAT router ``cgn`` (WAN
+198.51.100.3) sits between inet and ra (and rb); ra's WAN then is 198.19.0.2
+(rb's 198.19.0.3) on the CGN's inside network 198.19.0.0/24.
+
+Every link between inet and a router is point to point (a veth pair, routed
+with /32 host routes), so inet's firewall rules can tell the links apart by
+interface name; that is where loss and delay are applied, i.e. "on the
+wire", outside of any NAT state.
+
+Example::
+
+    from natlab import Lab
+    with Lab(nat_a='symmetric', nat_b='full-cone') as lab:
+        print(lab.run('a1', ['ip', 'addr']).stdout)
+        server = lab.agent('server')          # a socket robot in a namespace
+        ...
+
+Run ``python3 tests/natlab.py selftest`` to build every NAT type and print what
+the probes measure; ``python3 tests/natlab.py cleanup`` removes namespaces a
+killed run left behind.
+"""
+
+import argparse
+import atexit
+import itertools
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NFDELAY = os.path.join(HERE, 'nfdelay.py')
+
+PREFIX = 'p2pn-'                    # every namespace we create starts with this
+NAT_TYPES = ('full-cone', 'restricted', 'port-restricted', 'symmetric')
+CGN_MODES = (None, 'a', 'both')
+REQUIRE_ENV = 'P2PNAT_REQUIRE_LAB'
+
+SERVER_ADDRS = ('203.0.113.10', '203.0.113.11')
+SERVER_ADDRS6 = ('2001:db8:10::10', '2001:db8:10::11')
+STRANGER_ADDR = '203.0.113.66'
+STRANGER_ADDR6 = '2001:db8:66::66'
+INET_ROUTER_ADDR = '198.51.100.254'     # inet's address on every router link
+INET_HOST_ADDR = '203.0.113.1'          # inet's address on the server/stranger links
+CGN_WAN = '198.51.100.3'
+CGN_INSIDE = '198.19.0'                 # CGN inside net 198.19.0.0/24, CGN is .1
+
+# Per site ('a' / 'b'): router name, WAN address (when not behind the CGN),
+# WAN address behind the CGN, LAN prefix, host names, IPv6 prefixes.
+SITES = {
+    'a': dict(router='ra', wan='198.51.100.1', cgn_wan='198.19.0.2', lan='198.18.1',
+              hosts=('a1', 'a2'), lan6='2001:db8:a::', link6='2001:db8:ff:a::',
+              cgn_wan6='2001:db8:c0::2'),
+    'b': dict(router='rb', wan='198.51.100.2', cgn_wan='198.19.0.3', lan='198.18.2',
+              hosts=('b1', 'b2'), lan6='2001:db8:b::', link6='2001:db8:ff:b::',
+              cgn_wan6='2001:db8:c0::3'),
+}
+CGN_LINK6 = '2001:db8:ff:c::'
+CGN_INSIDE6 = '2001:db8:c0::'
+
+# Mapping lifetime used by the full-cone/restricted maps when no udp_timeout is
+# given: Linux's default nf_conntrack_udp_timeout_stream.
+DEFAULT_MAP_TIMEOUT = 120
+
+_lab_counter = itertools.count(1)
+_live_labs = set()                  # for the atexit / SIGTERM safety net
+_sigterm_installed = [None]         # previous SIGTERM handler while we own it
+
+
+class LabError(RuntimeError):
+    """Building or using the lab failed (the message says which command)."""
+
+
+# ----------------------------------------------------------------------------
+# Can we build a lab here at all?
+
+_availability = []
+
+
+def lab_available():
+    """Return (True, '') if namespaces + nft can be used here, else (False, why).
+
+    The answer is cached: the real check creates and deletes a namespace.
+    """
+    if _availability:
+        return _availability[0]
+    result = (True, '')
+    if not sys.platform.startswith('linux'):
+        result = (False, 'not Linux')
+    elif os.geteuid() != 0:
+        result = (False, 'needs root (network namespaces)')
+    else:
+        missing = [t for t in ('ip', 'nft') if not shutil.which(t)]
+        if missing:
+            result = (False, 'missing tools: ' + ', '.join(missing))
+        else:
+            name = '%s%dprobe' % (PREFIX, os.getpid())
+            r = subprocess.run(['ip', 'netns', 'add', name], capture_output=True, text=True)
+            if r.returncode:
+                result = (False, 'ip netns add failed: ' + r.stderr.strip())
+            else:
+                r = subprocess.run(['ip', 'netns', 'exec', name, 'nft', 'list', 'ruleset'],
+                                   capture_output=True, text=True)
+                subprocess.run(['ip', 'netns', 'del', name], capture_output=True)
+                if r.returncode:
+                    result = (False, 'nft does not work: ' + r.stderr.strip())
+    _availability.append(result)
+    return result
+
+
+def require_lab():
+    """Skip the calling pytest test if the lab can't run here.
+
+    If the environment variable P2PNAT_REQUIRE_LAB=1 is set (CI on a machine
+    that must run the lab), fail instead of skipping, so a broken environment
+    can't silently turn the lab tests into skips.
+    """
+    import pytest      # only needed under pytest; the lab itself is stdlib only
+    ok, why = lab_available()
+    if ok:
+        return
+    if os.environ.get(REQUIRE_ENV) == '1':
+        pytest.fail('NAT lab required (%s=1) but unavailable: %s' % (REQUIRE_ENV, why))
+    pytest.skip('NAT lab unavailable: ' + why)
+
+
+# ----------------------------------------------------------------------------
+# Processes and namespaces
+
+
+def _ns_inode(path):
+    """(st_dev, st_ino) of a namespace file, or None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def pids_in_netns(name):
+    """PIDs of all processes whose network namespace is /run/netns/<name>.
+
+    Found by comparing /proc/PID/ns/net with the namespace file, which costs no
+    extra process (unlike ``ip netns pids``).
+    """
+    target = _ns_inode('/run/netns/' + name)
+    if target is None:
+        return []
+    pids = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit() and _ns_inode('/proc/%s/ns/net' % entry) == target:
+            pids.append(int(entry))
+    return pids
+
+
+def _kill_pids(pids):
+    """SIGKILL every pid in ``pids`` (ignoring ones already gone)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def delete_namespaces(names):
+    """Kill every process inside the namespaces, then delete them (one ``ip``)."""
+    names = list(names)
+    if not names:
+        return
+    for name in names:
+        _kill_pids(pids_in_netns(name))
+    batch = ''.join('netns del %s\n' % n for n in names)
+    # -force: keep going past a namespace that is already gone.
+    subprocess.run(['ip', '-force', '-batch', '-'], input=batch, text=True,
+                   capture_output=True)
+
+
+def list_lab_namespaces():
+    """Names of all existing namespaces created by any lab (prefix ``p2pn-``)."""
+    try:
+        return sorted(n for n in os.listdir('/run/netns') if n.startswith(PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def cleanup_stale(everything=False):
+    """Remove namespaces left behind by a killed lab run; return their names.
+
+    A lab's namespaces are called ``p2pn-<pid>x<n>-<node>``; a namespace is
+    stale when process <pid> no longer exists. With ``everything=True``, all
+    ``p2pn-`` namespaces are removed, also those of running labs.
+    """
+    stale = []
+    for name in list_lab_namespaces():
+        owner = name[len(PREFIX):].split('x', 1)[0]
+        alive = False
+        if owner.isdigit() and not everything:
+            try:
+                os.kill(int(owner), 0)
+                alive = True
+            except ProcessLookupError:
+                alive = False
+            except PermissionError:
+                alive = True
+        if not alive:
+            stale.append(name)
+    delete_namespaces(stale)
+    return stale
+
+
+def _sigterm_handler(signum, frame):
+    """Turn SIGTERM into SystemExit so the ``finally`` clauses tear labs down."""
+    raise SystemExit(128 + signum)
+
+
+def _close_all_labs():
+    """atexit: tear down labs whose ``with`` never finished (e.g. sys.exit)."""
+    for lab in list(_live_labs):
+        lab.close()
+
+
+atexit.register(_close_all_labs)
+
+
+# ----------------------------------------------------------------------------
+# nftables rule sets
+
+
+def nat_ruleset(nat_type, wan_addr, lan_net, hairpin, map_timeout):
+    """nft script (table ``ip p2pn_nat``) that makes a namespace a NAT router.
+
+    The router has interfaces ``wan`` (outside) and ``lan`` (inside bridge).
+    ``nat_type`` is one of NAT_TYPES, ``wan_addr`` the WAN IPv4 address,
+    ``lan_net`` the inside prefix (for hairpin detection), ``map_timeout`` the
+    lifetime in seconds of the mapping records (refreshed by outbound packets).
+
+    How the types are made:
+
+    * Mapping. Plain ``masquerade`` keeps the inside source port whenever the
+      resulting connection tuple is unique: that is endpoint-independent
+      mapping in practice ("port-restricted" = what Linux does by default).
+      ``masquerade random`` picks a fresh random port for every new connection,
+      i.e. for every destination: a symmetric NAT. For full-cone and
+      restricted the mapping is made strictly endpoint independent with the map
+      ``in2ext`` (inside addr . port -> external port): a known inside
+      endpoint is always SNATed to its recorded port.
+    * Filtering. Conntrack itself only lets in replies from exactly the address
+      and port that was sent to (address-and-port-dependent filtering). To be
+      more open, the chain ``record`` remembers, after NAT, every external port
+      and its inside endpoint (map ``ext2in``) and, for "restricted", every
+      (external port, remote address) pair that was sent to (set ``perm``).
+      New inbound connections that match are DNATed to the inside endpoint.
+    * Everything else that arrives new from the WAN is dropped in the input /
+      forward filter chains. Dropping matters: it happens before conntrack
+      confirms the connection, so an unsolicited packet (e.g. the peer's
+      first punch) leaves no conntrack entry that could later clash with,
+      and so change, the port of the outbound mapping we are about to create.
+    * Hairpin: a LAN host sending to the router's own WAN address and a mapped
+      port is DNATed to the inside endpoint and SNATed to the WAN address (to
+      its own mapping if it has one), exactly like a packet from outside.
+      Hairpinned traffic is filtered endpoint-independently (simplification).
+    * TCP, ICMP and other protocols are always plain masquerade, so TCP control
+      connections work behind every NAT type.
+    """
+    t = '%ds' % max(1, int(round(map_timeout)))
+    cone = nat_type != 'symmetric'
+    lines = [
+        'table ip p2pn_nat {',
+        # ext2in: external UDP port -> inside address . port
+        '  map ext2in { type inet_service : ipv4_addr . inet_service; '
+        'flags dynamic,timeout; timeout %s; }' % t,
+        # in2ext: inside address . port -> external UDP port
+        '  map in2ext { type ipv4_addr . inet_service : inet_service; '
+        'flags dynamic,timeout; timeout %s; }' % t,
+        # perm: external port . remote address that the mapping has sent to
+        '  set perm { type inet_service . ipv4_addr; flags dynamic,timeout; timeout %s; }' % t,
+        '',
+        '  chain dstnat {',
+        '    type nat hook prerouting priority dstnat; policy accept;',
+    ]
+    # Only the first packet of a connection traverses nat chains; replies are
+    # handled by conntrack alone. So these rules only see *new* inbound flows.
+    if nat_type == 'full-cone':
+        lines.append('    iifname "wan" meta l4proto udp udp dport @ext2in '
+                     'dnat ip to udp dport map @ext2in')
+    elif nat_type == 'restricted':
+        lines.append('    iifname "wan" meta l4proto udp udp dport . ip saddr @perm '
+                     'dnat ip to udp dport map @ext2in')
+    if hairpin:
+        lines.append('    iifname "lan" ip daddr %s meta l4proto udp udp dport @ext2in '
+                     'dnat ip to udp dport map @ext2in' % wan_addr)
+    lines += [
+        '  }',
+        '',
+        '  chain srcnat {',
+        '    type nat hook postrouting priority srcnat; policy accept;',
+    ]
+    if hairpin:
+        # Hairpinned packets leave through "lan" again; give them the WAN
+        # address as source so that the receiver's reply comes back through
+        # us (and sees the sender's public endpoint, as from outside).
+        if cone:
+            lines.append('    oifname "lan" ip saddr %s.0/24 ct status dnat meta l4proto udp '
+                         'ip saddr . udp sport @in2ext '
+                         'snat ip to %s : ip saddr . udp sport map @in2ext'
+                         % (lan_net, wan_addr))
+            lines.append('    oifname "lan" ip saddr %s.0/24 ct status dnat snat ip to %s'
+                         % (lan_net, wan_addr))
+        else:
+            lines.append('    oifname "lan" ip saddr %s.0/24 ct status dnat '
+                         'snat ip to %s random' % (lan_net, wan_addr))
+    lines.append('    oifname "wan" meta l4proto != udp masquerade')
+    if nat_type == 'port-restricted':
+        lines.append('    oifname "wan" masquerade')
+    elif nat_type == 'symmetric':
+        lines.append('    oifname "wan" masquerade random')
+    else:
+        # Strict endpoint-independent mapping: reuse the recorded port; else
+        # keep the inside port if no one else owns it; else pick a random one.
+        lines += [
+            '    oifname "wan" meta l4proto udp ip saddr . udp sport @in2ext '
+            'snat ip to %s : ip saddr . udp sport map @in2ext' % wan_addr,
+            '    oifname "wan" udp sport != @ext2in masquerade',
+            '    oifname "wan" masquerade random',
+        ]
+    lines += [
+        '  }',
+        '',
+        # After srcnat (priority 100) the packet carries its external port;
+        # ct original/reply tell us the inside endpoint.
+        '  chain record {',
+        '    type filter hook postrouting priority 200; policy accept;',
+        '    oifname "wan" meta l4proto udp ct direction original '
+        'update @ext2in { udp sport : ct original ip saddr . ct original proto-src }',
+        '    oifname "wan" meta l4proto udp ct direction original '
+        'update @in2ext { ct original ip saddr . ct original proto-src : udp sport }',
+        # a reply to an inbound (DNATed) flow: the inside endpoint is the reply source
+        '    oifname "wan" meta l4proto udp ct direction reply '
+        'update @ext2in { udp sport : ct reply ip saddr . ct reply proto-src }',
+        '    oifname "wan" meta l4proto udp ct direction reply '
+        'update @in2ext { ct reply ip saddr . ct reply proto-src : udp sport }',
+    ]
+    if nat_type == 'restricted':
+        lines.append('    oifname "wan" meta l4proto udp update @perm { udp sport . ip daddr }')
+    lines += [
+        '  }',
+        '',
+        '  chain input {',
+        '    type filter hook input priority filter; policy accept;',
+        '    iifname "wan" ct state new drop',
+        '  }',
+        '',
+        '  chain forward {',
+        '    type filter hook forward priority filter; policy accept;',
+        '    iifname "wan" ct state new ct status dnat accept',
+        '    iifname "wan" ct state new drop',
+        '  }',
+        '}',
+    ]
+    return '\n'.join(lines) + '\n'
+
+
+FIREWALL6_RULESET = '''\
+table ip6 p2pn_fw6 {
+  # IPv6 has no NAT here, but a home router is still a stateful firewall:
+  # replies (and related ICMPv6 errors) come in, unsolicited packets don't.
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    iifname "wan" ct state established,related accept
+    iifname "wan" drop
+  }
+}
+'''
+
+
+def link_ruleset(links, loss):
+    """nft script for inet: drop ``loss`` (fraction) of packets on each WAN link.
+
+    Both directions of each link in ``links`` (inet's interface names) are
+    affected: packets arriving from the link (prerouting) and leaving into it
+    (postrouting). numgen gives a uniform random number per packet.
+    """
+    permille = int(round(loss * 1000))
+    ifs = ', '.join('"%s"' % i for i in links)
+    return (
+        'table inet p2pn_link {\n'
+        '  chain pre { type filter hook prerouting priority -400; policy accept;\n'
+        '    iifname { %s } numgen random mod 1000 < %d drop\n  }\n'
+        '  chain post { type filter hook postrouting priority -400; policy accept;\n'
+        '    oifname { %s } numgen random mod 1000 < %d drop\n  }\n'
+        '}\n' % (ifs, permille, ifs, permille))
+
+
+def queue_rules(links, queue=0):
+    """iptables-restore input that hands each WAN link's packets to NFQUEUE.
+
+    This kernel lacks the native nft ``queue`` expression (nft_queue), but the
+    xtables NFQUEUE target works through iptables-nft. ``--queue-bypass``
+    lets packets pass if no delay program is listening.
+    """
+    rules = ['*mangle']
+    for link in links:
+        rules.append('-A PREROUTING -i %s -j NFQUEUE --queue-num %d --queue-bypass'
+                     % (link, queue))
+        rules.append('-A POSTROUTING -o %s -j NFQUEUE --queue-num %d --queue-bypass'
+                     % (link, queue))
+    rules.append('COMMIT')
+    return '\n'.join(rules) + '\n'
+
+
+# ----------------------------------------------------------------------------
+# The lab
+
+
+class _Node:
+    """One namespace: its sysctls, ``ip`` commands and nft script."""
+
+    def __init__(self, name, ns, router=False):
+        self.name = name
+        self.ns = ns
+        self.router = router
+        self.sysctl = []        # (path under /proc/sys, value)
+        self.ip = []            # lines for ip -batch
+        self.nft = ''
+        self.iptables = ''      # iptables-restore input (IPv4 and IPv6)
+        self.ip6tables = ''
+
+    def script(self):
+        """Shell script run inside the namespace to configure it in one go."""
+        out = ['set -e']
+        for path, value in self.sysctl:
+            if '*' in path:     # a glob, e.g. every interface's accept_dad
+                out.append('for f in /proc/sys/%s; do echo %s > "$f"; done' % (path, value))
+            else:
+                out.append('echo %s > /proc/sys/%s' % (value, path))
+        # Quoted here-documents: the shell does no expansion inside them.
+        # Routes last: a route needs its device up and its gateway reachable.
+        ip = ([c for c in self.ip if not c.startswith('route')]
+              + [c for c in self.ip if c.startswith('route')])
+        out.append("ip -batch - <<'P2PN_EOF'\n%sP2PN_EOF" % ''.join(c + '\n' for c in ip))
+        if self.nft:
+            out.append("nft -f - <<'P2PN_EOF'\n%sP2PN_EOF" % self.nft)
+        if self.iptables:
+            out.append("iptables-restore --noflush <<'P2PN_EOF'\n%sP2PN_EOF" % self.iptables)
+        if self.ip6tables:
+            out.append("ip6tables-restore --noflush <<'P2PN_EOF'\n%sP2PN_EOF"
+                       % self.ip6tables)
+        return '\n'.join(out) + '\n'
+
+
+class Lab:
+    """A complete NAT topology in network namespaces; use as a context manager.
+
+    Arguments (all optional):
+
+    nat_a, nat_b       NAT type of router ra / rb: one of NAT_TYPES.
+    hairpin_a, _b      whether ra / rb hairpin (LAN -> own public addr:port).
+    cgn                None, 'a' (ra behind a carrier-grade NAT) or 'both'.
+    cgn_type           NAT type of the CGN; cgn_hairpin: whether it hairpins.
+    delay_ms           one-way delay added on each WAN link, each direction.
+    jitter_ms          +- uniform jitter on top of delay_ms (may reorder).
+    loss               fraction (0..1) of packets dropped on each WAN link,
+                       each direction.
+    udp_timeout        seconds; sets nf_conntrack_udp_timeout and
+                       nf_conntrack_udp_timeout_stream on every NAT router
+                       (and the lifetime of the full-cone/restricted maps).
+                       None keeps the kernel defaults (30 s / 120 s).
+    ipv6               also give every host an IPv6 address (no NAT; ra and
+                       rb are stateful firewalls).
+
+    Hosts: server, stranger, a1, a2, b1, b2; routers: inet, ra, rb, cgn.
+    """
+
+    SERVER_ADDRS = SERVER_ADDRS
+    SERVER_ADDRS6 = SERVER_ADDRS6
+
+    def __init__(self, nat_a='port-restricted', nat_b='port-restricted',
+                 hairpin_a=False, hairpin_b=False,
+                 cgn=None, cgn_type='port-restricted', cgn_hairpin=False,
+                 delay_ms=0, jitter_ms=0, loss=0.0, udp_timeout=None, ipv6=False):
+        for t in (nat_a, nat_b, cgn_type):
+            if t not in NAT_TYPES:
+                raise ValueError('unknown NAT type %r (want one of %s)' % (t, NAT_TYPES))
+        if cgn not in CGN_MODES:
+            raise ValueError('cgn must be one of %s' % (CGN_MODES,))
+        if not 0 <= loss <= 1:
+            raise ValueError('loss is a fraction between 0 and 1')
+        self.nat = {'a': nat_a, 'b': nat_b, 'cgn': cgn_type}
+        self.hairpin = {'a': bool(hairpin_a), 'b': bool(hairpin_b), 'cgn': bool(cgn_hairpin)}
+        self.cgn = cgn
+        self.delay_ms = float(delay_ms)
+        self.jitter_ms = float(jitter_ms)
+        self.loss = float(loss)
+        self.udp_timeout = udp_timeout
+        self.ipv6 = bool(ipv6)
+        # pid + counter: unique among parallel labs; the pid lets
+        # cleanup_stale() tell a dead run's namespaces from a live one's.
+        self.id = '%dx%d' % (os.getpid(), next(_lab_counter))
+        self.nodes = {}
+        self._addr = {}
+        self._addr6 = {}
+        self._procs = []
+        self._agents = {}
+        self._created = []
+        self._lock = threading.RLock()
+        self._closed = False
+        self.setup_seconds = None
+        self.teardown_seconds = None
+        self._plan()
+
+    # -- public API ----------------------------------------------------------
+
+    def ns(self, node):
+        """Name of the network namespace of ``node`` (e.g. 'a1', 'ra', 'inet')."""
+        try:
+            return self.nodes[node].ns
+        except KeyError:
+            raise KeyError('no node %r in this lab (have %s)'
+                           % (node, ', '.join(self.nodes))) from None
+
+    def addr(self, node):
+        """IPv4 address of a host (server: its first address; router: its WAN)."""
+        return self._addr[node]
+
+    def addr6(self, node):
+        """IPv6 address of a host (only with ipv6=True)."""
+        if not self.ipv6:
+            raise LabError('lab built without ipv6=True')
+        return self._addr6[node]
+
+    def public_addr(self, site):
+        """Public IPv4 address of site 'a' or 'b' as seen from the internet.
+
+        That is the router's WAN address, or the CGN's if the site is behind
+        the CGN. ``public_addr('cgn')`` is the CGN's WAN address.
+        """
+        if site == 'cgn' or self.behind_cgn(site):
+            return CGN_WAN
+        return SITES[site]['wan']
+
+    def wan_addr(self, site):
+        """WAN address of router ra/rb ('a'/'b'): inside the CGN when behind one."""
+        return self._addr[SITES[site]['router']]
+
+    def behind_cgn(self, site):
+        """True if site 'a'/'b' sits behind the carrier-grade NAT."""
+        return self.cgn == 'both' or (self.cgn == 'a' and site == 'a')
+
+    def popen(self, node, argv, **kwargs):
+        """subprocess.Popen of ``argv`` inside ``node``'s namespace.
+
+        ``ip netns exec`` execs the program in place, so the Popen's pid is the
+        program itself. The environment is inherited (or pass ``env=``). The
+        process is killed at teardown if it is still running.
+        """
+        if isinstance(argv, str):
+            argv = ['sh', '-c', argv]
+        proc = subprocess.Popen(['ip', 'netns', 'exec', self.ns(node)] + list(argv), **kwargs)
+        with self._lock:
+            self._procs.append(proc)
+        return proc
+
+    def run(self, node, argv, timeout=10, **kwargs):
+        """subprocess.run of ``argv`` inside ``node``'s namespace.
+
+        Output is captured as text unless stdout/stderr are given; returns the
+        CompletedProcess (no exception on a nonzero exit unless check=True).
+        """
+        if isinstance(argv, str):
+            argv = ['sh', '-c', argv]
+        if 'stdout' not in kwargs and 'stderr' not in kwargs:
+            kwargs.setdefault('capture_output', True)
+        kwargs.setdefault('text', True)
+        return subprocess.run(['ip', 'netns', 'exec', self.ns(node)] + list(argv),
+                              timeout=timeout, **kwargs)
+
+    def agent(self, node):
+        """The (cached) socket agent running in ``node``; see class Agent."""
+        with self._lock:
+            if node not in self._agents:
+                self._agents[node] = Agent(self, node)
+            return self._agents[node]
+
+    def conntrack(self, node):
+        """Text listing of ``node``'s conntrack table (debugging aid).
+
+        Uses the conntrack program if installed, else /proc/net/nf_conntrack.
+        """
+        if shutil.which('conntrack'):
+            return self.run(node, ['conntrack', '-L']).stdout
+        return self.run(node, ['cat', '/proc/net/nf_conntrack']).stdout
+
+    def ruleset(self, node):
+        """``nft list ruleset`` of ``node`` (debugging aid: shows the maps' contents)."""
+        return self.run(node, ['nft', 'list', 'ruleset']).stdout
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def start(self):
+        """Create all namespaces, links, addresses, rules; raise LabError on failure."""
+        t0 = time.monotonic()
+        _live_labs.add(self)
+        self._install_sigterm()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        self.setup_seconds = time.monotonic() - t0
+        return self
+
+    def close(self):
+        """Kill our processes and delete every namespace we created (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        t0 = time.monotonic()
+        try:
+            for agent in list(self._agents.values()):
+                agent.close(wait=False)
+            procs = list(self._procs)
+            for p in procs:
+                if p.poll() is None:
+                    try:
+                        p.terminate()
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + 1.0
+            for p in procs:
+                try:
+                    p.wait(max(0.01, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    try:
+                        p.wait(1)
+                    except subprocess.TimeoutExpired:
+                        pass
+            # Anything still inside (grandchildren...) dies with the namespace.
+            delete_namespaces(self._created)
+        finally:
+            _live_labs.discard(self)
+            self._restore_sigterm()
+            self.teardown_seconds = time.monotonic() - t0
+
+    def _install_sigterm(self):
+        # A plain SIGTERM would kill Python without running finally clauses and
+        # leave namespaces behind; while a lab lives, make it raise SystemExit.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if _sigterm_installed[0] is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            _sigterm_installed[0] = signal.SIG_DFL
+            signal.signal(signal.SIGTERM, _sigterm_handler)
+
+    def _restore_sigterm(self):
+        if (_live_labs or _sigterm_installed[0] is None
+                or threading.current_thread() is not threading.main_thread()):
+            return
+        if signal.getsignal(signal.SIGTERM) is _sigterm_handler:
+            signal.signal(signal.SIGTERM, _sigterm_installed[0])
+        _sigterm_installed[0] = None
+
+    # -- planning: what goes where -------------------------------------------
+
+    def _node(self, name, router=False):
+        node = _Node(name, '%s%s-%s' % (PREFIX, self.id, name), router)
+        self.nodes[name] = node
+        node.ip.append('link set lo up')
+        if self.ipv6:
+            # No duplicate address detection: addresses are usable at once.
+            # Must be set before the links go up (DAD starts at link up).
+            node.sysctl.append(('net/ipv6/conf/*/accept_dad', 0))
+            if router:
+                node.sysctl.append(('net/ipv6/conf/all/forwarding', 1))
+        else:
+            # No IPv6 at all: no stray link-local traffic, no accidental v6 path.
+            node.sysctl.append(('net/ipv6/conf/all/disable_ipv6', 1))
+            node.sysctl.append(('net/ipv6/conf/default/disable_ipv6', 1))
+        if router:
+            node.sysctl.append(('net/ipv4/ip_forward', 1))
+        return node
+
+    def _plan(self):
+        """Decide every namespace, veth pair, address, route and rule set."""
+        self.links = []         # (node1, if1, node2, if2)
+        nodes = self.nodes
+        inet = self._node('inet', router=True)
+        for name, ifname in (('server', 'server'), ('stranger', 'strngr')):
+            self._node(name)
+            self.links.append(('inet', ifname, name, 'eth0'))
+        # server / stranger: /32 addresses, inet is their gateway.
+        srv, strg = nodes['server'], nodes['stranger']
+        for a in SERVER_ADDRS:
+            srv.ip.append('addr add %s/32 dev eth0' % a)
+            inet.ip.append('route add %s/32 dev server' % a)
+        strg.ip.append('addr add %s/32 dev eth0' % STRANGER_ADDR)
+        inet.ip.append('route add %s/32 dev strngr' % STRANGER_ADDR)
+        for n, ifname in ((srv, 'server'), (strg, 'strngr')):
+            n.ip += ['link set eth0 up',
+                     'route add %s/32 dev eth0' % INET_HOST_ADDR,
+                     'route add default via %s dev eth0' % INET_HOST_ADDR]
+            inet.ip += ['addr add %s/32 dev %s' % (INET_HOST_ADDR, ifname),
+                        'link set %s up' % ifname]
+        self._addr.update(server=SERVER_ADDRS[0], stranger=STRANGER_ADDR)
+        if self.ipv6:
+            for n, ifname, prefix, addrs in (
+                    (srv, 'server', '2001:db8:10::', SERVER_ADDRS6),
+                    (strg, 'strngr', '2001:db8:66::', (STRANGER_ADDR6,))):
+                inet.ip.append('addr add %s1/64 dev %s nodad' % (prefix, ifname))
+                for a in addrs:
+                    n.ip.append('addr add %s/64 dev eth0 nodad' % a)
+                n.ip.append('route add default via %s1 dev eth0' % prefix)
+            self._addr6.update(server=SERVER_ADDRS6[0], stranger=STRANGER_ADDR6)
+
+        wan_links = []          # inet's interfaces that are WAN links
+        timeout = self.udp_timeout if self.udp_timeout else DEFAULT_MAP_TIMEOUT
+        if self.cgn:
+            cgn = self._node('cgn', router=True)
+            self._nat_sysctls(cgn)
+            self.links.append(('inet', 'cgn', 'cgn', 'wan'))
+            wan_links.append('cgn')
+            self._wire_wan(inet, cgn, 'cgn', CGN_WAN, CGN_LINK6)
+            cgn.ip += ['link add lan type bridge forward_delay 0',
+                       'addr add %s.1/24 dev lan' % CGN_INSIDE,
+                       'link set lan up']
+            if self.ipv6:
+                cgn.ip.append('addr add %s1/64 dev lan nodad' % CGN_INSIDE6)
+            cgn.nft = nat_ruleset(self.nat['cgn'], CGN_WAN, CGN_INSIDE, self.hairpin['cgn'],
+                                  timeout)
+            self._addr['cgn'] = CGN_WAN
+
+        for site, s in SITES.items():
+            r = self._node(s['router'], router=True)
+            self._nat_sysctls(r)
+            if self.behind_cgn(site):
+                # The router's WAN is a port of the CGN's inside bridge.
+                cgn = nodes['cgn']
+                self.links.append(('cgn', s['router'], s['router'], 'wan'))
+                cgn.ip += ['link set %s master lan' % s['router'],
+                           'link set %s up' % s['router']]
+                wan = s['cgn_wan']
+                r.ip += ['addr add %s/24 dev wan' % wan, 'link set wan up',
+                         'route add default via %s.1 dev wan' % CGN_INSIDE]
+                if self.ipv6:
+                    r.ip += ['addr add %s/64 dev wan nodad' % s['cgn_wan6'],
+                             'route add default via %s1 dev wan' % CGN_INSIDE6]
+                    cgn.ip.append('route add %s/64 via %s dev lan' % (s['lan6'], s['cgn_wan6']))
+                    inet.ip.append('route add %s/64 via %s2 dev cgn' % (s['lan6'], CGN_LINK6))
+            else:
+                self.links.append(('inet', s['router'], s['router'], 'wan'))
+                wan_links.append(s['router'])
+                wan = s['wan']
+                self._wire_wan(inet, r, s['router'], wan, s['link6'])
+                if self.ipv6:
+                    inet.ip.append('route add %s/64 via %s2 dev %s'
+                                   % (s['lan6'], s['link6'], s['router']))
+            self._addr[s['router']] = wan
+            r.ip += ['link add lan type bridge forward_delay 0',
+                     'addr add %s.1/24 dev lan' % s['lan'], 'link set lan up']
+            if self.ipv6:
+                r.ip.append('addr add %s1/64 dev lan nodad' % s['lan6'])
+            r.nft = nat_ruleset(self.nat[site], wan, s['lan'], self.hairpin[site], timeout)
+            if self.ipv6:
+                r.nft += FIREWALL6_RULESET
+            for i, host in enumerate(s['hosts']):
+                h = self._node(host)
+                self.links.append((s['router'], host, host, 'eth0'))
+                r.ip += ['link set %s master lan' % host, 'link set %s up' % host]
+                a = '%s.%d' % (s['lan'], i + 2)
+                h.ip += ['addr add %s/24 dev eth0' % a, 'link set eth0 up',
+                         'route add default via %s.1 dev eth0' % s['lan']]
+                self._addr[host] = a
+                if self.ipv6:
+                    a6 = '%s%d' % (s['lan6'], i + 2)
+                    h.ip += ['addr add %s/64 dev eth0 nodad' % a6,
+                             'route add default via %s1 dev eth0' % s['lan6']]
+                    self._addr6[host] = a6
+
+        # Link impairments live in inet, on the wire side of every NAT.
+        self.wan_links = wan_links
+        if self.loss > 0:
+            inet.nft += link_ruleset(wan_links, self.loss)
+        if self.delay_ms > 0 or self.jitter_ms > 0:
+            inet.iptables = queue_rules(wan_links)
+            if self.ipv6:
+                inet.ip6tables = inet.iptables
+
+    def _nat_sysctls(self, node):
+        """Conntrack UDP timeouts of a NAT router (these sysctls are per namespace)."""
+        if self.udp_timeout is not None:
+            t = max(1, int(round(self.udp_timeout)))
+            node.sysctl += [('net/netfilter/nf_conntrack_udp_timeout', t),
+                            ('net/netfilter/nf_conntrack_udp_timeout_stream', t)]
+
+    def _wire_wan(self, inet, router, ifname, wan, link6):
+        """Point-to-point link between inet (interface ``ifname``) and a router."""
+        inet.ip += ['addr add %s/32 dev %s' % (INET_ROUTER_ADDR, ifname),
+                    'link set %s up' % ifname,
+                    'route add %s/32 dev %s' % (wan, ifname)]
+        router.ip += ['addr add %s/32 dev wan' % wan, 'link set wan up',
+                      'route add %s/32 dev wan' % INET_ROUTER_ADDR,
+                      'route add default via %s dev wan' % INET_ROUTER_ADDR]
+        if self.ipv6:
+            inet.ip.append('addr add %s1/64 dev %s nodad' % (link6, ifname))
+            router.ip += ['addr add %s2/64 dev wan nodad' % link6,
+                          'route add default via %s1 dev wan' % link6]
+
+    # -- building ------------------------------------------------------------
+
+    def _build(self):
+        # 1. All namespaces and veth pairs with one ip process. Each veth end
+        #    is created directly inside its namespace, so the host's own
+        #    namespace never sees (or could leak) an interface.
+        batch = []
+        for node in self.nodes.values():
+            batch.append('netns add %s' % node.ns)
+            self._created.append(node.ns)
+        for n1, if1, n2, if2 in self.links:
+            batch.append('link add %s netns %s type veth peer name %s netns %s'
+                         % (if1, self.nodes[n1].ns, if2, self.nodes[n2].ns))
+        r = subprocess.run(['ip', '-batch', '-'], input='\n'.join(batch) + '\n', text=True,
+                           capture_output=True)
+        if r.returncode:
+            raise LabError('creating namespaces/links failed: ' + r.stderr.strip())
+        # 2. Start the delay program early (it runs while we configure).
+        delay = None
+        if self.delay_ms > 0 or self.jitter_ms > 0:
+            delay = self.popen('inet', [sys.executable, NFDELAY, '--queue', '0',
+                                        '--delay', str(self.delay_ms),
+                                        '--jitter', str(self.jitter_ms)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL)
+        # 3. Configure every namespace in parallel: one shell each, which runs
+        #    the sysctls, one "ip -batch" and one "nft -f".
+        procs = []
+        for node in self.nodes.values():
+            procs.append((node, subprocess.Popen(
+                ['ip', 'netns', 'exec', node.ns, 'sh', '-c', node.script()],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        errors = []
+        for node, p in procs:
+            out, err = p.communicate()
+            if p.returncode:
+                errors.append('%s: %s' % (node.name, (err or out).strip()))
+        if errors:
+            raise LabError('configuring namespaces failed:\n' + '\n'.join(errors))
+        if delay is not None:
+            ready, _, _ = select.select([delay.stdout], [], [], 5)
+            line = delay.stdout.readline() if ready else b''
+            if line.strip() != b'ready':
+                delay.kill()
+                raise LabError('nfdelay did not start: %s'
+                               % delay.stderr.read().decode(errors='replace').strip())
+
+
+# ----------------------------------------------------------------------------
+# The agent: a socket robot running inside a namespace
+
+
+class Agent:
+    """Remote control for UDP sockets inside one node's namespace.
+
+    Tests need many small socket actions on several hosts (bind, send,
+    receive with a timeout, echo...). Starting a Python process for each would
+    cost ~30 ms; instead each node gets one long-lived agent process
+    (``natlab.py agent``) that takes JSON commands on stdin and answers one
+    JSON line each. Sockets are referred to by small integer ids.
+
+    Addresses are (host, port) pairs; the address family follows the host
+    string (':' in it means IPv6).
+    """
+
+    def __init__(self, lab, node):
+        self.node = node
+        self.proc = lab.popen(node, [sys.executable, '-u', os.path.abspath(__file__), 'agent'],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def call(self, reply_timeout=30, **request):
+        """Send one request, return the decoded reply; raise LabError on error."""
+        self.proc.stdin.write(json.dumps(request) + '\n')
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], reply_timeout)
+        line = self.proc.stdout.readline() if ready else ''
+        if not line:
+            raise LabError('agent on %s: no reply to %r' % (self.node, request))
+        reply = json.loads(line)
+        if 'error' in reply:
+            raise LabError('agent on %s: %s' % (self.node, reply['error']))
+        return reply
+
+    def bind(self, port=0, addr=None, v6=False):
+        """Open a UDP socket bound to addr:port; return (id, bound port)."""
+        r = self.call(op='bind', port=port, addr=addr, v6=v6)
+        return r['id'], r['port']
+
+    def send(self, sock, to, data='x'):
+        """Send one datagram ``data`` (str) from socket ``sock`` to (host, port)."""
+        self.call(op='send', id=sock, to=list(to), data=data)
+
+    def recv(self, sock, timeout=1.0):
+        """Wait up to ``timeout`` s for a datagram: (data, (host, port)) or None."""
+        r = self.call(op='recv', id=sock, wait=timeout, reply_timeout=timeout + 10)
+        if r.get('data') is None:
+            return None
+        return r['data'], tuple(r['from'])
+
+    def recv_all(self, sock, wait=0.5):
+        """Every datagram that arrives within ``wait`` s: list of (data, (host, port))."""
+        r = self.call(op='recv_all', id=sock, wait=wait, reply_timeout=wait + 10)
+        return [(d, tuple(f)) for d, f in r['got']]
+
+    def echo(self, sock):
+        """Start echoing every datagram on ``sock`` back to its sender (background)."""
+        self.call(op='echo', id=sock)
+
+    def count(self, sock, idle=0.5, max_wait=30):
+        """Count datagrams on ``sock`` until none arrived for ``idle`` s."""
+        return self.call(op='count', id=sock, idle=idle, max_wait=max_wait,
+                         reply_timeout=max_wait + 10)['count']
+
+    def burst(self, sock, to, count, interval=0.0):
+        """Send ``count`` numbered datagrams to ``to``, ``interval`` s apart."""
+        self.call(op='burst', id=sock, to=list(to), count=count, interval=interval,
+                  reply_timeout=count * interval + 30)
+
+    def rtt(self, sock, to, count=5, interval=0.05, timeout=2.0):
+        """Round-trip times in ms to an echoing peer; None for a lost probe."""
+        return self.call(op='rtt', id=sock, to=list(to), count=count, interval=interval,
+                         wait=timeout, reply_timeout=count * interval + timeout + 10)['rtts']
+
+    def close(self, wait=True):
+        """Stop the agent process."""
+        try:
+            self.proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+        if wait:
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _agent_main():
+    """The agent process: executes JSON requests from stdin (see Agent)."""
+    socks = {}
+    ids = itertools.count(1)
+    out_lock = threading.Lock()
+
+    def family(host):
+        return socket.AF_INET6 if ':' in host else socket.AF_INET
+
+    def echo_loop(s):
+        while True:
+            try:
+                data, src = s.recvfrom(65535)
+                s.sendto(data, src)
+            except OSError:
+                return
+
+    def handle(req):
+        op = req['op']
+        if op == 'bind':
+            fam = socket.AF_INET6 if req.get('v6') else socket.AF_INET
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((req.get('addr') or ('::' if req.get('v6') else '0.0.0.0'), req['port']))
+            n = next(ids)
+            socks[n] = s
+            return {'id': n, 'port': s.getsockname()[1]}
+        s = socks[req['id']] if 'id' in req else None
+        if op == 'send':
+            s.sendto(req['data'].encode(), tuple(req['to']))
+            return {}
+        if op == 'recv':
+            s.settimeout(req['wait'])
+            try:
+                data, src = s.recvfrom(65535)
+            except socket.timeout:
+                return {'data': None}
+            return {'data': data.decode(errors='replace'), 'from': list(src[:2])}
+        if op == 'recv_all':
+            got = []
+            deadline = time.monotonic() + req['wait']
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                s.settimeout(left)
+                try:
+                    data, src = s.recvfrom(65535)
+                except socket.timeout:
+                    break
+                got.append([data.decode(errors='replace'), list(src[:2])])
+            return {'got': got}
+        if op == 'echo':
+            threading.Thread(target=echo_loop, args=(s,), daemon=True).start()
+            return {}
+        if op == 'count':
+            n = 0
+            deadline = time.monotonic() + req['max_wait']
+            s.settimeout(req['idle'])
+            while time.monotonic() < deadline:
+                try:
+                    s.recvfrom(65535)
+                except socket.timeout:
+                    break
+                n += 1
+            return {'count': n}
+        if op == 'burst':
+            for i in range(req['count']):
+                s.sendto(b'%d' % i, tuple(req['to']))
+                if req['interval']:
+                    time.sleep(req['interval'])
+            return {}
+        if op == 'rtt':
+            to = tuple(req['to'])
+            sent = {}
+            rtts = [None] * req['count']
+            s.setblocking(False)
+            next_send = time.monotonic()
+            i = 0
+            deadline = None
+            while True:
+                now = time.monotonic()
+                if i < req['count'] and now >= next_send:
+                    sent[i] = now
+                    s.sendto(b'rtt %d' % i, to)
+                    i += 1
+                    next_send = now + req['interval']
+                    if i == req['count']:
+                        deadline = now + req['wait']
+                if deadline is not None and (now >= deadline or None not in rtts):
+                    break
+                wait = (next_send if i < req['count'] else deadline) - now
+                ready, _, _ = select.select([s], [], [], max(0.0, wait))
+                if ready:
+                    try:
+                        data, _src = s.recvfrom(65535)
+                    except BlockingIOError:
+                        continue
+                    parts = data.split()
+                    if len(parts) == 2 and parts[0] == b'rtt' and parts[1].isdigit():
+                        k = int(parts[1])
+                        if k in sent and rtts[k] is None:
+                            rtts[k] = (time.monotonic() - sent[k]) * 1000.0
+            s.setblocking(True)
+            return {'rtts': rtts}
+        if op == 'close':
+            socks.pop(req['id']).close()
+            return {}
+        raise ValueError('unknown op %r' % op)
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            reply = handle(json.loads(line))
+        except Exception as e:      # report, don't die: the test shows the message
+            reply = {'error': '%s: %s' % (type(e).__name__, e)}
+        with out_lock:
+            sys.stdout.write(json.dumps(reply) + '\n')
+            sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------
+# Probes: measure what a NAT does, from the outside
+
+
+def probe_nat(lab, host='a1', port=40000, server_port=3478, wait=0.4):
+    """Classify the NAT in front of ``host`` the way the article's point 6 does.
+
+    One UDP socket on ``host`` (bound to ``port``) sends to both server
+    addresses; the server reports the source address:port it saw each time.
+    Then packets are sent to that mapping from (a) the first server address but
+    another port, (b) the stranger. Returns a dict with the ports seen, the
+    public address, whether (a) and (b) got in, and the resulting
+    classification ('full-cone', 'restricted', 'port-restricted',
+    'symmetric', or 'blocked' if nothing got through).
+    """
+    srv, strg, h = lab.agent('server'), lab.agent('stranger'), lab.agent(host)
+    s1, _ = srv.bind(server_port, SERVER_ADDRS[0])
+    s2, _ = srv.bind(server_port, SERVER_ADDRS[1])
+    s3, _ = srv.bind(server_port + 1, SERVER_ADDRS[0])
+    x, _ = strg.bind(server_port)
+    a, _ = h.bind(port)
+    try:
+        h.send(a, (SERVER_ADDRS[0], server_port), 'to-1')
+        r1 = srv.recv(s1, 2)
+        h.send(a, (SERVER_ADDRS[1], server_port), 'to-2')
+        r2 = srv.recv(s2, 2)
+        if r1 is None or r2 is None:
+            return {'type': 'blocked', 'seen': (r1 and r1[1], r2 and r2[1])}
+        m1, m2 = r1[1], r2[1]
+        # the reply from exactly where we sent to must always work
+        srv.send(s1, m1, 'reply')
+        reply = h.recv(a, 2)
+        srv.send(s3, m1, 'other-port')
+        strg.send(x, m1, 'stranger')
+        got = {d for d, _src in h.recv_all(a, wait)}
+        result = {
+            'public': m1[0], 'port1': m1[1], 'port2': m2[1],
+            'same_mapping': m1 == m2,
+            'reply_ok': reply is not None and reply[0] == 'reply',
+            'same_addr_other_port': 'other-port' in got,
+            'other_addr': 'stranger' in got,
+        }
+        if not result['same_mapping']:
+            result['type'] = 'symmetric'
+        elif result['other_addr'] and result['same_addr_other_port']:
+            result['type'] = 'full-cone'
+        elif result['same_addr_other_port']:
+            result['type'] = 'restricted'
+        else:
+            result['type'] = 'port-restricted'
+        return result
+    finally:
+        for agent, sock in ((srv, s1), (srv, s2), (srv, s3), (strg, x), (h, a)):
+            agent.call(op='close', id=sock)
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+
+def add_lab_arguments(parser):
+    """Add the Lab() options to an argparse parser (for reuse by subcommands)."""
+    parser.add_argument('--nat-a', default='port-restricted', choices=NAT_TYPES)
+    parser.add_argument('--nat-b', default='port-restricted', choices=NAT_TYPES)
+    parser.add_argument('--hairpin-a', action='store_true')
+    parser.add_argument('--hairpin-b', action='store_true')
+    parser.add_argument('--cgn', choices=('a', 'both'), default=None)
+    parser.add_argument('--cgn-type', default='port-restricted', choices=NAT_TYPES)
+    parser.add_argument('--cgn-hairpin', action='store_true')
+    parser.add_argument('--delay-ms', type=float, default=0)
+    parser.add_argument('--jitter-ms', type=float, default=0)
+    parser.add_argument('--loss', type=float, default=0.0)
+    parser.add_argument('--udp-timeout', type=float, default=None)
+    parser.add_argument('--ipv6', action='store_true')
+
+
+def lab_from_args(args):
+    """Build (not start) a Lab from options added by add_lab_arguments()."""
+    return Lab(nat_a=args.nat_a, nat_b=args.nat_b, hairpin_a=args.hairpin_a,
+               hairpin_b=args.hairpin_b, cgn=args.cgn, cgn_type=args.cgn_type,
+               cgn_hairpin=args.cgn_hairpin, delay_ms=args.delay_ms,
+               jitter_ms=args.jitter_ms, loss=args.loss, udp_timeout=args.udp_timeout,
+               ipv6=args.ipv6)
+
+
+def cmd_selftest(args):
+    """Build each NAT type, probe it, print what was measured; exit 1 on mismatch."""
+    ok, why = lab_available()
+    if not ok:
+        print('lab unavailable:', why)
+        return 2
+    bad = [t for t in args.types if t not in NAT_TYPES]
+    if bad:
+        print('unknown NAT type(s): %s (want %s)' % (', '.join(bad), ', '.join(NAT_TYPES)))
+        return 2
+    failures = 0
+    for nat in args.types or NAT_TYPES:
+        t0 = time.monotonic()
+        lab = Lab(nat_a=nat, nat_b=nat)
+        with lab:
+            res = probe_nat(lab, 'a1')
+        verdict = 'ok' if res['type'] == nat else 'MISMATCH'
+        failures += verdict != 'ok'
+        print('%-16s measured %-16s ports %s/%s reply=%s other-port=%s stranger=%s  '
+              'setup %.0f ms teardown %.0f ms total %.0f ms  %s'
+              % (nat, res['type'], res.get('port1'), res.get('port2'), res.get('reply_ok'),
+                 res.get('same_addr_other_port'), res.get('other_addr'),
+                 lab.setup_seconds * 1000, lab.teardown_seconds * 1000,
+                 (time.monotonic() - t0) * 1000, verdict))
+    return 1 if failures else 0
+
+
+def cmd_cleanup(args):
+    """Delete leftover p2pn- namespaces (of dead runs, or all with --all)."""
+    for name in cleanup_stale(everything=args.all):
+        print('removed', name)
+    return 0
+
+
+def cmd_shell(args):
+    """Build a lab and keep it until Ctrl-C (or run a command in one node)."""
+    with lab_from_args(args) as lab:
+        for name in lab.nodes:
+            print('%-9s %s' % (name, lab.ns(name)))
+        print('setup took %.0f ms' % (lab.setup_seconds * 1000))
+        if args.command:
+            return lab.run(args.node, args.command, timeout=None,
+                           stdout=None, stderr=None).returncode
+        print('lab is up; e.g.  ip netns exec %s sh   (Ctrl-C tears it down)' % lab.ns('a1'))
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def build_parser():
+    """The argparse parser with all subcommands (extend it by adding parsers)."""
+    parser = argparse.ArgumentParser(description='p2pnat NAT lab')
+    sub = parser.add_subparsers(dest='cmd', required=True)
+    p = sub.add_parser('selftest', help='build each NAT type and print what it does')
+    p.add_argument('types', nargs='*', help='NAT types (default: all of %s)'
+                   % ', '.join(NAT_TYPES))
+    p.set_defaults(func=cmd_selftest)
+    p = sub.add_parser('report', help='(placeholder for the program matrix) = selftest')
+    p.add_argument('types', nargs='*', default=[])
+    p.set_defaults(func=cmd_selftest)
+    p = sub.add_parser('cleanup', help='remove namespaces left by killed runs')
+    p.add_argument('--all', action='store_true', help='also those of running labs')
+    p.set_defaults(func=cmd_cleanup)
+    p = sub.add_parser('shell', help='build a lab and keep it up (or run a command)')
+    add_lab_arguments(p)
+    p.add_argument('--node', default='a1')
+    p.add_argument('command', nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_shell)
+    p = sub.add_parser('agent', help='(internal) socket agent, JSON on stdin')
+    p.set_defaults(func=lambda args: _agent_main())
+    return parser
+
+
+def main(argv=None):
+    """Command line entry point: ``natlab.py {selftest,cleanup,shell,...}``."""
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
