@@ -966,6 +966,21 @@ class Agent:
         return self.call(op='rtt', id=sock, to=list(to), count=count, interval=interval,
                          wait=timeout, reply_timeout=count * interval + timeout + 10)['rtts']
 
+    def tcp_listen(self, addr, port):
+        """Start a TCP service on addr:port that tells each client its source."""
+        return self.call(op='tcp_listen', addr=addr, port=port)['id']
+
+    def tcp_connect(self, to, timeout=5.0):
+        """Connect to a tcp_listen service; return the (host, port) it saw."""
+        line = self.call(op='tcp_connect', to=list(to), wait=timeout,
+                         reply_timeout=timeout + 10)['line']
+        host, port = line.split()
+        return host, int(port)
+
+    def close_socket(self, sock):
+        """Close one socket of this agent."""
+        self.call(op='close', id=sock)
+
     def close(self, wait=True):
         """Stop the agent process."""
         try:
@@ -995,6 +1010,15 @@ def _agent_main():
                 s.sendto(data, src)
             except OSError:
                 return
+
+    def tcp_loop(ls):
+        while True:
+            try:
+                c, src = ls.accept()
+            except OSError:
+                return
+            with c:
+                c.sendall(('%s %d\n' % src[:2]).encode())
 
     def handle(req):
         op = req['op']
@@ -1084,6 +1108,23 @@ def _agent_main():
                             rtts[k] = (time.monotonic() - sent[k]) * 1000.0
             s.setblocking(True)
             return {'rtts': rtts}
+        if op == 'tcp_listen':
+            # A tiny TCP "what is my address" service: tells each client the
+            # source address:port it connected from, then hangs up.
+            fam = socket.AF_INET6 if ':' in req['addr'] else socket.AF_INET
+            ls = socket.socket(fam, socket.SOCK_STREAM)
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind((req['addr'], req['port']))
+            ls.listen(16)
+            n = next(ids)
+            socks[n] = ls
+            threading.Thread(target=tcp_loop, args=(ls,), daemon=True).start()
+            return {'id': n}
+        if op == 'tcp_connect':
+            to = tuple(req['to'])
+            with socket.create_connection(to, timeout=req['wait']) as c:
+                line = c.makefile().readline()
+            return {'line': line.strip()}
         if op == 'close':
             socks.pop(req['id']).close()
             return {}
