@@ -365,8 +365,7 @@ class Client:
             session.punch.tick(now)
             if session.punch.expired(now):
                 session.relayed = True
-                self.say(f'connected to {session.name} (relayed through the rendezvous server)')
-                session.channel.hurry(now)
+                self.connected(session, now, 'relayed through the rendezvous server')
         for text in session.channel.retransmit(now):
             self.say(f'not delivered to {session.name}: {safe(text)}')
         if session.endpoint is None:
@@ -598,8 +597,12 @@ class Client:
             return
         session.relayed = False
         elapsed = (now - session.started) * 1000
-        self.say(f'connected to {session.name} at {wire.format_endpoint(session.endpoint)} '
-                 f'(direct, {elapsed:.0f} ms)')
+        self.connected(session, now, f'direct, {elapsed:.0f} ms',
+                       f' at {wire.format_endpoint(session.endpoint)}')
+
+    def connected(self, session, now, how, where=''):
+        """Say how we reach the peer; chat goes to it from now on."""
+        self.say(f'connected to {session.name}{where} ({how})')
         self.current = session
         session.channel.hurry(now)
 

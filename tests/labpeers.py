@@ -1,0 +1,80 @@
+"""Run the real rendezvous server and clients inside a NAT lab.
+
+The server runs on the lab's public host, one client on each side; every
+step waits for the line the user would see.
+"""
+
+import functools
+
+from procs import command, start
+
+SERVER_PORT = 7777
+CONNECTED = r'^\* connected to {} (?:at (\S+) \((direct), (\d+) ms\)|\((relayed) through)'
+
+
+class LabRun:
+    """A rendezvous server in a lab, and the clients started in it."""
+
+    def __init__(self, lab, *server_args):
+        self.lab = lab
+        self.procs = []
+        self.server = self.start('server', command('rendezvous.py', '--port', SERVER_PORT,
+                                                   *server_args), 'rendezvous')
+        self.server.expect_log(r'listening on')
+
+    def start(self, node, argv, label):
+        """Start a program in node's namespace, with pipes for its terminal."""
+        proc = start(argv, label, functools.partial(self.lab.popen, node))
+        self.procs.append(proc)
+        return proc
+
+    def client(self, node, name, *args, server=None):
+        """Start p2pclient.py NAME on node; wait until it has registered."""
+        server = server or f'{self.lab.SERVER_ADDRS[0]}:{SERVER_PORT}'
+        proc = self.start(node, command('p2pclient.py', name, '--server', server, *args), name)
+        proc.expect(rf'^\* registered as {name} ')
+        return proc
+
+    def stop(self):
+        """Stop every program; return what any of them wrote to stderr."""
+        errors = []
+        for proc in self.procs:
+            proc.stop()
+            if proc is not self.server and proc.err.lines:
+                errors.append(proc.transcript())
+            elif any('Traceback' in line for line in proc.err.lines):
+                errors.append(proc.transcript())
+        return errors
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        errors = self.stop()
+        if exc[0] is None:
+            assert not errors, '\n'.join(errors)
+
+
+def connect(alice, bob, timeout=20):
+    """alice connects to bob; return how each side says it is connected.
+
+    Each is ('direct', endpoint, ms) or ('relayed', None, None).
+    """
+    alice.send('/connect bob')
+    return how(alice, 'bob', timeout), how(bob, 'alice', timeout)
+
+
+def how(proc, peer, timeout=20):
+    """Wait for the 'connected' status line about peer; return (mode, endpoint, ms)."""
+    match = proc.expect(CONNECTED.format(peer), timeout)
+    if match.group(2):
+        return 'direct', match.group(1), int(match.group(3))
+    return 'relayed', None, None
+
+
+def chat_both_ways(alice, bob, text='hello', timeout=20):
+    """One line each way; both must arrive."""
+    alice.send(f'{text} from alice')
+    bob.expect(rf'^<alice> {text} from alice$', timeout)
+    bob.send(f'{text} from bob')
+    alice.expect(rf'^<bob> {text} from bob$', timeout)
