@@ -125,7 +125,7 @@ def lab_available():
         if missing:
             result = (False, 'missing tools: ' + ', '.join(missing))
         else:
-            name = '%s%dprobe' % (PREFIX, os.getpid())
+            name = '%s%dxprobe' % (PREFIX, os.getpid())
             r = subprocess.run(['ip', 'netns', 'add', name], capture_output=True, text=True)
             if r.returncode:
                 result = (False, 'ip netns add failed: ' + r.stderr.strip())
@@ -168,18 +168,18 @@ def _ns_inode(path):
     return st.st_dev, st.st_ino
 
 
-def pids_in_netns(name):
-    """PIDs of all processes whose network namespace is /run/netns/<name>.
+def pids_in_netns(*names):
+    """PIDs of all processes whose network namespace is one of /run/netns/<name>.
 
-    Found by comparing /proc/PID/ns/net with the namespace file, which costs no
-    extra process (unlike ``ip netns pids``).
+    Found by comparing /proc/PID/ns/net with the namespace files (one pass over
+    /proc), which costs no extra process (unlike ``ip netns pids``).
     """
-    target = _ns_inode('/run/netns/' + name)
-    if target is None:
+    targets = {_ns_inode('/run/netns/' + n) for n in names} - {None}
+    if not targets:
         return []
     pids = []
     for entry in os.listdir('/proc'):
-        if entry.isdigit() and _ns_inode('/proc/%s/ns/net' % entry) == target:
+        if entry.isdigit() and _ns_inode('/proc/%s/ns/net' % entry) in targets:
             pids.append(int(entry))
     return pids
 
@@ -198,8 +198,7 @@ def delete_namespaces(names):
     names = list(names)
     if not names:
         return
-    for name in names:
-        _kill_pids(pids_in_netns(name))
+    _kill_pids(pids_in_netns(*names))
     batch = ''.join('netns del %s\n' % n for n in names)
     # -force: keep going past a namespace that is already gone.
     subprocess.run(['ip', '-force', '-batch', '-'], input=batch, text=True,
@@ -404,22 +403,24 @@ table ip6 p2pn_fw6 {
 '''
 
 
-def link_ruleset(links, loss):
+def link_ruleset(links, loss, udp_only=False):
     """nft script for inet: drop ``loss`` (fraction) of packets on each WAN link.
 
     Both directions of each link in ``links`` (inet's interface names) are
     affected: packets arriving from the link (prerouting) and leaving into it
-    (postrouting). numgen gives a uniform random number per packet.
+    (postrouting). numgen gives a uniform random number per packet. With
+    ``udp_only`` other protocols (the TCP control connections) are spared.
     """
     permille = int(round(loss * 1000))
     ifs = ', '.join('"%s"' % i for i in links)
+    proto = 'meta l4proto udp ' if udp_only else ''
     return (
         'table inet p2pn_link {\n'
         '  chain pre { type filter hook prerouting priority -400; policy accept;\n'
-        '    iifname { %s } numgen random mod 1000 < %d drop\n  }\n'
+        '    iifname { %s } %snumgen random mod 1000 < %d drop\n  }\n'
         '  chain post { type filter hook postrouting priority -400; policy accept;\n'
-        '    oifname { %s } numgen random mod 1000 < %d drop\n  }\n'
-        '}\n' % (ifs, permille, ifs, permille))
+        '    oifname { %s } %snumgen random mod 1000 < %d drop\n  }\n'
+        '}\n' % (ifs, proto, permille, ifs, proto, permille))
 
 
 def queue_rules(links, queue=0):
@@ -492,6 +493,8 @@ class Lab:
     jitter_ms          +- uniform jitter on top of delay_ms (may reorder).
     loss               fraction (0..1) of packets dropped on each WAN link,
                        each direction.
+    loss_udp_only      apply ``loss`` to UDP only, sparing TCP (so the TCP
+                       control connections don't stall in retransmissions).
     udp_timeout        seconds; sets nf_conntrack_udp_timeout and
                        nf_conntrack_udp_timeout_stream on every NAT router
                        (and the lifetime of the full-cone/restricted maps).
@@ -508,7 +511,8 @@ class Lab:
     def __init__(self, nat_a='port-restricted', nat_b='port-restricted',
                  hairpin_a=False, hairpin_b=False,
                  cgn=None, cgn_type='port-restricted', cgn_hairpin=False,
-                 delay_ms=0, jitter_ms=0, loss=0.0, udp_timeout=None, ipv6=False):
+                 delay_ms=0, jitter_ms=0, loss=0.0, udp_timeout=None, ipv6=False,
+                 loss_udp_only=False):
         for t in (nat_a, nat_b, cgn_type):
             if t not in NAT_TYPES:
                 raise ValueError('unknown NAT type %r (want one of %s)' % (t, NAT_TYPES))
@@ -522,6 +526,7 @@ class Lab:
         self.delay_ms = float(delay_ms)
         self.jitter_ms = float(jitter_ms)
         self.loss = float(loss)
+        self.loss_udp_only = bool(loss_udp_only)
         self.udp_timeout = udp_timeout
         self.ipv6 = bool(ipv6)
         # pid + counter: unique among parallel labs; the pid lets
@@ -531,6 +536,7 @@ class Lab:
         self._addr = {}
         self._addr6 = {}
         self._procs = []
+        self._own_procs = []        # agents, nfdelay: we also close their pipes
         self._agents = {}
         self._created = []
         self._lock = threading.RLock()
@@ -584,6 +590,8 @@ class Lab:
         program itself. The environment is inherited (or pass ``env=``). The
         process is killed at teardown if it is still running.
         """
+        if self._closed:
+            raise LabError('lab already torn down')
         if isinstance(argv, str):
             argv = ['sh', '-c', argv]
         proc = subprocess.Popen(['ip', 'netns', 'exec', self.ns(node)] + list(argv), **kwargs)
@@ -610,6 +618,7 @@ class Lab:
         with self._lock:
             if node not in self._agents:
                 self._agents[node] = Agent(self, node)
+                self._own_procs.append(self._agents[node].proc)
             return self._agents[node]
 
     def conntrack(self, node):
@@ -624,6 +633,26 @@ class Lab:
     def ruleset(self, node):
         """``nft list ruleset`` of ``node`` (debugging aid: shows the maps' contents)."""
         return self.run(node, ['nft', 'list', 'ruleset']).stdout
+
+    def describe(self):
+        """Human readable summary: every node, its namespace and addresses."""
+        lines = ['NAT a: %s%s  NAT b: %s%s  cgn: %s%s'
+                 % (self.nat['a'], ' +hairpin' if self.hairpin['a'] else '',
+                    self.nat['b'], ' +hairpin' if self.hairpin['b'] else '',
+                    self.cgn, (' (%s%s)' % (self.nat['cgn'], ' +hairpin'
+                                            if self.hairpin['cgn'] else '')) if self.cgn else ''),
+                 'WAN links %s: delay %g ms, jitter %g ms, loss %g%s; udp timeout %s'
+                 % (', '.join(self.wan_links), self.delay_ms, self.jitter_ms, self.loss,
+                    ' (UDP only)' if self.loss_udp_only else '',
+                    '%ss' % self.udp_timeout if self.udp_timeout else 'default')]
+        for name, node in self.nodes.items():
+            addrs = [self._addr.get(name, '')]
+            if name == 'server':
+                addrs = list(SERVER_ADDRS)
+            if self.ipv6 and name in self._addr6:
+                addrs.append(self._addr6[name])
+            lines.append('  %-9s %-24s %s' % (name, node.ns, ' '.join(a for a in addrs if a)))
+        return '\n'.join(lines)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -674,6 +703,14 @@ class Lab:
                         p.wait(1)
                     except subprocess.TimeoutExpired:
                         pass
+            # Our own helpers' pipes (not the caller's: a reader thread may own them).
+            for p in self._own_procs:
+                for f in (p.stdin, p.stdout, p.stderr):
+                    if f is not None:
+                        try:
+                            f.close()
+                        except OSError:
+                            pass
             # Anything still inside (grandchildren...) dies with the namespace.
             delete_namespaces(self._created)
         finally:
@@ -817,7 +854,7 @@ class Lab:
         # Link impairments live in inet, on the wire side of every NAT.
         self.wan_links = wan_links
         if self.loss > 0:
-            inet.nft += link_ruleset(wan_links, self.loss)
+            inet.nft += link_ruleset(wan_links, self.loss, self.loss_udp_only)
         if self.delay_ms > 0 or self.jitter_ms > 0:
             inet.iptables = queue_rules(wan_links)
             if self.ipv6:
@@ -868,6 +905,7 @@ class Lab:
                                         '--jitter', str(self.jitter_ms)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                stdin=subprocess.DEVNULL)
+            self._own_procs.append(delay)
         # 3. Configure every namespace in parallel: one shell each, which runs
         #    the sysctls, one "ip -batch" and one "nft -f".
         procs = []
@@ -1214,6 +1252,7 @@ def add_lab_arguments(parser):
     parser.add_argument('--delay-ms', type=float, default=0)
     parser.add_argument('--jitter-ms', type=float, default=0)
     parser.add_argument('--loss', type=float, default=0.0)
+    parser.add_argument('--loss-udp-only', action='store_true')
     parser.add_argument('--udp-timeout', type=float, default=None)
     parser.add_argument('--ipv6', action='store_true')
 
@@ -1224,7 +1263,54 @@ def lab_from_args(args):
                hairpin_b=args.hairpin_b, cgn=args.cgn, cgn_type=args.cgn_type,
                cgn_hairpin=args.cgn_hairpin, delay_ms=args.delay_ms,
                jitter_ms=args.jitter_ms, loss=args.loss, udp_timeout=args.udp_timeout,
-               ipv6=args.ipv6)
+               ipv6=args.ipv6, loss_udp_only=args.loss_udp_only)
+
+
+def measure_hairpin(lab, site='a', port=40100):
+    """True if the second host of ``site`` reaches the first via its public mapping."""
+    h1, h2 = SITES[site]['hosts']
+    srv = lab.agent('server')
+    s, _ = srv.bind(port, SERVER_ADDRS[0])
+    a, _ = lab.agent(h1).bind(port)
+    b, _ = lab.agent(h2).bind(port + 1)
+    try:
+        lab.agent(h1).send(a, (SERVER_ADDRS[0], port), 'map me')
+        got = srv.recv(s, 2)
+        if got is None:
+            return False
+        lab.agent(h2).send(b, got[1], 'hairpin')
+        return lab.agent(h1).recv(a, 0.5) is not None
+    finally:
+        srv.close_socket(s)
+        lab.agent(h1).close_socket(a)
+        lab.agent(h2).close_socket(b)
+
+
+def measure_rtt(lab, host='a1', count=5, port=40200):
+    """Median UDP round trip time in ms from ``host`` to the server (None: all lost)."""
+    srv = lab.agent('server')
+    s, _ = srv.bind(port, SERVER_ADDRS[0])
+    srv.echo(s)
+    a, _ = lab.agent(host).bind(port)
+    rtts = [r for r in lab.agent(host).rtt(a, (SERVER_ADDRS[0], port), count=count,
+                                           interval=0.02) if r is not None]
+    lab.agent(host).close_socket(a)
+    return sorted(rtts)[len(rtts) // 2] if rtts else None
+
+
+def measure_loss(lab, host='a1', count=200, port=40300):
+    """Fraction of ``count`` datagrams from ``host`` that never reach the server."""
+    srv = lab.agent('server')
+    s, _ = srv.bind(port, SERVER_ADDRS[0])
+    a, _ = lab.agent(host).bind(port)
+    counted = []
+    counter = threading.Thread(target=lambda: counted.append(srv.count(s, idle=1.0)))
+    counter.start()
+    lab.agent(host).burst(a, (SERVER_ADDRS[0], port), count, interval=0.0005)
+    counter.join()
+    srv.close_socket(s)
+    lab.agent(host).close_socket(a)
+    return (count - counted[0]) / count if counted else None
 
 
 def cmd_selftest(args):
@@ -1251,7 +1337,59 @@ def cmd_selftest(args):
                  res.get('same_addr_other_port'), res.get('other_addr'),
                  lab.setup_seconds * 1000, lab.teardown_seconds * 1000,
                  (time.monotonic() - t0) * 1000, verdict))
+    if args.quick:
+        return 1 if failures else 0
+
+    def check(label, value, good):
+        nonlocal failures
+        failures += not good
+        print('%-44s %-28s %s' % (label, value, 'ok' if good else 'MISMATCH'))
+
+    with Lab(hairpin_a=True) as lab:
+        check('hairpin on (ra): a2 -> a1 via public', measure_hairpin(lab, 'a'), True)
+        on = measure_hairpin(lab, 'b')
+        check('hairpin off (rb): b2 -> b1 via public', on, not on)
+    with Lab('full-cone', 'full-cone', cgn='both', cgn_type='symmetric') as lab:
+        res = probe_nat(lab, 'a1')
+        check('full-cone behind symmetric CGN', '%s from %s' % (res['type'], res['public']),
+              res['type'] == 'symmetric' and res['public'] == CGN_WAN)
+    with Lab(delay_ms=50) as lab:
+        rtt = measure_rtt(lab)
+        check('delay 50 ms/link: RTT a1 <-> server', '%.1f ms' % rtt, 100 <= rtt < 180)
+    with Lab(delay_ms=30, jitter_ms=20) as lab:
+        rtt = measure_rtt(lab, count=10)
+        check('delay 30+-20 ms/link: median RTT', '%.1f ms' % rtt, 20 <= rtt < 140)
+    with Lab(loss=0.2) as lab:
+        lost = measure_loss(lab)
+        check('loss 0.2/link: a1 -> server lost', '%.1f %%' % (lost * 100), 0.08 < lost < 0.34)
+    with Lab(ipv6=True) as lab:
+        a, b = lab.agent('a1'), lab.agent('b1')
+        sa, _ = a.bind(5000, v6=True)
+        sb, _ = b.bind(5000, v6=True)
+        b.send(sb, (lab.addr6('a1'), 5000), 'unsolicited')
+        unsolicited = a.recv(sa, 0.4) is not None
+        a.send(sa, (lab.addr6('b1'), 5000), 'out')
+        b.send(sb, (lab.addr6('a1'), 5000), 'reply')
+        reply = a.recv(sa, 2) is not None
+        check('IPv6 firewall: unsolicited in / reply in', '%s / %s' % (unsolicited, reply),
+              not unsolicited and reply)
+    with Lab(udp_timeout=2) as lab:
+        srv = lab.agent('server')
+        s, _ = srv.bind(3478, SERVER_ADDRS[0])
+        a, _ = lab.agent('a1').bind(40000)
+        lab.agent('a1').send(a, (SERVER_ADDRS[0], 3478), 'hi')
+        m = srv.recv(s, 2)[1]
+        time.sleep(3)           # let the 2 s NAT timer run out
+        srv.send(s, m, 'late')
+        late = lab.agent('a1').recv(a, 0.4) is not None
+        check('udp timeout 2 s: packet after 3 s idle gets in', late, not late)
     return 1 if failures else 0
+
+
+def cmd_describe(args):
+    """Print nodes, namespaces and addresses (builds nothing)."""
+    print(lab_from_args(args).describe())
+    return 0
 
 
 def cmd_cleanup(args):
@@ -1286,10 +1424,16 @@ def build_parser():
     p = sub.add_parser('selftest', help='build each NAT type and print what it does')
     p.add_argument('types', nargs='*', help='NAT types (default: all of %s)'
                    % ', '.join(NAT_TYPES))
+    p.add_argument('--quick', action='store_true', help='only the four NAT types')
     p.set_defaults(func=cmd_selftest)
+    # Placeholder so that "make lab" works today; the program matrix replaces it.
     p = sub.add_parser('report', help='(placeholder for the program matrix) = selftest')
     p.add_argument('types', nargs='*', default=[])
+    p.add_argument('--quick', action='store_true', help='only the four NAT types')
     p.set_defaults(func=cmd_selftest)
+    p = sub.add_parser('describe', help='print the topology of a lab with these options')
+    add_lab_arguments(p)
+    p.set_defaults(func=cmd_describe)
     p = sub.add_parser('cleanup', help='remove namespaces left by killed runs')
     p.add_argument('--all', action='store_true', help='also those of running labs')
     p.set_defaults(func=cmd_cleanup)
