@@ -1,8 +1,13 @@
 """The real programs across real NATs, built by the NAT lab (needs root)."""
 
+import re
+import time
+
 import pytest
 
+import labpeers
 import natlab
+import procs
 from labpeers import LabRun, chat_both_ways, connect
 
 # RFC 4787 behaviour of each router type; what hole punching can open:
@@ -45,4 +50,169 @@ def test_matrix(nat_a, nat_b):
         (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
         want = expected(nat_a, nat_b)
         assert (mode_a, mode_b) == (want, want), (alice.transcript(), bob.transcript())
+        chat_both_ways(alice, bob)
+
+
+def test_same_nat_without_hairpin_connects_over_private_endpoints():
+    with natlab.Lab(hairpin_a=False) as lab, LabRun(lab) as run:
+        alice, bob = run.client('a1', 'alice'), run.client('a2', 'bob')
+        (mode_a, endpoint, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct', 'direct')
+        assert endpoint.startswith(lab.addr('a2') + ':')        # point 10
+        chat_both_ways(alice, bob)
+
+
+def test_same_nat_with_hairpin_connects_directly():
+    with natlab.Lab(hairpin_a=True) as lab, LabRun(lab) as run:
+        alice, bob = run.client('a1', 'alice'), run.client('a2', 'bob')
+        (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct', 'direct')
+        chat_both_ways(alice, bob)
+
+
+def test_double_nat_behind_a_cone_cgn_connects_directly():
+    with natlab.Lab(cgn='a', cgn_type='port-restricted') as lab, LabRun(lab) as run:
+        alice, bob = run.client('a1', 'alice'), run.client('b1', 'bob')
+        (mode_a, endpoint, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct', 'direct')
+        assert endpoint.startswith(lab.public_addr('b') + ':')
+        chat_both_ways(alice, bob)
+
+
+def test_both_behind_one_cgn_without_hairpin_still_connect():
+    # Neither the CGN's public address (no hairpin) nor the other LAN's
+    # private address (behind another NAT) reaches the peer; only the
+    # inner NATs' addresses would, and nobody knows those.  So: relay.
+    with natlab.Lab(cgn='both', cgn_hairpin=False) as lab, LabRun(lab) as run:
+        alice = run.client('a1', 'alice', '--punch-timeout', '2')
+        bob = run.client('b1', 'bob', '--punch-timeout', '2')
+        (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('relayed', 'relayed')
+        chat_both_ways(alice, bob)
+
+
+def test_loss_and_delay_every_attempt_connects_and_chats():
+    # 20% loss each way on both WAN links and 50 ms one-way delay on each:
+    # `make lab` makes 20 attempts and wants 19; here every one of a few.
+    with natlab.Lab(loss=0.2, delay_ms=50) as lab, LabRun(lab) as run:
+        for attempt in range(3):
+            alice = run.client('a1', f'alice{attempt}')
+            bob = run.client('b1', f'bob{attempt}')
+            alice.send(f'/connect bob{attempt}')
+            for proc, peer in ((alice, f'bob{attempt}'), (bob, f'alice{attempt}')):
+                proc.expect(rf'^\* connected to {peer} at \S+ \(direct, \d+ ms\)$', 20)
+            alice.send('through the loss')
+            bob.expect(rf'^<alice{attempt}> through the loss$', 20)
+            alice.send('/quit')
+            bob.send('/quit')
+            assert alice.wait() == bob.wait() == 0
+
+
+def test_idle_pairs_keep_talking_after_the_nats_forget_them():
+    # Both routers forget UDP mappings after 10 s of silence.  alice and
+    # bob keep the default keepalive; carol and dave turn it off, and must
+    # notice the dead path when they next speak, and punch again or relay.
+    with natlab.Lab(udp_timeout=10) as lab, LabRun(lab) as run:
+        alice, bob = run.client('a1', 'alice'), run.client('b1', 'bob')
+        carol = run.client('a2', 'carol', '--keepalive', '0')
+        dave = run.client('b2', 'dave', '--keepalive', '0')
+        assert connect(alice, bob)[0][0] == 'direct'
+        carol.send('/connect dave')
+        carol.expect(r'^\* connected to dave at \S+ \(direct')
+        dave.expect(r'^\* connected to carol at \S+ \(direct')
+        time.sleep(45)      # the silence is what is tested, not a synchronisation
+        alice.send('after 45 s of silence')
+        bob.expect(r'^<alice> after 45 s of silence$', timeout=10)
+        for proc in (alice, bob):
+            assert sum('introduced' in line for line in proc.lines) == 1, proc.transcript()
+            assert not [line for line in proc.lines if 'relayed' in line], proc.transcript()
+        carol.send('after 45 s without keepalives')
+        dave.expect(r'^<carol> after 45 s without keepalives$', timeout=30)
+        said = '\n'.join(carol.lines + dave.lines)
+        assert 'lost the direct path' in said or 'relayed' in said
+
+
+STRANGER = '''
+import os, socket, sys
+sys.path.insert(0, {root!r})
+import p2pcommon as wire
+host, port = {target!r}
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+guess = os.urandom(wire.TOKEN_SIZE)
+packets = [wire.encode(wire.PUNCH, session=guess),
+           wire.encode(wire.PUNCH_ACK, session=guess),
+           wire.encode(wire.KEEPALIVE, session=guess),
+           wire.encode(wire.BYE, session=guess),
+           wire.encode(wire.DATA, session=guess, seq=0, oldest=0, text='* connected to you'),
+           wire.encode(wire.DATA, session=wire.NO_SESSION, seq=0, oldest=0, text='hi'),
+           wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.DATA, 0, 0),
+           b'random junk']
+for _ in range(20):
+    for packet in packets:
+        sock.sendto(packet, (host, port))
+print('sent', 20 * len(packets))
+'''
+
+
+def test_a_stranger_with_the_wrong_token_changes_nothing():
+    # alice's NAT is full-cone, so the stranger's datagrams do reach her.
+    with natlab.Lab('full-cone', 'port-restricted') as lab, LabRun(lab) as run:
+        alice, bob = run.client('a1', 'alice'), run.client('b1', 'bob')
+        public = re.search(r'public endpoint (\S+):(\d+)', alice.lines[0])
+        connect(alice, bob)
+        seen = len(alice.lines)
+        script = STRANGER.format(root=procs.ROOT,
+                                 target=(public.group(1), int(public.group(2))))
+        result = lab.run('stranger', [procs.PYTHON, '-c', script])
+        assert result.stdout.strip() == 'sent 160', result.stderr
+        bob.send('still you?')
+        alice.expect(r'^<bob> still you\?$')
+        assert alice.lines[seen:] == ['<bob> still you?']      # nothing else printed
+        chat_both_ways(alice, bob)
+
+
+def test_netcat_punches_through_two_port_restricted_nats():
+    # The article's demonstration: nc -u -p 17000 <peer public IP> 17000 at
+    # both ends.  The first line is lost (the other NAT has no mapping yet);
+    # the answer and everything after it gets through.
+    with natlab.Lab() as lab, LabRun(lab) as run:
+        a = run.start('a1', ['nc', '-u', '-p', '17000', lab.public_addr('b'), '17000'], 'nc-a')
+        b = run.start('b1', ['nc', '-u', '-p', '17000', lab.public_addr('a'), '17000'], 'nc-b')
+        exchange(a, b)
+
+
+def test_raw_client_talks_to_netcat_across_the_nats():
+    with natlab.Lab() as lab, LabRun(lab) as run:
+        a = run.start('a1', procs.command('p2pclient.py', '--raw', '--port', '17000', '--peer',
+                                          f'{lab.public_addr("b")}:17000'), 'raw-a')
+        b = run.start('b1', ['nc', '-u', '-p', '17000', lab.public_addr('a'), '17000'], 'nc-b')
+        exchange(a, b)
+
+
+def exchange(a, b):
+    """a and b punch by typing (each keeps trying until its line arrives)."""
+    for attempt in range(40):
+        a.send(f'punch {attempt}')
+        b.send(f'hello from b {attempt}')
+        try:
+            a.expect(r'^hello from b \d+$', timeout=0.25)
+            break
+        except AssertionError:
+            continue
+    a.send('hello from a')
+    b.expect(r'^hello from a$', timeout=5)
+
+
+def test_ipv6_through_stateful_firewalls_connects_directly():
+    # Bound to one address: a wildcard socket on a host with two would
+    # answer from whichever the kernel prefers, and the firewall in front
+    # of the client lets in replies only from the address it sent to.
+    with natlab.Lab(ipv6=True) as lab, \
+            LabRun(lab, '--bind', natlab.SERVER_ADDRS6[0]) as run:
+        server = f'[{lab.addr6("server")}]:{labpeers.SERVER_PORT}'
+        alice = run.client('a1', 'alice', server=server)
+        bob = run.client('b1', 'bob', server=server)
+        (mode_a, endpoint, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct', 'direct')
+        assert endpoint == f'[{lab.addr6("b1")}]:' + endpoint.rsplit(':', 1)[1]
         chat_both_ways(alice, bob)
