@@ -32,6 +32,21 @@ with /32 host routes), so inet's firewall rules can tell the links apart by
 interface name; that is where loss and delay are applied, i.e. "on the
 wire", outside of any NAT state.
 
+Things to know:
+
+* NAT types are made with nft (see nat_ruleset() for how and why). Besides the
+  four classic types there is 'symmetric-sequential' (ports 20000, 20001, ...)
+  for testing port prediction; it is not in NAT_TYPES.
+* Hairpinned traffic is filtered endpoint-independently, whatever the type.
+* Delay and jitter are applied by tests/nfdelay.py (NFQUEUE) in inet, loss by
+  nft numgen in inet. ARP is not delayed, but IPv6 neighbour discovery is
+  (it is ICMPv6), so the first IPv6 packets over a delayed link take longer.
+* Tests drive sockets in the namespaces through Agent (lab.agent('a1')), a
+  small JSON-over-stdin robot, instead of starting a process per probe.
+* Namespaces are named p2pn-<pid>x<n>-<node>; Lab.close() removes them (also on
+  exceptions, Ctrl-C and SIGTERM); cleanup_stale() removes those of SIGKILLed
+  runs, and runs automatically once per process at the first Lab start.
+
 Example::
 
     from natlab import Lab
@@ -64,6 +79,12 @@ NFDELAY = os.path.join(HERE, 'nfdelay.py')
 
 PREFIX = 'p2pn-'                    # every namespace we create starts with this
 NAT_TYPES = ('full-cone', 'restricted', 'port-restricted', 'symmetric')
+# Extra type, not in the standard matrix: a symmetric NAT that hands out
+# external ports one after the other (20000, 20001, ...), the kind whose next
+# port can be *predicted* (article point 6).
+ALL_NAT_TYPES = NAT_TYPES + ('symmetric-sequential',)
+SEQ_PORT_BASE = 20000
+SEQ_PORTS = 1000                    # ... up to 20999, then it wraps around
 CGN_MODES = (None, 'a', 'both')
 REQUIRE_ENV = 'P2PNAT_REQUIRE_LAB'
 
@@ -96,6 +117,7 @@ DEFAULT_MAP_TIMEOUT = 120
 _lab_counter = itertools.count(1)
 _live_labs = set()                  # for the atexit / SIGTERM safety net
 _sigterm_installed = [None]         # previous SIGTERM handler while we own it
+_stale_swept = []                   # cleanup_stale() runs once per process
 
 
 class LabError(RuntimeError):
@@ -270,7 +292,9 @@ def nat_ruleset(nat_type, wan_addr, lan_net, hairpin, map_timeout):
       resulting connection tuple is unique: that is endpoint-independent
       mapping in practice ("port-restricted" = what Linux does by default).
       ``masquerade random`` picks a fresh random port for every new connection,
-      i.e. for every destination: a symmetric NAT. For full-cone and
+      i.e. for every destination: a symmetric NAT. "symmetric-sequential"
+      instead takes the next port of a counter (``numgen inc``) for every new
+      UDP connection, from any inside host, so the port delta is +1. For full-cone and
       restricted the mapping is made strictly endpoint independent with the map
       ``in2ext`` (inside addr . port -> external port): a known inside
       endpoint is always SNATed to its recorded port.
@@ -293,7 +317,7 @@ def nat_ruleset(nat_type, wan_addr, lan_net, hairpin, map_timeout):
       connections work behind every NAT type.
     """
     t = '%ds' % max(1, int(round(map_timeout)))
-    cone = nat_type != 'symmetric'
+    cone = not nat_type.startswith('symmetric')
     lines = [
         'table ip p2pn_nat {',
         # ext2in: external UDP port -> inside address . port
@@ -344,6 +368,13 @@ def nat_ruleset(nat_type, wan_addr, lan_net, hairpin, map_timeout):
         lines.append('    oifname "wan" masquerade')
     elif nat_type == 'symmetric':
         lines.append('    oifname "wan" masquerade random')
+    elif nat_type == 'symmetric-sequential':
+        # "numgen inc" counts new connections. Its value can't be used as the
+        # port directly (nft 1.0.6 leaves it in host byte order, so the ports
+        # would step by 256), hence a lookup table counter -> port.
+        table = ', '.join('%d : %d' % (i, SEQ_PORT_BASE + i) for i in range(SEQ_PORTS))
+        lines.append('    oifname "wan" meta l4proto udp snat ip to %s : '
+                     'numgen inc mod %d map { %s }' % (wan_addr, SEQ_PORTS, table))
     else:
         # Strict endpoint-independent mapping: reuse the recorded port; else
         # keep the inside port if no one else owns it; else pick a random one.
@@ -485,7 +516,8 @@ class Lab:
 
     Arguments (all optional):
 
-    nat_a, nat_b       NAT type of router ra / rb: one of NAT_TYPES.
+    nat_a, nat_b       NAT type of router ra / rb: one of NAT_TYPES (or
+                       'symmetric-sequential', see ALL_NAT_TYPES).
     hairpin_a, _b      whether ra / rb hairpin (LAN -> own public addr:port).
     cgn                None, 'a' (ra behind a carrier-grade NAT) or 'both'.
     cgn_type           NAT type of the CGN; cgn_hairpin: whether it hairpins.
@@ -514,8 +546,8 @@ class Lab:
                  delay_ms=0, jitter_ms=0, loss=0.0, udp_timeout=None, ipv6=False,
                  loss_udp_only=False):
         for t in (nat_a, nat_b, cgn_type):
-            if t not in NAT_TYPES:
-                raise ValueError('unknown NAT type %r (want one of %s)' % (t, NAT_TYPES))
+            if t not in ALL_NAT_TYPES:
+                raise ValueError('unknown NAT type %r (want one of %s)' % (t, ALL_NAT_TYPES))
         if cgn not in CGN_MODES:
             raise ValueError('cgn must be one of %s' % (CGN_MODES,))
         if not 0 <= loss <= 1:
@@ -667,6 +699,9 @@ class Lab:
     def start(self):
         """Create all namespaces, links, addresses, rules; raise LabError on failure."""
         t0 = time.monotonic()
+        if not _stale_swept:
+            # Namespaces of runs that were SIGKILLed would pile up otherwise.
+            _stale_swept.append(cleanup_stale())
         _live_labs.add(self)
         self._install_sigterm()
         try:
@@ -1218,6 +1253,7 @@ def probe_nat(lab, host='a1', port=40000, server_port=3478, wait=0.4):
         result = {
             'public': m1[0], 'port1': m1[1], 'port2': m2[1],
             'same_mapping': m1 == m2,
+            'delta': m2[1] - m1[1],         # port step between two destinations
             'reply_ok': reply is not None and reply[0] == 'reply',
             'same_addr_other_port': 'other-port' in got,
             'other_addr': 'stranger' in got,
@@ -1242,12 +1278,12 @@ def probe_nat(lab, host='a1', port=40000, server_port=3478, wait=0.4):
 
 def add_lab_arguments(parser):
     """Add the Lab() options to an argparse parser (for reuse by subcommands)."""
-    parser.add_argument('--nat-a', default='port-restricted', choices=NAT_TYPES)
-    parser.add_argument('--nat-b', default='port-restricted', choices=NAT_TYPES)
+    parser.add_argument('--nat-a', default='port-restricted', choices=ALL_NAT_TYPES)
+    parser.add_argument('--nat-b', default='port-restricted', choices=ALL_NAT_TYPES)
     parser.add_argument('--hairpin-a', action='store_true')
     parser.add_argument('--hairpin-b', action='store_true')
     parser.add_argument('--cgn', choices=('a', 'both'), default=None)
-    parser.add_argument('--cgn-type', default='port-restricted', choices=NAT_TYPES)
+    parser.add_argument('--cgn-type', default='port-restricted', choices=ALL_NAT_TYPES)
     parser.add_argument('--cgn-hairpin', action='store_true')
     parser.add_argument('--delay-ms', type=float, default=0)
     parser.add_argument('--jitter-ms', type=float, default=0)
@@ -1319,19 +1355,24 @@ def cmd_selftest(args):
     if not ok:
         print('lab unavailable:', why)
         return 2
-    bad = [t for t in args.types if t not in NAT_TYPES]
+    bad = [t for t in args.types if t not in ALL_NAT_TYPES]
     if bad:
-        print('unknown NAT type(s): %s (want %s)' % (', '.join(bad), ', '.join(NAT_TYPES)))
+        print('unknown NAT type(s): %s (want %s)' % (', '.join(bad), ', '.join(ALL_NAT_TYPES)))
         return 2
     failures = 0
-    for nat in args.types or NAT_TYPES:
+    for nat in args.types or ALL_NAT_TYPES:
         t0 = time.monotonic()
         lab = Lab(nat_a=nat, nat_b=nat)
         with lab:
             res = probe_nat(lab, 'a1')
-        verdict = 'ok' if res['type'] == nat else 'MISMATCH'
+        # From outside, a sequential symmetric NAT is a symmetric NAT (with delta 1).
+        want = 'symmetric' if nat.startswith('symmetric') else nat
+        good = res['type'] == want
+        if nat == 'symmetric-sequential':
+            good = good and res.get('delta') == 1
+        verdict = 'ok' if good else 'MISMATCH'
         failures += verdict != 'ok'
-        print('%-16s measured %-16s ports %s/%s reply=%s other-port=%s stranger=%s  '
+        print('%-20s measured %-16s ports %s/%s reply=%s other-port=%s stranger=%s  '
               'setup %.0f ms teardown %.0f ms total %.0f ms  %s'
               % (nat, res['type'], res.get('port1'), res.get('port2'), res.get('reply_ok'),
                  res.get('same_addr_other_port'), res.get('other_addr'),

@@ -103,6 +103,35 @@ def test_full_cone_mapping_is_exclusive(lab_ok):
         assert m3[1] == 40001
 
 
+def test_symmetric_sequential_is_predictable(lab_ok):
+    """The extra NAT type: a new port per destination, but +1 each time."""
+    with Lab('symmetric-sequential', 'port-restricted') as lab:
+        res = natlab.probe_nat(lab, 'a1', wait=QUIET)
+        assert res['type'] == 'symmetric' and res['delta'] == 1, res
+        # The next destination gets the next port: predictable (article point 6).
+        _, m = mapping_of(lab, 'a2', 40000, server_port=5000)
+        assert m[1] == res['port2'] + 1
+
+
+def test_unsolicited_packet_does_not_steal_the_port(lab_ok):
+    """Hole punching order: the peer's first punch arrives before we send.
+
+    That packet is dropped before conntrack confirms it, so it leaves no
+    state; our own packet then still gets the preserved port, and the punch
+    works from then on (article point 5).
+    """
+    with Lab('port-restricted', 'port-restricted') as lab:
+        b, mb = mapping_of(lab, 'b1', 40000)
+        A, B = lab.agent('a1'), lab.agent('b1')
+        B.send(b, (lab.public_addr('a'), 40000), 'early punch')   # a1 hasn't sent yet
+        a, _ = A.bind(40000)
+        assert A.recv(a, QUIET) is None
+        A.send(a, mb, 'punch')
+        assert B.recv(b, 2) == ('punch', (lab.public_addr('a'), 40000))
+        B.send(b, (lab.public_addr('a'), 40000), 'through')
+        assert A.recv(a, 2) == ('through', mb)
+
+
 # ----------------------------------------------------------------------------
 # Hairpin
 
