@@ -293,11 +293,12 @@ def nat_ruleset(nat_type, wan_addr, lan_net, hairpin, map_timeout):
       mapping in practice ("port-restricted" = what Linux does by default).
       ``masquerade random`` picks a fresh random port for every new connection,
       i.e. for every destination: a symmetric NAT. "symmetric-sequential"
-      instead takes the next port of a counter (``numgen inc``) for every new
-      UDP connection, from any inside host, so the port delta is +1. For full-cone and
-      restricted the mapping is made strictly endpoint independent with the map
-      ``in2ext`` (inside addr . port -> external port): a known inside
-      endpoint is always SNATed to its recorded port.
+      instead takes the next port of a counter (``numgen inc``) for every
+      new UDP connection, from any inside host, so the port delta is +1.
+      For full-cone and restricted the mapping is made strictly endpoint
+      independent with the map ``in2ext`` (inside addr . port -> external
+      port): a known inside endpoint is always SNATed to its recorded port,
+      and a port recorded for one inside endpoint is never given to another.
     * Filtering. Conntrack itself only lets in replies from exactly the address
       and port that was sent to (address-and-port-dependent filtering). To be
       more open, the chain ``record`` remembers, after NAT, every external port

@@ -195,8 +195,10 @@ def test_cgn_a_only(lab_ok):
 # IPv6: no NAT, stateful firewalls
 
 
-def test_ipv6_firewall(lab_ok):
-    with Lab(ipv6=True) as lab:
+@pytest.mark.parametrize('cgn', [None, 'both'])
+def test_ipv6_firewall(lab_ok, cgn):
+    """ra and rb pass only replies; the CGN (IPv4 only) just routes IPv6."""
+    with Lab(ipv6=True, cgn=cgn) as lab:
         A, B, X, S = (lab.agent(n) for n in ('a1', 'b1', 'stranger', 'server'))
         a, _ = A.bind(5000, v6=True)
         b, _ = B.bind(5000, v6=True)
@@ -257,8 +259,10 @@ def test_jitter(lab_ok):
         a, _ = lab.agent('a1').bind(40000)
         rtts = lab.agent('a1').rtt(a, (SERVER_ADDRS[0], 7), count=20, interval=0.01)
         assert None not in rtts
-        # each direction 10..50 ms: RTT 20..100 ms (+ scheduling slack)
-        assert min(rtts) >= 20 * 0.98 and max(rtts) < 100 + 60, rtts
+        # each direction 10..50 ms: RTT 20..100 ms (the median has no outliers
+        # from a busy machine, so it can be held to the range)
+        assert min(rtts) >= 20 * 0.98, rtts
+        assert 20 <= statistics.median(rtts) <= 100, rtts
         assert max(rtts) - min(rtts) > 10, rtts      # it does vary
 
 
