@@ -19,7 +19,7 @@ demo:
 	$(PYTHON) demo.py
 
 lab:
-	$(PYTHON) tests/natlab.py report
+	$(PYTHON) tests/labreport.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -21,8 +21,10 @@ import argparse
 import collections
 import errno
 import logging
+import resource
 import secrets
 import selectors
+import signal
 import socket
 import sys
 import time
@@ -31,13 +33,54 @@ import p2pcommon as wire
 
 log = logging.getLogger('rendezvous')
 
-# Limits on what one source may cost us (all shown in --help).
-MAX_CONNECTIONS_PER_ADDRESS = 64
-REGISTER_TIMEOUT = 30.0         # seconds a connection may stay unregistered
-MAX_OUTPUT = 256 * 1024         # bytes queued for a peer that does not read
 MAX_REQUEST = 2048              # the largest control message a peer may send
 UDP_BURST = 64                  # datagrams read per wake-up, before others get a turn
 SUMMARY_INTERVAL = 60.0         # seconds between reports of dropped datagrams
+
+
+class Limits:
+    """What one source may cost us; each is a command-line option.
+
+    Anyone can reach a public rendezvous server, so every resource a
+    stranger can make us spend has a ceiling.
+    """
+
+    def __init__(self, per_address=64, register_timeout=30.0, max_output=256 * 1024,
+                 mapping_rate=20.0, connect_rate=5.0):
+        self.per_address = per_address              # open connections per source address
+        self.register_timeout = register_timeout    # seconds to send REGISTER
+        self.max_output = max_output                # unread bytes before we drop a peer
+        self.mapping_rate = mapping_rate            # MAPPING per second per address
+        self.connect_rate = connect_rate            # CONNECT per second per peer
+
+
+class RateLimit:
+    """A token bucket per key: ``rate`` requests a second, bursts of twice that.
+
+    A rate of 0 means no limit.
+    """
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.burst = 2 * rate
+        self.buckets = {}           # key -> [tokens, when last refilled]
+
+    def allow(self, key, now):
+        """Take one token for key; False when its bucket is empty."""
+        if not self.rate:
+            return True
+        bucket = self.buckets.setdefault(key, [self.burst, now])
+        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if bucket[0] < 1:
+            return False
+        bucket[0] -= 1
+        return True
+
+    def forget_idle(self, now):
+        """Drop the buckets that have filled up again: they hold nothing."""
+        full = now - self.burst / self.rate if self.rate else now
+        self.buckets = {k: b for k, b in self.buckets.items() if b[1] > full}
 
 
 class Peer:
@@ -75,7 +118,10 @@ class Peer:
 class Rendezvous:
     """The mediator: a registry of peers and one loop over all sockets."""
 
-    def __init__(self, bind='0.0.0.0', port=wire.DEFAULT_PORT):
+    def __init__(self, bind='0.0.0.0', port=wire.DEFAULT_PORT, limits=None):
+        self.limits = limits or Limits()
+        self.mapping_limit = RateLimit(self.limits.mapping_rate)
+        self.connect_limit = RateLimit(self.limits.connect_rate)
         self.selector = selectors.DefaultSelector()
         self.peers = {}                 # name -> Peer (registered)
         self.by_token = {}              # registration token -> Peer
@@ -133,16 +179,26 @@ class Rendezvous:
 
     def check_timers(self, now):
         """Close connections that never registered; summarise dropped datagrams."""
+        timeout = self.limits.register_timeout
         for peer in [p for p in self.connections.values() if p.name is None]:
-            if now - peer.connected_at > REGISTER_TIMEOUT:
-                log.info('closing %s: not registered after %.0f s', peer, REGISTER_TIMEOUT)
+            if now - peer.connected_at > timeout:
+                log.info('closing %s: not registered after %g s', peer, timeout)
                 self.close(peer)
         if now >= self.next_summary:
-            if self.dropped:
-                log.warning('dropped bad datagrams in the last %.0f s: %s', SUMMARY_INTERVAL,
-                            ', '.join(f'{n} {why}' for why, n in self.dropped.items()))
-                self.dropped.clear()
+            self.mapping_limit.forget_idle(now)
+            self.connect_limit.forget_idle(now)
+            self.report_dropped()
             self.next_summary = now + SUMMARY_INTERVAL
+
+    def report_dropped(self):
+        """One log line for all the datagrams dropped since the last one.
+
+        A flood of garbage must not become a flood of log lines.
+        """
+        if self.dropped:
+            log.warning('dropped %d datagrams: %s', sum(self.dropped.values()),
+                        ', '.join(f'{n} {why}' for why, n in self.dropped.most_common()))
+            self.dropped.clear()
 
     # -- TCP control connections -------------------------------------------
 
@@ -152,9 +208,9 @@ class Rendezvous:
             sock, address = listener.accept()
         except OSError:
             return
-        if self.per_address[address[0]] >= MAX_CONNECTIONS_PER_ADDRESS:
+        if self.per_address[address[0]] >= self.limits.per_address:
             log.warning('refusing %s: %d connections from that address already',
-                        wire.format_endpoint(address), MAX_CONNECTIONS_PER_ADDRESS)
+                        wire.format_endpoint(address), self.limits.per_address)
             sock.close()
             return
         sock.setblocking(False)
@@ -166,10 +222,9 @@ class Rendezvous:
 
     def close(self, peer):
         """Forget a connection: free its name and its sessions at once."""
-        try:
-            self.selector.unregister(peer.sock)
-        except KeyError:
+        if self.connections.get(peer.sock) is not peer:
             return      # closed already
+        self.selector.unregister(peer.sock)
         del self.connections[peer.sock]
         peer.sock.close()
         self.per_address[peer.address[0]] -= 1
@@ -192,7 +247,7 @@ class Rendezvous:
         if peer.sock.fileno() < 0:
             return      # it left while we were working on its request
         data = wire.reply(type, **fields)
-        if len(peer.output) + len(data) > MAX_OUTPUT:
+        if len(peer.output) + len(data) > self.limits.max_output:
             log.warning('dropping %s: %d bytes queued and it does not read',
                         peer, len(peer.output))
             self.close(peer)
@@ -220,7 +275,12 @@ class Rendezvous:
             names = sorted(n for n, p in self.peers.items() if p.public)
             self.send(peer, wire.PEERS, names=names[:wire.MAX_PEERS_LISTED])
         elif message.type == wire.CONNECT:
-            self.connect(peer, message.target)
+            if self.connect_limit.allow(peer.name, time.monotonic()):
+                self.connect(peer, message.target)
+            else:
+                self.send_error(peer, wire.E_RATE_LIMITED,
+                                f'too many connect requests: at most '
+                                f'{self.limits.connect_rate:g} a second')
         elif message.type == wire.RELAY:
             self.relay(peer, message)
         elif message.type == wire.BYE:
@@ -322,6 +382,9 @@ class Rendezvous:
         public = (source[0], source[1])
         log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public),
                   sock.getsockname()[1])
+        if not self.mapping_limit.allow(source[0], time.monotonic()):
+            self.dropped['rate limited'] += 1
+            return
         peer = self.by_token.get(message.token)
         if peer is not None:
             if sock is self.udp:
@@ -349,6 +412,8 @@ class Connection:
 
     def ready(self, sock, mask):
         """Called by the loop when the socket can be read or written."""
+        if self.peer.sock.fileno() < 0:
+            return      # closed by an earlier event of the same select()
         if mask & selectors.EVENT_WRITE:
             self.write()
         if mask & selectors.EVENT_READ:
@@ -406,23 +471,37 @@ class Connection:
 
 
 def parse_args(argv):
-    """The command line; every limit is listed in --help."""
+    """The command line; every limit is an option, its default in --help."""
+    defaults = Limits()
     parser = argparse.ArgumentParser(
         description='Rendezvous server for UDP hole punching: introduces peers, '
                     'tells them their public endpoints, relays when punching fails.',
-        epilog=f'Limits: {MAX_CONNECTIONS_PER_ADDRESS} connections per source address; '
-               f'a connection that has not registered after {REGISTER_TIMEOUT:.0f} s is '
-               f'closed; a peer with more than {MAX_OUTPUT // 1024} KiB of unread replies '
-               f'is dropped; control messages over {MAX_REQUEST} bytes close the '
-               f'connection.')
+        epilog=f'Control messages over {MAX_REQUEST} bytes, or a stream that is not '
+               f'this protocol, close the connection.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--bind', default='0.0.0.0',
-                        help='address to listen on (default: 0.0.0.0; "::" for IPv6)')
+                        help='address to listen on ("::" for IPv6 and IPv4); on a host with '
+                             'several addresses give the public one, so that UDP answers '
+                             'come from the address the peers sent to')
     parser.add_argument('--port', type=int, default=wire.DEFAULT_PORT,
-                        help=f'TCP and UDP port; PORT+1 is the UDP probe port '
-                             f'(default: {wire.DEFAULT_PORT})')
+                        help='TCP and UDP port; PORT+1 is the UDP probe port (0: any free)')
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='log every message in and out, one line each')
     parser.add_argument('-q', '--quiet', action='store_true', help='log errors only')
+    limits = parser.add_argument_group('limits')
+    limits.add_argument('--max-per-address', type=int, default=defaults.per_address,
+                        help='open connections from one source address')
+    limits.add_argument('--register-timeout', type=float, default=defaults.register_timeout,
+                        help='seconds a new connection has to register before it is closed')
+    limits.add_argument('--max-output', type=int, default=defaults.max_output,
+                        help='bytes of unread replies before a peer that does not read '
+                             'is dropped')
+    limits.add_argument('--mapping-rate', type=float, default=defaults.mapping_rate,
+                        help='MAPPING requests a second per source address, bursts of '
+                             'twice that; more are dropped (0: no limit)')
+    limits.add_argument('--connect-rate', type=float, default=defaults.connect_rate,
+                        help='CONNECT requests a second per peer, bursts of twice that; '
+                             'more get an ERROR (0: no limit)')
     return parser.parse_args(argv)
 
 
@@ -431,18 +510,41 @@ def main(argv=None):
     args = parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
     logging.basicConfig(level=level, format='%(asctime)s %(message)s', stream=sys.stderr)
+    raise_descriptor_limit()
     try:
-        server = Rendezvous(args.bind, args.port)
+        limits = Limits(args.max_per_address, args.register_timeout, args.max_output,
+                        args.mapping_rate, args.connect_rate)
+        server = Rendezvous(args.bind, args.port, limits)
     except OSError as error:
         log.error('cannot listen on %s port %d: %s', args.bind, args.port, error.strerror)
         return 1
     log.info('rendezvous listening on %s (tcp, udp) and udp port %d for probes',
              wire.format_endpoint((args.bind, server.port)), server.port + 1)
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
+        pass
+    finally:
+        server.report_dropped()
         log.info('stopped')
     return 0
+
+
+def stop(signum, frame):
+    """SIGTERM stops the server as Ctrl-C does, with the last report."""
+    raise KeyboardInterrupt
+
+
+def raise_descriptor_limit():
+    """Allow as many open connections as the system lets this process have.
+
+    The soft limit is often 1,024 descriptors, one per peer; the hard limit
+    is usually far higher, and a server may raise its own soft limit to it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 if __name__ == '__main__':

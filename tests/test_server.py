@@ -57,6 +57,12 @@ class RawPeer:
         self.tcp.close()
         self.udp.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 @pytest.fixture
 def server():

@@ -1,0 +1,123 @@
+"""make lab: what hole punching achieves against every kind of NAT.
+
+Builds each topology in the NAT lab (tests/natlab.py), runs the real
+rendezvous server and two real clients in it, and prints how the pair got
+connected: a matrix of NAT types, then same NAT, double NAT, loss, idle
+timeouts and IPv6.  Needs root.
+"""
+
+import argparse
+import sys
+import time
+
+import natlab
+from labpeers import CONNECTED, LabRun
+
+PUNCH_TIMEOUT = '3'
+
+
+def attempt(lab, host_a='a1', host_b='b1', server=None, names=('alice', 'bob')):
+    """Connect two clients and exchange a line; return the cell's text."""
+    with LabRun(lab, *(['--bind', server] if server else [])) as run:
+        address = f'[{server}]:7777' if server else None
+        a = run.client(host_a, names[0], '--punch-timeout', PUNCH_TIMEOUT, server=address)
+        b = run.client(host_b, names[1], '--punch-timeout', PUNCH_TIMEOUT, server=address)
+        return connect_and_chat(a, b, names)
+
+
+def connect_and_chat(a, b, names):
+    """Time /connect to the status line; then one chat line must arrive."""
+    started = time.monotonic()
+    a.send(f'/connect {names[1]}')
+    try:
+        match = a.expect(CONNECTED.format(names[1]), 20)
+        elapsed = time.monotonic() - started
+        a.send('ping')
+        b.expect(rf'^<{names[0]}> ping$', 20)
+    except AssertionError:
+        return 'FAILED'
+    if match.group(2):
+        return f'direct {match.group(3)} ms'
+    return f'relayed {elapsed:.1f} s'
+
+
+def matrix():
+    """Rows: A's NAT type; columns: B's."""
+    width = 18
+    print('A \\ B'.ljust(width) + ''.join(t.ljust(width) for t in natlab.NAT_TYPES))
+    for nat_a in natlab.NAT_TYPES:
+        cells = []
+        for nat_b in natlab.NAT_TYPES:
+            with natlab.Lab(nat_a, nat_b) as lab:
+                cells.append(attempt(lab))
+        print(nat_a.ljust(width) + ''.join(c.ljust(width) for c in cells), flush=True)
+
+
+def scenarios(attempts):
+    """The rows after the matrix, one line each."""
+    rows = [
+        ('same NAT, hairpin off', dict(hairpin_a=False), dict(host_b='a2')),
+        ('same NAT, hairpin on', dict(hairpin_a=True), dict(host_b='a2')),
+        ('double NAT: A behind a cone CGN', dict(cgn='a'), {}),
+        ('both behind one CGN, no hairpin', dict(cgn='both'), {}),
+        ('IPv6, stateful firewalls', dict(ipv6=True), dict(server=natlab.SERVER_ADDRS6[0])),
+    ]
+    for label, lab_args, run_args in rows:
+        with natlab.Lab(**lab_args) as lab:
+            print(f'{label:<40} {attempt(lab, **run_args)}', flush=True)
+    loss(attempts)
+    idle()
+
+
+def loss(attempts):
+    """20% loss each way on both WAN links, 50 ms delay: how many connect."""
+    results = []
+    with natlab.Lab(loss=0.2, delay_ms=50) as lab:
+        for i in range(attempts):
+            results.append(attempt(lab, names=(f'alice{i}', f'bob{i}')))
+    ok = [r for r in results if r != 'FAILED']
+    times = sorted(int(r.split()[1]) for r in ok if r.startswith('direct'))
+    median = f', median {times[len(times) // 2]} ms direct' if times else ''
+    print(f'{"20% loss, 50 ms delay":<40} {len(ok)}/{attempts} connected{median}', flush=True)
+
+
+def idle():
+    """NATs forget after 10 s; after 45 s of silence, does a line still arrive?"""
+    for label, args in (('idle 45 s, keepalive 15 s', ()),
+                        ('idle 45 s, keepalives off', ('--keepalive', '0'))):
+        with natlab.Lab(udp_timeout=10) as lab, LabRun(lab) as run:
+            a = run.client('a1', 'alice', *args)
+            b = run.client('b1', 'bob', *args)
+            first = connect_and_chat(a, b, ('alice', 'bob'))
+            time.sleep(45)      # the silence is the experiment
+            seen = len(a.lines)
+            a.send('after the silence')
+            try:
+                b.expect(r'^<alice> after the silence$', 30)
+                result = 'arrived'
+            except AssertionError:
+                result = 'LOST'
+            notes = [line[2:] for line in a.lines[seen:] if line.startswith('* ')]
+            print(f'{label:<40} {first}; then {result}'
+                  + (f' ({"; ".join(notes)})' if notes else ''), flush=True)
+
+
+def main(argv=None):
+    """Run the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--attempts', type=int, default=20,
+                        help='connection attempts under loss (default 20)')
+    args = parser.parse_args(argv)
+    ok, why = natlab.lab_available()
+    if not ok:
+        print(f'the NAT lab cannot run here: {why}', file=sys.stderr)
+        return 1
+    print(f'NAT lab report: rendezvous + two p2pclient.py, punch timeout {PUNCH_TIMEOUT} s\n')
+    matrix()
+    print()
+    scenarios(args.attempts)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Hostile input and faults: the server and the client keep working for everyone else."""
+
+import random
+import resource
+import select
+import signal
+import socket
+import time
+
+import pytest
+
+import p2pcommon as wire
+from procs import command, start, start_server
+from test_server import RawPeer
+
+CONNECTED = r'^\* connected to {} at .* \(direct, \d+ ms\)$'
+
+
+@pytest.fixture
+def server(request):
+    """A rendezvous server; a test may pass its options with @pytest.mark.server_args."""
+    marker = request.node.get_closest_marker('server_args')
+    proc, port = start_server(*(marker.args if marker else ()))
+    yield proc, port
+    proc.stop()
+    assert not [line for line in proc.err.lines if 'Traceback' in line], proc.transcript()
+
+
+@pytest.fixture
+def pair(server):
+    """alice and bob, registered and connected directly."""
+    port = server[1]
+    procs = [start(command('p2pclient.py', name, '--server', f'127.0.0.1:{port}'), name)
+             for name in ('alice', 'bob')]
+    alice, bob = procs
+    for proc in procs:
+        proc.expect(r'^\* registered as ')
+    alice.send('/connect bob')
+    alice.expect(CONNECTED.format('bob'))
+    bob.expect(CONNECTED.format('alice'))
+    yield alice, bob
+    for proc in procs:
+        proc.stop()
+        assert proc.err.lines == [], proc.transcript()
+
+
+def chat(alice, bob, text):
+    """A line from alice to bob arrives, as ever."""
+    alice.send(text)
+    bob.expect(rf'^<alice> {text}$')
+
+
+def samples():
+    """One valid encoding of every message type."""
+    token = bytes(range(16))
+    endpoint = ('198.51.100.7', 4000)
+    fields = {
+        wire.REGISTER: dict(name='mallory', private=[endpoint]),
+        wire.REGISTERED: dict(token=token), wire.ERROR: dict(code=1, text='x'),
+        wire.MAPPING: dict(token=token, public=endpoint), wire.LIST: {},
+        wire.PEERS: dict(names=['a', 'b']), wire.CONNECT: dict(target='alice'),
+        wire.INTRODUCE: dict(name='a', session=token, public=endpoint, port_delta=1,
+                             private=[endpoint]),
+        wire.RELAY: dict(session=token, message=b'x' * 40), wire.BYE: dict(session=token),
+        wire.PUNCH: dict(session=token), wire.PUNCH_ACK: dict(session=token),
+        wire.DATA: dict(session=token, seq=1, oldest=0, text='hello'),
+        wire.ACK: dict(session=token, seq=1), wire.KEEPALIVE: dict(session=token),
+    }
+    return [wire.encode(type, **f) for type, f in fields.items()]
+
+
+def mutate(rng, data):
+    """A broken copy of data: flipped bits, cut short, lying length, junk."""
+    data = bytearray(data)
+    how = rng.randrange(6)
+    if how == 0:
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    elif how == 1:
+        del data[rng.randrange(len(data)):]
+    elif how == 2:
+        data[6:8] = rng.randrange(65536).to_bytes(2, 'big')
+    elif how == 3:
+        data[2] = rng.choice([0, 2, 255])                     # version
+    elif how == 4:
+        data += bytes([40]) + bytes(rng.randrange(256) for _ in range(40))   # huge name
+    else:
+        data = bytearray(rng.randbytes(rng.randrange(1, 300)))
+    return bytes(data)
+
+
+def test_udp_fuzz_is_dropped_counted_and_everyone_else_is_served(server, pair):
+    proc, port = server
+    alice, bob = pair
+    rng = random.Random(4)
+    sent = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for round in range(6):
+            for _ in range(500):
+                data = mutate(rng, rng.choice(samples()))
+                sock.sendto(data, ('127.0.0.1', port + rng.randrange(2)))
+                sent += 1
+            chat(alice, bob, f'still chatting {round}')
+    carol = start(command('p2pclient.py', 'carol', '--server', f'127.0.0.1:{port}'), 'carol')
+    carol.send('/connect alice')
+    carol.expect(CONNECTED.format('alice'))
+    carol.stop()
+    proc.popen.send_signal(signal.SIGTERM)
+    proc.wait()
+    summary = proc.expect_log(r'dropped (\d+) datagrams: ')
+    assert 0 < int(summary.group(1)) <= sent
+    assert len(proc.err.lines) < 50                     # a summary, not a line per packet
+
+
+def test_tcp_fuzz_gets_errors_or_a_close_and_everyone_else_is_served(server, pair):
+    _, port = server
+    alice, bob = pair
+    rng = random.Random(5)
+    for round in range(200):
+        with socket.create_connection(('127.0.0.1', port), timeout=5) as sock:
+            frames = b''.join(mutate(rng, rng.choice(samples())) for _ in range(5))
+            sock.sendall(frames)
+            sock.shutdown(socket.SHUT_WR)
+            reader = wire.FrameReader()
+            while data := sock.recv(65536):
+                reader.feed(data)
+            for frame in reader.frames():
+                message = wire.decode(frame)
+                assert message.type in (wire.ERROR, wire.REGISTERED, wire.PEERS,
+                                        wire.INTRODUCE)
+                if message.type == wire.ERROR:
+                    assert ':' in message.text or ' ' in message.text
+        if round % 50 == 0:
+            chat(alice, bob, f'still chatting {round}')
+
+
+def test_a_malformed_frame_gets_an_error_that_names_the_field(server):
+    with RawPeer(server[1]) as peer:
+        peer.tcp.sendall(wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.CONNECT, 0, 3)
+                         + b'\x05ab')
+        error = peer.receive()
+        assert (error.code, error.text) == (wire.E_BAD_MESSAGE,
+                                            'target: says 5 bytes, only 2 left')
+        peer.register('alice')                        # the stream is still in step
+
+
+def test_garbage_to_a_clients_udp_port_is_ignored_silently(server, pair):
+    alice, bob = pair
+    port = int(alice.lines[0].split('public endpoint 127.0.0.1:')[1].split()[0])
+    seen = len(alice.lines)
+    rng = random.Random(6)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _ in range(2000):
+            sock.sendto(mutate(rng, rng.choice(samples())), ('127.0.0.1', port))
+    bob.send('after the garbage')
+    alice.expect(r'^<bob> after the garbage$')
+    assert alice.lines[seen:] == ['<bob> after the garbage']
+
+
+def test_an_endless_stdin_line_is_cut_not_fatal(pair):
+    alice, bob = pair
+    alice.popen.stdin.write('x' * 200_000 + '\n')
+    alice.popen.stdin.flush()
+    chat(alice, bob, 'and the next line')
+    received = sum(len(line) - len('<alice> ') for line in bob.lines
+                   if line.startswith('<alice> x'))
+    assert received == 200_000
+
+
+def test_no_udp_reply_is_larger_than_its_request(server):
+    _, port = server
+    sent = {}                                 # socket -> the request it sent
+    try:
+        for request in samples():
+            for target in (port, port + 1):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.sendto(request, ('127.0.0.1', target))
+                sent[sock] = request
+        answered = 0
+        deadline = time.monotonic() + 1.0     # replies come at once; wait out stragglers
+        while time.monotonic() < deadline:
+            for sock in select.select(list(sent), [], [], 0.1)[0]:
+                answer = sock.recv(65536)
+                assert len(answer) <= len(sent[sock]), wire.decode(sent[sock])
+                answered += 1
+        assert answered == 2                  # only MAPPING is answered, on both ports
+    finally:
+        for sock in sent:
+            sock.close()
+
+
+@pytest.mark.server_args('--max-per-address', '5')
+def test_connections_per_address_are_limited(server):
+    _, port = server
+    held = [socket.create_connection(('127.0.0.1', port), timeout=5) for _ in range(5)]
+    try:
+        with socket.create_connection(('127.0.0.1', port), timeout=5) as extra:
+            assert extra.recv(100) == b''               # closed at once
+        held.pop().close()
+        deadline = time.monotonic() + 5                 # until the server sees the close
+        while True:
+            try:
+                with RawPeer(port, 'alice'):            # a slot is free again
+                    break
+            except (ConnectionError, AssertionError):
+                assert time.monotonic() < deadline, 'the freed slot was never reused'
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.server_args('--register-timeout', '0.5')
+def test_a_connection_that_never_registers_is_closed(server):
+    with socket.create_connection(('127.0.0.1', server[1]), timeout=5) as idle:
+        assert idle.recv(100) == b''                    # within the 5 s timeout
+
+
+@pytest.mark.server_args('--max-output', '65536')
+def test_a_peer_that_never_reads_is_dropped_and_others_go_on(server):
+    port = server[1]
+    with RawPeer(port) as eve, RawPeer(port, 'bob') as bob, RawPeer(port, 'alice') as alice:
+        eve.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        eve.register('eve')
+        bob.send(wire.CONNECT, target='eve')
+        session = bob.receive().session
+        junk = wire.encode(wire.DATA, session=session, seq=0, oldest=0, text='x' * 1000)
+        relay = wire.encode(wire.RELAY, session=session, message=junk)
+        bob.tcp.setblocking(False)
+        deadline = time.monotonic() + 20
+        dropped = None
+        while dropped is None and time.monotonic() < deadline:
+            try:
+                bob.tcp.send(relay)
+            except BlockingIOError:
+                pass
+            try:
+                bob.reader.feed(bob.tcp.recv(65536))
+            except BlockingIOError:
+                continue
+            relayed = [m for m in map(wire.decode, bob.reader.frames()) if m.type == wire.RELAY]
+            dropped = relayed[0] if relayed else None   # eve's partner is told she left
+        assert dropped and dropped.type == wire.RELAY
+        assert wire.decode(dropped.message).type == wire.BYE
+        alice.send(wire.LIST)
+        assert alice.receive().names == ['alice', 'bob']
+
+
+@pytest.mark.server_args('--mapping-rate', '10')
+def test_mapping_requests_are_rate_limited_per_address(server):
+    port = server[1]
+    request = wire.encode(wire.MAPPING, token=bytes(16), public=('0.0.0.0', 0))
+    answers = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        for _ in range(100):
+            sock.sendto(request, ('127.0.0.1', port))
+        try:
+            while sock.recv(100):
+                answers += 1
+        except TimeoutError:
+            pass
+    assert 15 <= answers <= 30                          # a burst of 20, then 10 a second
+
+
+def test_connect_requests_are_rate_limited_per_peer(server):
+    with RawPeer(server[1], 'alice') as alice, RawPeer(server[1], 'bob'):
+        for _ in range(20):
+            alice.send(wire.CONNECT, target='bob')
+        replies = [alice.receive() for _ in range(20)]
+        limited = [r for r in replies if r.type == wire.ERROR]
+        assert limited and limited[0].text == 'too many connect requests: at most 5 a second'
+        assert len(limited) < 20
+
+
+def test_silent_partial_and_deaf_connections_do_not_slow_anyone(server):
+    port = server[1]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    hostile = []
+    try:
+        for i in range(1000):                 # 1,000 that send nothing, from 17 addresses
+            sock = socket.socket()
+            sock.bind((f'127.0.0.{2 + i // 60}', 0))
+            sock.connect(('127.0.0.1', port))
+            hostile.append(sock)
+        partial = socket.create_connection(('127.0.0.1', port))
+        partial.sendall(wire.encode(wire.LIST)[:5])        # a frame that never completes
+        deaf = socket.create_connection(('127.0.0.1', port))
+        deaf.sendall(wire.encode(wire.REGISTER, name='deaf', private=[]) +
+                     wire.encode(wire.LIST) * 2000)       # and never reads a reply
+        hostile += [partial, deaf]
+        names = ('alice', 'bob')
+        procs = [start(command('p2pclient.py', name, '--server', f'127.0.0.1:{port}'), name)
+                 for name in names]
+        try:
+            for proc in procs:
+                proc.expect(r'^\* registered as ', timeout=5)
+            procs[0].send('/connect bob')
+            procs[0].expect(CONNECTED.format('bob'), timeout=5)
+            chat(procs[0], procs[1], 'nobody slowed us down')
+        finally:
+            for proc in procs:
+                proc.stop()
+    finally:
+        for sock in hostile:
+            sock.close()
+
+
+def test_kill_9_frees_the_name_and_tells_the_peer(server, pair):
+    alice, bob = pair
+    bob.popen.kill()
+    alice.expect(r'^\* bob left$', timeout=15)         # well within the keepalive timeout
+    with RawPeer(server[1], 'bob'):                     # and the name is free
+        pass
