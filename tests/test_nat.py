@@ -216,3 +216,20 @@ def test_ipv6_through_stateful_firewalls_connects_directly():
         assert (mode_a, mode_b) == ('direct', 'direct')
         assert endpoint == f'[{lab.addr6("b1")}]:' + endpoint.rsplit(':', 1)[1]
         chat_both_ways(alice, bob)
+
+
+@pytest.mark.parametrize('nats, mode', [(('port-restricted', 'port-restricted'), 'direct'),
+                                        (('symmetric', 'symmetric'), 'relayed')])
+def test_chat_under_loss_arrives_once_and_in_order(nats, mode):
+    # 10% loss each way on both WAN links: chat's acknowledgements and
+    # retransmissions deliver every line exactly once, in order.
+    with natlab.Lab(*nats, loss=0.1) as lab, LabRun(lab) as run:
+        alice = run.client('a1', 'alice', '--punch-timeout', '3')
+        bob = run.client('b1', 'bob', '--punch-timeout', '3')
+        assert connect(alice, bob, timeout=30)[0][0] == mode
+        alice.popen.stdin.write(''.join(f'line {i}\n' for i in range(100)))
+        alice.popen.stdin.flush()
+        bob.expect(r'^<alice> line 99$', timeout=60)
+        chat = [line for line in bob.lines if line.startswith('<alice>')]
+        assert chat == [f'<alice> line {i}' for i in range(100)]
+        assert not [line for line in alice.lines if 'not delivered' in line]
