@@ -113,19 +113,23 @@ class ServerLink:
     def __str__(self):
         return wire.format_endpoint(self.address)
 
-    def open(self, family=None):
-        """Connect (blocking, with a timeout) and send REGISTER; raises OSError."""
-        host, port = self.address
-        found = socket.getaddrinfo(host, port, family or 0, socket.SOCK_STREAM)
-        server = found[0][4][:2]
-        self.sock = socket.create_connection(server, timeout=CONNECT_TIMEOUT)
+    def open(self):
+        """Connect (blocking, with a timeout) and send REGISTER; raises OSError.
+
+        create_connection tries each address of the name in turn, IPv6
+        first where the system prefers it; the UDP requests then go to the
+        address that answered.
+        """
+        self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT)
+        server = wire.plain(self.sock.getpeername())
         self.udp, self.probe = server, (server[0], server[1] + 1)
         self.reader = wire.FrameReader()
         self.output.clear()
         self.connects.clear()
         self.token = None
-        private = (self.sock.getsockname()[0], self.client.udp.getsockname()[1])
-        self.send(wire.REGISTER, name=self.client.name, private=[private])
+        route = wire.plain(self.sock.getsockname())[0]
+        private = [(host, self.client.udp.port) for host in punch.private_addresses(route)]
+        self.send(wire.REGISTER, name=self.client.name, private=private)
 
     def wait_registered(self):
         """Block until REGISTERED or ERROR; raise Fatal on an error."""
@@ -226,7 +230,7 @@ class ServerLink:
     def reconnect(self, now):
         """Try the server again; on failure wait twice as long (up to a limit)."""
         try:
-            self.open(self.client.udp.family)
+            self.open()
         except OSError:
             self.sock = None
             self.backoff = min(self.backoff * 2, RECONNECT_MAX)
@@ -298,7 +302,7 @@ class Client:
         reached = []
         for link in self.links:
             try:
-                link.open(self.udp.family)
+                link.open()
             except OSError as error:
                 why = f'cannot reach the rendezvous server at {link}: {error.strerror or error}'
                 if len(self.links) == 1:
@@ -325,16 +329,9 @@ class Client:
         self.udp.setblocking(False)
 
     def open_udp(self):
-        """The one UDP socket we punch from, of the first server's family."""
-        host, port = self.links[0].address
+        """The one UDP socket we punch from, for IPv6 and IPv4 alike."""
         try:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        except OSError as error:
-            raise Fatal(f'cannot reach the rendezvous server at {self.links[0]}: '
-                        f'{error.strerror or error}') from None
-        self.udp = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            self.udp.bind(('::' if family == socket.AF_INET6 else '0.0.0.0', self.udp_port))
+            self.udp = wire.UDPSocket(self.udp_port)
         except OSError as error:
             raise Fatal(f'cannot use UDP port {self.udp_port}: {error.strerror}') from None
 
@@ -542,7 +539,7 @@ class Client:
             if message.type == wire.MAPPING:
                 self.mapping_refreshed(message, source)
             elif message.type in wire.PEER_TYPES:
-                self.peer_message(message, (source[0], source[1]))
+                self.peer_message(message, source)
 
     def mapping_refreshed(self, message, source):
         """A MAPPING reply to our refresh: note when our public endpoint moved."""
@@ -646,8 +643,7 @@ class RawChat:
     def __init__(self, peer, port, out=sys.stdout):
         self.peer = peer
         self.out = out
-        self.udp = socket.socket(wire.family_of(peer[0]), socket.SOCK_DGRAM)
-        self.udp.bind(('::' if self.udp.family == socket.AF_INET6 else '0.0.0.0', port))
+        self.udp = wire.UDPSocket(port)
         self.udp.setblocking(False)
 
     def run(self, stdin_fd=0):

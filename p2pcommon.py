@@ -468,6 +468,73 @@ def family_of(host):
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
+def plain(address):
+    """(host, port) of a socket address, an IPv4-mapped IPv6 one as IPv4.
+
+    A dual-stack IPv6 socket reports an IPv4 peer as '::ffff:203.0.113.5';
+    on the wire and on screen it is 203.0.113.5.
+    """
+    ip = ipaddress.ip_address(address[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped), address[1]
+    return str(ip), address[1]
+
+
+class UDPSocket:
+    """One UDP socket for IPv6 and IPv4 alike, speaking in plain endpoints.
+
+    An IPv6 socket with IPV6_V6ONLY off also sends and receives IPv4, as
+    '::ffff:a.b.c.d'; this wrapper hides that spelling.  Where the system
+    has no IPv6, it is a plain IPv4 socket.
+    """
+
+    def __init__(self, port=0, bind=None):
+        try:
+            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except OSError:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind((bind or ('::' if self.dual else '0.0.0.0'), port))
+        except OSError:
+            self.sock.close()
+            raise
+
+    @property
+    def dual(self):
+        """True when this socket speaks IPv6 as well as IPv4."""
+        return self.sock.family == socket.AF_INET6
+
+    def sendto(self, data, endpoint):
+        """Send one datagram to (host, port), IPv4 or IPv6."""
+        host, port = endpoint[0], endpoint[1]
+        if self.dual and ':' not in host:
+            host = '::ffff:' + host
+        return self.sock.sendto(data, (host, port))
+
+    def recvfrom(self, size):
+        """Receive one datagram; return (data, (host, port))."""
+        data, source = self.sock.recvfrom(size)
+        return data, plain(source)
+
+    @property
+    def port(self):
+        """Our local UDP port."""
+        return self.sock.getsockname()[1]
+
+    def fileno(self):
+        """For select() and selectors."""
+        return self.sock.fileno()
+
+    def setblocking(self, flag):
+        """As socket.setblocking."""
+        self.sock.setblocking(flag)
+
+    def close(self):
+        """Close the socket."""
+        self.sock.close()
+
+
 # ---------------------------------------------------------------------------
 
 

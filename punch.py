@@ -16,8 +16,16 @@ the client's single event loop drives ``Punch`` and ``Keepalive`` by
 calling their methods when a datagram arrives or a timer is due.
 """
 
+import ipaddress
 import select
+import socket
+import struct
 import time
+
+try:
+    import fcntl
+except ImportError:         # not on Windows: interface_addresses falls back
+    pass
 
 import p2pcommon as wire
 
@@ -36,6 +44,8 @@ DEAD_AFTER = 3          # intervals of silence before a path counts as dead
 # A symmetric NAT that allocates ports in sequence gives our next
 # destination the port after the last one: try this many steps ahead.
 PREDICTION_STEPS = 8
+
+SIOCGIFADDR = 0x8915     # Linux: get an interface's IPv4 address
 
 MAPPING_TRIES = 5
 MAPPING_WAIT = 0.5
@@ -103,6 +113,52 @@ def _take_mapping_reply(sock, token, targets, seen):
 
 def _any_address(endpoint):
     return '::' if ':' in endpoint[0] else '0.0.0.0'
+
+
+def private_addresses(route):
+    """Our addresses for the peer to try (point 10, and "every interface").
+
+    ``route`` is the local address our control connection uses: first,
+    since it is the one the server's side of the network reaches.  Then
+    the address of every other interface, IPv6 and IPv4, so that a peer on
+    any network we share can find us.  A client that reaches its server
+    over loopback is on the server's own host and offers loopback only.
+    """
+    if ipaddress.ip_address(route).is_loopback:
+        return [route]
+    found = [route]
+    for address in interface_addresses():
+        if address not in found and len(found) < wire.MAX_ENDPOINTS:
+            found.append(address)
+    return found
+
+
+def interface_addresses():
+    """Every global address of this host's interfaces, IPv6 first.
+
+    Standard library only: Linux lists IPv6 addresses in /proc/net/if_inet6
+    (link-local ones are left out: they need an interface index to use),
+    and gives an interface's IPv4 address to the SIOCGIFADDR ioctl.
+    Elsewhere, the addresses the host name resolves to.
+    """
+    found = []
+    try:
+        with open('/proc/net/if_inet6') as table:
+            for line in table:
+                hex_address, _, _, scope = line.split()[:4]
+                if scope == '00':       # global scope
+                    found.append(str(ipaddress.IPv6Address(bytes.fromhex(hex_address))))
+        for _, name in socket.if_nameindex():
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                try:
+                    request = struct.pack('256s', name.encode()[:15])
+                    found.append(socket.inet_ntoa(
+                        fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)[20:24]))
+                except OSError:
+                    continue            # no IPv4 address on this one
+    except (OSError, NameError):
+        found = [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
+    return [a for a in dict.fromkeys(found) if not ipaddress.ip_address(a).is_loopback]
 
 
 def candidates(introduction):

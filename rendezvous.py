@@ -160,6 +160,9 @@ class Rendezvous:
     def _open(family, kind, bind, port):
         sock = socket.socket(family, kind)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if bind == '::':
+            # One socket for both: IPv4 peers appear as ::ffff:a.b.c.d.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((bind, port))
         sock.setblocking(False)
         return sock
@@ -208,6 +211,7 @@ class Rendezvous:
             sock, address = listener.accept()
         except OSError:
             return
+        address = wire.plain(address)
         if self.per_address[address[0]] >= self.limits.per_address:
             log.warning('refusing %s: %d connections from that address already',
                         wire.format_endpoint(address), self.limits.per_address)
@@ -379,10 +383,10 @@ class Rendezvous:
             self.dropped[str(error).split(':')[0]] += 1
             log.debug('< bad datagram from %s: %s', wire.format_endpoint(source), error)
             return
-        public = (source[0], source[1])
+        public = wire.plain(source)
         log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public),
                   sock.getsockname()[1])
-        if not self.mapping_limit.allow(source[0], time.monotonic()):
+        if not self.mapping_limit.allow(public[0], time.monotonic()):
             self.dropped['rate limited'] += 1
             return
         peer = self.by_token.get(message.token)
@@ -479,10 +483,10 @@ def parse_args(argv):
         epilog=f'Control messages over {MAX_REQUEST} bytes, or a stream that is not '
                f'this protocol, close the connection.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--bind', default='0.0.0.0',
-                        help='address to listen on ("::" for IPv6 and IPv4); on a host with '
-                             'several addresses give the public one, so that UDP answers '
-                             'come from the address the peers sent to')
+    parser.add_argument('--bind', default=default_bind(),
+                        help='address to listen on ("::": IPv6 and IPv4 alike); on a host '
+                             'with several addresses give the public one, so that UDP '
+                             'answers come from the address the peers sent to')
     parser.add_argument('--port', type=int, default=wire.DEFAULT_PORT,
                         help='TCP and UDP port; PORT+1 is the UDP probe port (0: any free)')
     parser.add_argument('-v', '--verbose', action='store_true',
@@ -503,6 +507,15 @@ def parse_args(argv):
                         help='CONNECT requests a second per peer, bursts of twice that; '
                              'more get an ERROR (0: no limit)')
     return parser.parse_args(argv)
+
+
+def default_bind():
+    """'::' (IPv6 and IPv4 on one socket) where the system has IPv6, else 0.0.0.0."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError:
+        return '0.0.0.0'
+    return '::'
 
 
 def main(argv=None):
