@@ -40,9 +40,9 @@ class LabRun:
         errors = []
         for proc in self.procs:
             proc.stop()
-            if proc is not self.server and proc.err.lines:
-                errors.append(proc.transcript())
-            elif any('Traceback' in line for line in proc.err.lines):
+            logs = 'rendezvous' in proc.label        # servers log to stderr; clients must not
+            if any('Traceback' in line for line in proc.err.lines) or \
+                    (proc.err.lines and not logs):
                 errors.append(proc.transcript())
         return errors
 

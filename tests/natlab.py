@@ -95,6 +95,7 @@ STRANGER_ADDR6 = '2001:db8:66::66'
 INET_ROUTER_ADDR = '198.51.100.254'     # inet's address on every router link
 INET_HOST_ADDR = '203.0.113.1'          # inet's address on the server/stranger links
 CGN_WAN = '198.51.100.3'
+MULTIHOMED_ADDR = '198.18.2.9'          # a1's second interface, on LAN B
 CGN_INSIDE = '198.19.0'                 # CGN inside net 198.19.0.0/24, CGN is .1
 
 # Per site ('a' / 'b'): router name, WAN address (when not behind the CGN),
@@ -534,6 +535,8 @@ class Lab:
                        None keeps the kernel defaults (30 s / 120 s).
     ipv6               also give every host an IPv6 address (no NAT; ra and
                        rb are stateful firewalls).
+    multihomed         give a1 a second interface, eth1, on LAN B as well
+                       (address MULTIHOMED_ADDR, no default route through it).
 
     Hosts: server, stranger, a1, a2, b1, b2; routers: inet, ra, rb, cgn.
     """
@@ -545,7 +548,7 @@ class Lab:
                  hairpin_a=False, hairpin_b=False,
                  cgn=None, cgn_type='port-restricted', cgn_hairpin=False,
                  delay_ms=0, jitter_ms=0, loss=0.0, udp_timeout=None, ipv6=False,
-                 loss_udp_only=False):
+                 loss_udp_only=False, multihomed=False):
         for t in (nat_a, nat_b, cgn_type):
             if t not in ALL_NAT_TYPES:
                 raise ValueError('unknown NAT type %r (want one of %s)' % (t, ALL_NAT_TYPES))
@@ -562,6 +565,7 @@ class Lab:
         self.loss_udp_only = bool(loss_udp_only)
         self.udp_timeout = udp_timeout
         self.ipv6 = bool(ipv6)
+        self.multihomed = bool(multihomed)
         # pid + counter: unique among parallel labs; the pid lets
         # cleanup_stale() tell a dead run's namespaces from a live one's.
         self.id = '%dx%d' % (os.getpid(), next(_lab_counter))
@@ -886,6 +890,13 @@ class Lab:
                     h.ip += ['addr add %s/64 dev eth0 nodad' % a6,
                              'route add default via %s1 dev eth0' % s['lan6']]
                     self._addr6[host] = a6
+
+        if self.multihomed:
+            # a1 also sits on LAN B, as a laptop on two networks does.
+            self.links.append(('rb', 'a1x', 'a1', 'eth1'))
+            self.nodes['rb'].ip += ['link set a1x master lan', 'link set a1x up']
+            self.nodes['a1'].ip += ['addr add %s/24 dev eth1' % MULTIHOMED_ADDR,
+                                    'link set eth1 up']
 
         # Link impairments live in inet, on the wire side of every NAT.
         self.wan_links = wan_links

@@ -233,3 +233,32 @@ def test_chat_under_loss_arrives_once_and_in_order(nats, mode):
         chat = [line for line in bob.lines if line.startswith('<alice>')]
         assert chat == [f'<alice> line {i}' for i in range(100)]
         assert not [line for line in alice.lines if 'not delivered' in line]
+
+
+def test_a_host_on_two_networks_connects_through_the_one_that_works():
+    # Both NATs symmetric: their public endpoints cannot be punched.  But
+    # a1 also has an interface on LAN B, and reports its address there.
+    with natlab.Lab('symmetric', 'symmetric', multihomed=True) as lab, LabRun(lab) as run:
+        alice, bob = run.client('a1', 'alice'), run.client('b1', 'bob')
+        (mode_a, endpoint, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct', 'direct')
+        assert endpoint.startswith(lab.addr('b1') + ':')
+        chat_both_ways(alice, bob)
+
+
+def test_two_rendezvous_servers_one_killed_loses_nothing():
+    with natlab.Lab() as lab, LabRun(lab, '--bind', lab.SERVER_ADDRS[0]) as run:
+        second = run.start('server', procs.command(
+            'rendezvous.py', '--bind', lab.SERVER_ADDRS[1], '--port', labpeers.SERVER_PORT),
+            'second rendezvous')
+        second.expect_log('listening on')
+        servers = ['--server', f'{lab.SERVER_ADDRS[1]}:{labpeers.SERVER_PORT}']
+        alice = run.client('a1', 'alice', *servers)
+        bob = run.client('b1', 'bob', *servers)
+        for proc in (alice, bob):
+            proc.expect(rf'^\* registered as \w+ with {lab.SERVER_ADDRS[1]}:')
+        run.server.stop()
+        alice.expect(r'^\* lost the rendezvous server')
+        bob.expect(r'^\* lost the rendezvous server')
+        assert connect(alice, bob)[0][0] == 'direct'
+        chat_both_ways(alice, bob)
