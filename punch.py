@@ -47,7 +47,7 @@ PREDICTION_STEPS = 8
 
 SIOCGIFADDR = 0x8915     # Linux: get an interface's IPv4 address
 
-MAPPING_TRIES = 5
+MAPPING_TRIES = 8       # at 20% loss each way, all 8 fail once in 3,000 starts
 MAPPING_WAIT = 0.5
 
 
@@ -199,14 +199,23 @@ class Punch:
         self.started = now
         self.deadline = now + timeout
         self.next_round = now
+        self.rounds = 0
         self.locked = None
 
     def tick(self, now):
-        """Send a round of PUNCH to every candidate when one is due."""
+        """Send a round of PUNCH to every candidate when one is due.
+
+        IPv6 candidates get a head start of one round, so that where both
+        peers have IPv6 the first proof, and the lock, comes over IPv6: no
+        NAT there, only stateful firewalls, which punching opens the same
+        way (the reader's question in the article's comments).
+        """
         if self.locked is None and now >= self.next_round:
             punch = wire.encode(wire.PUNCH, session=self.session)
-            for target in self.targets:
+            ipv6 = [target for target in self.targets if ':' in target[0]]
+            for target in (ipv6 if self.rounds == 0 and ipv6 else self.targets):
                 self.send(punch, target)
+            self.rounds += 1
             self.next_round = now + PUNCH_INTERVAL
 
     def expired(self, now):

@@ -118,7 +118,7 @@ class Peer:
 class Rendezvous:
     """The mediator: a registry of peers and one loop over all sockets."""
 
-    def __init__(self, bind='0.0.0.0', port=wire.DEFAULT_PORT, limits=None):
+    def __init__(self, binds=('::',), port=wire.DEFAULT_PORT, limits=None):
         self.limits = limits or Limits()
         self.mapping_limit = RateLimit(self.limits.mapping_rate)
         self.connect_limit = RateLimit(self.limits.connect_rate)
@@ -130,30 +130,39 @@ class Rendezvous:
         self.per_address = collections.Counter()
         self.dropped = collections.Counter()    # bad datagrams, by reason
         self.next_summary = time.monotonic() + SUMMARY_INTERVAL
-        self.listener, self.udp, self.probe = self._open_all(bind, port)
-        self.port = self.listener.getsockname()[1]
-        self.selector.register(self.listener, selectors.EVENT_READ, self.accept)
-        self.selector.register(self.udp, selectors.EVENT_READ, self.receive_datagrams)
-        self.selector.register(self.probe, selectors.EVENT_READ, self.receive_datagrams)
+        self.port, self.probes = self._open_all(binds, port)
 
-    def _open_all(self, bind, port):
-        """TCP and UDP on port, UDP on port + 1.  Port 0: any free pair."""
-        family = wire.family_of(bind)
+    def _open_all(self, binds, port):
+        """On each address: TCP and UDP on port, UDP on port + 1 for probes.
+
+        Port 0 means any free pair.  Returns the port, and the set of probe
+        sockets.  Each address gets its own UDP sockets so that every answer
+        leaves from the address its request came to: a wildcard socket on a
+        host with several addresses answers from whichever the kernel
+        prefers, and the firewall in front of the peer drops that.
+        """
         for _ in range(20 if port == 0 else 1):
-            sockets = []
+            opened = []
             try:
-                sockets.append(self._open(family, socket.SOCK_STREAM, bind, port))
-                chosen = sockets[0].getsockname()[1]
-                sockets.append(self._open(family, socket.SOCK_DGRAM, bind, chosen))
-                sockets.append(self._open(family, socket.SOCK_DGRAM, bind, chosen + 1))
-            except OSError:
-                for sock in sockets:
+                chosen = port
+                for bind in binds:
+                    family = wire.family_of(bind)
+                    opened.append(self._open(family, socket.SOCK_STREAM, bind, chosen))
+                    chosen = opened[-1].getsockname()[1]
+                    opened.append(self._open(family, socket.SOCK_DGRAM, bind, chosen))
+                    opened.append(self._open(family, socket.SOCK_DGRAM, bind, chosen + 1))
+            except OSError as error:
+                for sock in opened:
                     sock.close()
-                if port:
+                if port or error.errno != errno.EADDRINUSE:
                     raise
-                continue
-            sockets[0].listen(128)
-            return sockets
+                continue        # port + 1 was taken: try another pair
+            for listener, udp, probe in zip(*[iter(opened)] * 3):
+                listener.listen(128)
+                self.selector.register(listener, selectors.EVENT_READ, self.accept)
+                self.selector.register(udp, selectors.EVENT_READ, self.receive_datagrams)
+                self.selector.register(probe, selectors.EVENT_READ, self.receive_datagrams)
+            return chosen, set(opened[2::3])
         raise OSError(errno.EADDRINUSE, 'no free pair of ports')
 
     @staticmethod
@@ -391,7 +400,7 @@ class Rendezvous:
             return
         peer = self.by_token.get(message.token)
         if peer is not None:
-            if sock is self.udp:
+            if sock not in self.probes:
                 if peer.public != public:
                     log.info('%s has public endpoint %s', peer, wire.format_endpoint(public))
                 peer.public = public
@@ -483,10 +492,11 @@ def parse_args(argv):
         epilog=f'Control messages over {MAX_REQUEST} bytes, or a stream that is not '
                f'this protocol, close the connection.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--bind', default=default_bind(),
-                        help='address to listen on ("::": IPv6 and IPv4 alike); on a host '
-                             'with several addresses give the public one, so that UDP '
-                             'answers come from the address the peers sent to')
+    parser.add_argument('--bind', action='append', metavar='ADDRESS',
+                        help=f'address to listen on, may be given several times (default: '
+                             f'{default_bind()}, which is IPv6 and IPv4 alike); on a host with '
+                             f'several addresses give each public one, so that every UDP '
+                             f'answer leaves from the address its request came to')
     parser.add_argument('--port', type=int, default=wire.DEFAULT_PORT,
                         help='TCP and UDP port; PORT+1 is the UDP probe port (0: any free)')
     parser.add_argument('-v', '--verbose', action='store_true',
@@ -527,12 +537,15 @@ def main(argv=None):
     try:
         limits = Limits(args.max_per_address, args.register_timeout, args.max_output,
                         args.mapping_rate, args.connect_rate)
-        server = Rendezvous(args.bind, args.port, limits)
-    except OSError as error:
-        log.error('cannot listen on %s port %d: %s', args.bind, args.port, error.strerror)
+        binds = args.bind or [default_bind()]
+        server = Rendezvous(binds, args.port, limits)
+    except (OSError, ValueError) as error:
+        log.error('cannot listen on %s port %d: %s', ' '.join(args.bind or []) or 'any address',
+                  args.port, getattr(error, 'strerror', None) or error)
         return 1
     log.info('rendezvous listening on %s (tcp, udp) and udp port %d for probes',
-             wire.format_endpoint((args.bind, server.port)), server.port + 1)
+             ' '.join(wire.format_endpoint((bind, server.port)) for bind in binds),
+             server.port + 1)
     signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()

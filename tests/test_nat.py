@@ -203,6 +203,27 @@ def exchange(a, b):
     b.expect(r'^hello from a$', timeout=5)
 
 
+def test_ipv6_is_used_when_both_have_it_whichever_address_reached_the_server():
+    with natlab.Lab(ipv6=True) as lab, \
+            LabRun(lab, '--bind', lab.SERVER_ADDRS[0], '--bind', lab.SERVER_ADDRS6[0]) as run:
+        alice = run.client('a1', 'alice')                        # over IPv4
+        bob = run.client('b1', 'bob', server=f'[{lab.addr6("server")}]:{labpeers.SERVER_PORT}')
+        (mode_a, endpoint, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct', 'direct')
+        assert endpoint.startswith(f'[{lab.addr6("b1")}]:')
+        chat_both_ways(alice, bob)
+
+
+def test_without_ipv6_on_one_side_it_falls_back_to_ipv4():
+    with natlab.Lab(ipv6=True) as lab, LabRun(lab) as run:
+        lab.run('b1', ['ip', '-6', 'addr', 'flush', 'dev', 'eth0', 'scope', 'global'])
+        alice, bob = run.client('a1', 'alice'), run.client('b1', 'bob')
+        (mode_a, endpoint, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct', 'direct')
+        assert endpoint.startswith(lab.public_addr('b') + ':')
+        chat_both_ways(alice, bob)
+
+
 def test_ipv6_through_stateful_firewalls_connects_directly():
     # Bound to one address: a wildcard socket on a host with two would
     # answer from whichever the kernel prefers, and the firewall in front
