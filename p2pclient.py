@@ -25,6 +25,7 @@ import time
 import p2pcommon as wire
 import punch
 from reliable import ReliableChannel
+from transfer import Transfers
 
 CONNECT_TIMEOUT = 5.0       # seconds to reach the rendezvous server
 RECONNECT_FIRST = 1.0       # seconds before the first reconnect; doubles each try
@@ -33,6 +34,8 @@ MAX_LINE = 64 * 1024        # an endless stdin line is cut here
 HELP = """commands:
   /connect PEER   ask the rendezvous server to introduce PEER, then punch
   /list           the names registered with the server
+  /send PATH      offer a file to the peer you connected to last
+  /accept         accept the file a peer offers (/reject: refuse it)
   /quit           say goodbye and exit (so does end of input)
   /help           this text
 anything else is a chat message to the peer you connected to last"""
@@ -56,6 +59,7 @@ class Session:
         self.punch = None
         self.keepalive = punch.Keepalive(client.keepalive_interval, now)
         self.channel = ReliableChannel(self.transmit_data)
+        self.transfers = Transfers(name, self.send, client.say, client.downloads)
 
     def start_punch(self, now):
         """Punch toward every candidate endpoint (point 5)."""
@@ -265,8 +269,9 @@ class Client:
     """The peer: registration, the event loop and the user's commands."""
 
     def __init__(self, name, servers, udp_port=0, keepalive=punch.KEEPALIVE_INTERVAL,
-                 punch_timeout=punch.PUNCH_TIMEOUT, out=sys.stdout):
+                 punch_timeout=punch.PUNCH_TIMEOUT, downloads='.', out=sys.stdout):
         self.name = name
+        self.downloads = downloads
         self.links = [ServerLink(self, server) for server in servers]
         self.udp_port = udp_port
         self.keepalive_interval = keepalive
@@ -343,8 +348,8 @@ class Client:
         self.selector.register(stdin_fd, selectors.EVENT_READ, self.read_stdin)
         self.selector.register(self.udp, selectors.EVENT_READ, self.read_udp)
         while self.running:
-            punching = any(s.punching for s in self.sessions.values())
-            timeout = punch.PUNCH_INTERVAL / 2 if punching else 0.2
+            busy = any(s.punching or s.transfers.busy for s in self.sessions.values())
+            timeout = 0.01 if busy else 0.2
             for key, mask in self.selector.select(timeout):
                 key.data(key.fileobj, mask)
             self.check_timers(time.monotonic())
@@ -365,6 +370,7 @@ class Client:
                 self.connected(session, now, 'relayed through the rendezvous server')
         for text in session.channel.retransmit(now):
             self.say(f'not delivered to {session.name}: {safe(text)}')
+        session.transfers.tick(now)
         if session.endpoint is None:
             return
         if session.keepalive.due(now):
@@ -400,6 +406,10 @@ class Client:
             self.connect(words[1])
         elif words[0] == '/list' and len(words) == 1:
             self.ask_server(wire.LIST)
+        elif words[0] == '/send' and len(words) > 1:
+            self.send_file(line[len('/send'):].strip())
+        elif words[0] in ('/accept', '/reject') and len(words) == 1:
+            self.answer_offer(words[0] == '/accept')
         elif words[0] == '/quit':
             self.quit()
         elif words[0] == '/help':
@@ -441,10 +451,27 @@ class Client:
         for piece in split_utf8(line, wire.MAX_TEXT):
             self.current.channel.send(piece, now)
 
+    def send_file(self, path):
+        """/send PATH: offer a file to the current peer."""
+        if self.current is None:
+            self.say('not connected: /connect PEER first')
+            return
+        self.current.transfers.offer(path, time.monotonic())
+
+    def answer_offer(self, accept):
+        """/accept or /reject: answer the oldest file offer still open."""
+        for session in self.sessions.values():
+            receiving = session.transfers.waiting_for_answer()
+            if receiving:
+                session.transfers.answer(receiving, accept, time.monotonic())
+                return
+        self.say('no file is on offer')
+
     def quit(self):
         """Say BYE to every peer and to the servers, then stop the loop."""
         for session in self.sessions.values():
             session.send(wire.BYE)
+            session.transfers.abort('we left')
         for link in self.links:
             link.send(wire.BYE, session=wire.NO_SESSION)
         self.running = False
@@ -570,13 +597,16 @@ class Client:
             self.punched(session, message, source, now)
         if message.type == wire.DATA:
             ready, ack = session.channel.receive(message.seq, message.text, message.oldest)
-            session.send(wire.ACK, seq=ack)
+            session.send(wire.ACK, seq=ack, sack=session.channel.selective())
             for text in ready:
                 self.show_chat(session.name, text)
         elif message.type == wire.ACK:
-            session.channel.acknowledge(message.seq, now)
+            session.channel.acknowledge(message.seq, now, message.sack)
+        elif message.type in session.transfers.MESSAGES:
+            session.transfers.handle(message, now)
         elif message.type == wire.BYE:
             self.say(f'{session.name} left')
+            session.transfers.abort(f'{session.name} left')
             del self.sessions[session.token]
             if self.current is session:
                 self.current = None
@@ -721,6 +751,8 @@ def parse_args(argv):
                         metavar='SECONDS',
                         help=f'keepalive interval; 0 turns keepalives off '
                              f'(default: {punch.KEEPALIVE_INTERVAL:.0f})')
+    parser.add_argument('--downloads', default='.', metavar='DIR',
+                        help='where files that peers send are saved (default: here)')
     parser.add_argument('--punch-timeout', type=float, default=punch.PUNCH_TIMEOUT,
                         metavar='SECONDS',
                         help=f'give up punching and relay after this long '
@@ -752,7 +784,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.raw:
         return run_raw(args)
-    client = Client(args.name, args.server, args.port, args.keepalive, args.punch_timeout)
+    client = Client(args.name, args.server, args.port, args.keepalive, args.punch_timeout,
+                    args.downloads)
     try:
         client.start()
         if args.connect:

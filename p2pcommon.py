@@ -67,6 +67,12 @@ PUNCH_ACK = 17
 DATA = 18
 ACK = 19
 KEEPALIVE = 20
+OFFER = 21
+ANSWER = 22
+CHUNK = 23
+CHUNK_ACK = 24
+END = 25
+FINISH = 26
 
 # ERROR codes.
 E_BAD_MESSAGE = 1
@@ -238,6 +244,8 @@ class NameList:
 NAME, TEXT, BLOB = Name(), Text(), Blob()
 ENDPOINT, ENDPOINTS, NAMES = Endpoint(), EndpointList(), NameList()
 TOKEN = f'{TOKEN_SIZE}s'
+SACK = '32s'            # bitmap of the 256 messages after the cumulative ACK
+SHA256 = '32s'
 
 # ---------------------------------------------------------------------------
 # The wire diagram: one table per message type, field name next to format.
@@ -268,8 +276,19 @@ LAYOUTS = {
     PUNCH:      [('session', TOKEN)],
     PUNCH_ACK:  [('session', TOKEN)],
     DATA:       [('session', TOKEN), ('seq', 'I'), ('oldest', 'I'), ('text', TEXT)],
-    ACK:        [('session', TOKEN), ('seq', 'I')],
+    ACK:        [('session', TOKEN), ('seq', 'I'), ('sack', SACK)],
     KEEPALIVE:  [('session', TOKEN)],
+    # File transfer, peer <-> peer (the article's future work).  OFFER and
+    # END are repeated until ANSWER and FINISH come back; chunks ride the
+    # same reliable layer as chat, with a congestion window.
+    OFFER:      [('session', TOKEN), ('transfer', 'I'), ('size', 'Q'),
+                 ('sha256', SHA256), ('name', TEXT)],
+    ANSWER:     [('session', TOKEN), ('transfer', 'I'), ('accept', 'B')],
+    CHUNK:      [('session', TOKEN), ('transfer', 'I'), ('seq', 'I'), ('oldest', 'I'),
+                 ('data', BLOB)],
+    CHUNK_ACK:  [('session', TOKEN), ('transfer', 'I'), ('seq', 'I'), ('sack', SACK)],
+    END:        [('session', TOKEN), ('transfer', 'I')],    # all chunks acknowledged
+    FINISH:     [('session', TOKEN), ('transfer', 'I'), ('ok', 'B'), ('text', TEXT)],
 }
 
 TYPE_NAMES = {
@@ -277,10 +296,13 @@ TYPE_NAMES = {
     MAPPING: 'MAPPING', LIST: 'LIST', PEERS: 'PEERS', CONNECT: 'CONNECT',
     INTRODUCE: 'INTRODUCE', RELAY: 'RELAY', BYE: 'BYE', PUNCH: 'PUNCH',
     PUNCH_ACK: 'PUNCH_ACK', DATA: 'DATA', ACK: 'ACK', KEEPALIVE: 'KEEPALIVE',
+    OFFER: 'OFFER', ANSWER: 'ANSWER', CHUNK: 'CHUNK', CHUNK_ACK: 'CHUNK_ACK', END: 'END',
+    FINISH: 'FINISH',
 }
 
 # Messages that travel between two peers and are checked against a session.
-PEER_TYPES = frozenset({PUNCH, PUNCH_ACK, DATA, ACK, KEEPALIVE, BYE})
+PEER_TYPES = frozenset({PUNCH, PUNCH_ACK, DATA, ACK, KEEPALIVE, BYE,
+                        OFFER, ANSWER, CHUNK, CHUNK_ACK, END, FINISH})
 # Hole punching traffic, which the receiver bounces back as PUNCH_ACK
 # (point 8).  A KEEPALIVE is a punch too: its bounce refreshes the mapping
 # on the sender's side as well, and tells the sender that the path lives.

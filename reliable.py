@@ -1,90 +1,126 @@
-"""Reliable, ordered delivery of chat messages over UDP.
+"""Reliable, ordered delivery over UDP: chat messages and file chunks.
 
 UDP may lose, duplicate and reorder datagrams, and a punched path may die
 under a message.  The article suggests adding "some reliability on top of
-UDP"; this is the smallest layer that gives it: every DATA carries a
-sequence number, the receiver answers with a cumulative ACK (the next
-sequence number it expects), and the sender retransmits what is not
-acknowledged, waiting longer after each try.  The same layer runs whether
-the datagrams go direct or through the relay, so a switch of path loses
+UDP"; this is a small layer that gives it:
+
+* every message carries a sequence number, and the receiver delivers them
+  in order, each once;
+* the receiver acknowledges cumulatively (the next number it expects) and
+  selectively (a bitmap of what it holds beyond that), so the sender
+  resends only the holes;
+* the sender measures the round trip and retransmits after a timeout
+  derived from it (RFC 6298), doubling the wait on each try;
+* for bulk data (file transfer) a congestion window starts small, grows
+  while acknowledgements come back and halves on loss (as TCP's Reno).
+
+A message still unanswered after MAX_TRIES is reported to the user as
+lost, and every message tells the receiver the oldest number still on
+offer, so it stops waiting for it.  The same layer runs whether the
+datagrams go direct or through the relay, so a switch of path loses
 nothing.
 """
 
 import collections
 
-RTO_INITIAL = 0.5       # seconds before the first retransmission
+RTO_INITIAL = 0.5       # seconds before the first retransmission, before any RTT sample
+RTO_MIN = 0.2           # a timeout never shorter than this, however fast the path
 RTO_MAX = 4.0           # the wait doubles up to this
 MAX_TRIES = 10          # about 30 s of trying before we report a loss
 WINDOW = 64             # messages in flight before new ones wait
+SACK_BITS = 256         # how far beyond the cumulative ACK the bitmap reaches
+SACK_BYTES = SACK_BITS // 8
+NO_SACK = bytes(SACK_BYTES)
+INITIAL_CWND = 4        # congestion window at the start, in messages
+DUPLICATE_THRESHOLD = 3  # this many later messages received: the hole is a loss
 
 
 class Outgoing:
     """One message waiting for its acknowledgement."""
 
-    def __init__(self, seq, text):
+    def __init__(self, seq, payload):
         self.seq = seq
-        self.text = text
+        self.payload = payload
         self.tries = 0
         self.due = 0.0
+        self.sent_at = 0.0
         self.rto = RTO_INITIAL
 
 
 class ReliableChannel:
-    """Sequence numbers, acknowledgements and retransmission for one peer.
+    """Sequence numbers, acknowledgements and retransmission, one direction each way.
 
-    ``transmit(seq, text)`` is called to put a DATA on the wire; the caller
-    sends ACKs itself with the number that ``receive`` returns.
+    ``transmit(seq, payload)`` is called to put a message on the wire; the
+    caller sends ACKs itself with what ``receive`` and ``selective`` return.
+    With ``congestion`` on, at most a congestion window of messages is in
+    flight (never more than ``window``); without it, always ``window``.
     """
 
-    def __init__(self, transmit):
+    def __init__(self, transmit, window=WINDOW, congestion=False):
         self.transmit = transmit
+        self.max_window = window
+        self.congestion = congestion
+        self.cwnd = INITIAL_CWND if congestion else window
+        self.ssthresh = window
+        self.srtt = None                              # smoothed round trip, seconds
+        self.rttvar = 0.0
+        self.rto = RTO_INITIAL
         self.next_seq = 0
         self.in_flight = collections.OrderedDict()   # seq -> Outgoing
-        self.waiting = collections.deque()            # texts beyond the window
+        self.waiting = collections.deque()            # payloads beyond the window
         self.expected = 0                             # next seq to deliver
-        self.early = {}                               # seq -> text, arrived out of order
+        self.early = {}                               # seq -> payload, arrived out of order
+        self.recovery_until = -1                      # one window cut per loss episode
 
-    def send(self, text, now):
+    # -- sending -------------------------------------------------------------
+
+    def send(self, payload, now):
         """Queue a message; it goes out now if the window has room."""
-        self.waiting.append(text)
+        self.waiting.append(payload)
         self._fill_window(now)
 
-    def receive(self, seq, text, oldest=0):
-        """Take a DATA; return (texts now deliverable in order, ack number).
+    def acknowledge(self, ack, now, sack=NO_SACK):
+        """Take an ACK: everything below ``ack`` has arrived, and what ``sack`` marks.
 
-        ``oldest`` is the lowest sequence number the sender still offers:
-        when it has given up on a message (and told its user), we stop
-        waiting for it, or every later message would wait forever.
+        Bit i of ``sack`` stands for message ack + 1 + i.
         """
-        if oldest > self.expected:
-            self.early = {s: t for s, t in self.early.items() if s >= oldest}
-            self.expected = oldest
-        if seq >= self.expected and seq - self.expected < 4 * WINDOW:
-            self.early[seq] = text
-        ready = []
-        while self.expected in self.early:
-            ready.append(self.early.pop(self.expected))
-            self.expected += 1
-        return ready, self.expected
-
-    def acknowledge(self, ack, now):
-        """Take a cumulative ACK: everything below ack has arrived."""
-        for seq in [s for s in self.in_flight if s < ack]:
-            del self.in_flight[seq]
+        while self.in_flight and next(iter(self.in_flight)) < ack:
+            self._delivered(self.in_flight.popitem(last=False)[1], now)
+        bits = int.from_bytes(sack, 'big')      # bit SACK_BITS-1-i: message ack+1+i
+        marked = bits
+        while marked:
+            lowest = marked & -marked
+            marked ^= lowest
+            out = self.in_flight.pop(ack + SACK_BITS - lowest.bit_length() + 1, None)
+            if out:
+                self._delivered(out, now)
+        self._resend_holes(ack, bits, now)
         self._fill_window(now)
+
+    def _delivered(self, out, now):
+        """One message has arrived: learn the round trip, open the window."""
+        if out.tries == 1:              # Karn: a resent message's echo is ambiguous
+            self._sample_rtt(now - out.sent_at)
+        self._grow_window()
 
     def retransmit(self, now):
-        """Resend what is overdue; return the texts given up on."""
+        """Resend what is overdue; return the payloads given up on."""
         lost = []
+        timed_out = False
         for out in list(self.in_flight.values()):
             if now < out.due:
                 continue
             if out.tries >= MAX_TRIES:
                 del self.in_flight[out.seq]
-                lost.append(out.text)
+                lost.append(out.payload)
             else:
+                timed_out = True
                 out.rto = min(out.rto * 2, RTO_MAX)
                 self._transmit(out, now)
+        if timed_out and self.congestion:
+            # A timeout means the window was far too big: start again small.
+            self.ssthresh = max(2, int(self.cwnd) // 2)
+            self.cwnd = 2
         if lost:
             self._fill_window(now)
         return lost
@@ -96,13 +132,18 @@ class ReliableChannel:
 
     @property
     def oldest(self):
-        """The lowest sequence number we still offer (sent with every DATA)."""
+        """The lowest sequence number we still offer (sent with every message)."""
         return next(iter(self.in_flight), self.next_seq)
 
     @property
     def unacknowledged(self):
         """How many sent messages still wait for an ACK."""
         return len(self.in_flight)
+
+    @property
+    def idle(self):
+        """True when nothing waits to be sent or acknowledged."""
+        return not self.in_flight and not self.waiting
 
     @property
     def stalled(self):
@@ -114,14 +155,86 @@ class ReliableChannel:
         oldest = next(iter(self.in_flight.values()), None)
         return oldest is not None and oldest.tries >= 3
 
+    # -- receiving -----------------------------------------------------------
+
+    def receive(self, seq, payload, oldest=0):
+        """Take a message; return (payloads now deliverable in order, ack number).
+
+        ``oldest`` is the lowest sequence number the sender still offers:
+        when it has given up on a message (and told its user), we stop
+        waiting for it, or every later message would wait forever.
+        """
+        if oldest > self.expected:
+            self.early = {s: p for s, p in self.early.items() if s >= oldest}
+            self.expected = oldest
+        if 0 <= seq - self.expected < 4 * self.max_window:     # else a stray or a lie
+            self.early[seq] = payload
+        ready = []
+        while self.expected in self.early:
+            ready.append(self.early.pop(self.expected))
+            self.expected += 1
+        return ready, self.expected
+
+    def selective(self):
+        """The SACK bitmap: which messages after the next expected one we hold."""
+        bits = bytearray(SACK_BYTES)
+        for seq in self.early:
+            i = seq - self.expected - 1
+            if 0 <= i < SACK_BITS:
+                bits[i // 8] |= 0x80 >> (i % 8)
+        return bytes(bits)
+
+    # -- inside --------------------------------------------------------------
+
     def _fill_window(self, now):
-        while self.waiting and len(self.in_flight) < WINDOW:
+        while self.waiting and len(self.in_flight) < min(int(self.cwnd), self.max_window):
             out = Outgoing(self.next_seq, self.waiting.popleft())
+            out.rto = self.rto
             self.next_seq += 1
             self.in_flight[out.seq] = out
             self._transmit(out, now)
 
     def _transmit(self, out, now):
         out.tries += 1
+        out.sent_at = now
         out.due = now + out.rto
-        self.transmit(out.seq, out.text)
+        self.transmit(out.seq, out.payload)
+
+    def _sample_rtt(self, rtt):
+        """RFC 6298: smoothed round trip and its variation give the timeout."""
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.rto = min(max(self.srtt + 4 * self.rttvar, RTO_MIN), RTO_MAX)
+
+    def _grow_window(self):
+        """Slow start doubles the window each round trip; then one more per round trip."""
+        if not self.congestion:
+            return
+        if self.cwnd < self.ssthresh:
+            self.cwnd += 1
+        else:
+            self.cwnd += 1 / self.cwnd
+        self.cwnd = min(self.cwnd, self.max_window)
+
+    def _resend_holes(self, ack, bits, now):
+        """Fast retransmit: a message with three later ones received is lost.
+
+        The window halves once per loss episode: a burst of losses in one
+        window is one signal of congestion, not many.
+        """
+        if bits.bit_count() < DUPLICATE_THRESHOLD:
+            return
+        highest = ack + SACK_BITS - (bits & -bits).bit_length() + 1   # the lowest set bit
+        for out in self.in_flight.values():
+            if out.seq >= highest:
+                break
+            if out.tries > 1 or now - out.sent_at < (self.srtt or 0):
+                continue
+            self._transmit(out, now)
+            if self.congestion and out.seq > self.recovery_until:
+                self.ssthresh = max(2, int(self.cwnd) // 2)
+                self.cwnd = self.ssthresh
+                self.recovery_until = self.next_seq

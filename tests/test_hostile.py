@@ -64,7 +64,8 @@ def samples():
         wire.RELAY: dict(session=token, message=b'x' * 40), wire.BYE: dict(session=token),
         wire.PUNCH: dict(session=token), wire.PUNCH_ACK: dict(session=token),
         wire.DATA: dict(session=token, seq=1, oldest=0, text='hello'),
-        wire.ACK: dict(session=token, seq=1), wire.KEEPALIVE: dict(session=token),
+        wire.ACK: dict(session=token, seq=1, sack=bytes(32)),
+        wire.KEEPALIVE: dict(session=token),
     }
     return [wire.encode(type, **f) for type, f in fields.items()]
 

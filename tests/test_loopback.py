@@ -1,5 +1,6 @@
 """End to end on loopback: the real server and clients, driven through stdin."""
 
+import os
 import signal
 import socket
 
@@ -285,3 +286,83 @@ def test_with_two_servers_one_can_die():
     finally:
         for proc in (first, second, *procs):
             proc.stop()
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """A file to send, and an empty download folder."""
+    source = tmp_path / 'out'
+    source.mkdir()
+    downloads = tmp_path / 'downloads'
+    return source, downloads
+
+
+def test_send_a_file_that_arrives_byte_identical(clients, folders):
+    source, downloads = folders
+    data = os.urandom(1_000_000)
+    (source / 'photo.jpg').write_bytes(data)
+    alice = clients('alice')
+    bob = clients('bob', '--downloads', downloads)
+    connect(alice, bob)
+    alice.send(f'/send {source / "photo.jpg"}')
+    alice.expect(r'^\* offering photo\.jpg \(1\.0 MB\) to bob; waiting for an answer$')
+    bob.expect(r'^\* alice offers photo\.jpg \(1\.0 MB\): /accept or /reject$')
+    bob.send('/accept')
+    alice.send('and we can still chat')
+    bob.expect(r'^<alice> and we can still chat$')
+    bob.expect(r'^\* received photo\.jpg from alice: 1000000 bytes, SHA-256 ok, saved as ',
+               timeout=30)
+    alice.expect(r'^\* bob received photo\.jpg: 1000000 bytes, SHA-256 ok', timeout=30)
+    assert (downloads / 'photo.jpg').read_bytes() == data
+    assert os.listdir(downloads) == ['photo.jpg']
+
+
+def test_an_existing_file_is_never_overwritten(clients, folders):
+    source, downloads = folders
+    downloads.mkdir()
+    (downloads / 'notes.txt').write_text('mine')
+    (source / 'notes.txt').write_text('theirs')
+    alice, bob = clients('alice'), clients('bob', '--downloads', downloads)
+    connect(alice, bob)
+    alice.send(f'/send {source / "notes.txt"}')
+    bob.expect(r'offers notes\.txt')
+    bob.send('/accept')
+    bob.expect(r'^\* received notes\.txt from alice: .* saved as .*notes-1\.txt$')
+    assert (downloads / 'notes.txt').read_text() == 'mine'
+    assert (downloads / 'notes-1.txt').read_text() == 'theirs'
+
+
+def test_a_rejected_file_is_not_sent(clients, folders):
+    source, downloads = folders
+    (source / 'spam.bin').write_bytes(b'x' * 5000)
+    alice, bob = clients('alice'), clients('bob', '--downloads', downloads)
+    connect(alice, bob)
+    alice.send(f'/send {source / "spam.bin"}')
+    bob.expect(r'offers spam\.bin')
+    bob.send('/reject')
+    alice.expect(r'^\* bob rejected spam\.bin$')
+    assert not downloads.exists() or os.listdir(downloads) == []
+
+
+def test_an_interrupted_transfer_leaves_no_file(clients, folders):
+    source, downloads = folders
+    (source / 'big.iso').write_bytes(os.urandom(20_000_000))
+    alice, bob = clients('alice'), clients('bob', '--downloads', downloads)
+    connect(alice, bob)
+    alice.send(f'/send {source / "big.iso"}')
+    bob.expect(r'offers big\.iso')
+    bob.send('/accept')
+    bob.expect(r'^\* receiving big\.iso from alice: \d+%', timeout=30)
+    alice.popen.kill()
+    bob.expect(r'^\* transfer of big\.iso with alice stopped: alice left$', timeout=30)
+    assert os.listdir(downloads) == []
+
+
+def test_send_without_a_file_says_why(clients, folders):
+    source, _ = folders
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    alice.send(f'/send {source / "missing.txt"}')
+    alice.expect(r"^\* cannot send '.*missing\.txt': No such file or directory$")
+    bob.send('/accept')
+    bob.expect(r'^\* no file is on offer$')

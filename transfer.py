@@ -1,0 +1,399 @@
+"""File transfer over the punched path: the article's "transfer files" idea.
+
+    /send report.pdf        (the sender)
+    /accept  or  /reject    (the receiver, asked first)
+
+The sender OFFERs the file's name, size and SHA-256, repeating the offer
+until the receiver ANSWERs.  The chunks then ride chat's reliable layer
+(reliable.py), with selective acknowledgements, a timeout from the
+measured round trip and a congestion window that backs off on loss.  When
+every chunk is acknowledged the sender asks for the verdict (END, repeated)
+and the receiver, having checked size and SHA-256, says how it went
+(FINISH).
+
+The receiver writes into a hidden temporary file in its download folder
+and gives it its name only once the checks pass: an interrupted or corrupt
+transfer leaves nothing under the final name, and no existing file is ever
+overwritten.
+"""
+
+import hashlib
+import os
+import tempfile
+
+import p2pcommon as wire
+from reliable import ReliableChannel
+
+CHUNK_SIZE = 1024           # bytes of file per datagram, well inside MAX_DATAGRAM
+WINDOW = 512                # chunks in flight at most: 512 KiB, 100 Mbit/s at a 40 ms RTT
+REPEAT = 1.0                # seconds between repeats of an unanswered OFFER or END
+PROGRESS_EVERY = 1.0        # seconds between progress lines
+
+
+class TransferError(Exception):
+    """A transfer cannot go on; the text says why, for the user."""
+
+
+def file_digest(path):
+    """SHA-256 of a file, read in pieces so a large file needs little memory."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as stream:
+        for piece in iter(lambda: stream.read(1 << 20), b''):
+            digest.update(piece)
+    return digest.digest()
+
+
+def check_file_name(name):
+    """Raise TransferError unless name is a plain file name, no folders in it."""
+    if (not name or name in ('.', '..') or '/' in name or '\\' in name or '\0' in name
+            or not name.isprintable()):
+        raise TransferError(f'refused the name {name!r}: it must be a plain file name, '
+                            f'with no path components')
+
+
+class Progress:
+    """Percent, rate and time left, printed at most once a second."""
+
+    def __init__(self, size, now):
+        self.size = size
+        self.started = now
+        self.next_line = now + PROGRESS_EVERY
+
+    def line(self, done, now):
+        """The progress text when one is due, else None."""
+        if now < self.next_line:
+            return None
+        self.next_line = now + PROGRESS_EVERY
+        rate = done / max(now - self.started, 1e-6)
+        left = (self.size - done) / rate if rate else float('inf')
+        percent = 100 * done // self.size if self.size else 100
+        return f'{percent}% at {human(rate)}/s, {left:.0f} s left'
+
+
+def human(count):
+    """1234567 -> '1.2 MB'."""
+    for unit in ('bytes', 'kB', 'MB', 'GB'):
+        if count < 1000 or unit == 'GB':
+            return f'{count:.0f} {unit}' if unit == 'bytes' else f'{count:.1f} {unit}'
+        count /= 1000
+
+
+class Sending:
+    """A file we offer to the peer and then send in chunks."""
+
+    def __init__(self, send, transfer, path, now):
+        self.send = send            # send(type, **fields) along the session's path
+        self.transfer = transfer
+        self.path = path
+        self.name = os.path.basename(path)
+        self.size = os.path.getsize(path)
+        self.sha256 = file_digest(path)
+        self.stream = open(path, 'rb')
+        self.channel = ReliableChannel(self.transmit, window=WINDOW, congestion=True)
+        self.state = 'offered'      # offered -> sending -> ending -> done
+        self.next_repeat = now
+        self.progress = Progress(self.size, now)
+        self.acked = 0
+
+    def tick(self, now):
+        """Repeat what is unanswered, feed the window, resend what is lost.
+
+        Returns a progress text when one is due.
+        """
+        if self.state in ('offered', 'ending') and now >= self.next_repeat:
+            if self.state == 'offered':
+                self.send(wire.OFFER, transfer=self.transfer, size=self.size,
+                          sha256=self.sha256, name=self.name)
+            else:
+                self.send(wire.END, transfer=self.transfer)
+            self.next_repeat = now + REPEAT
+        if self.state != 'sending':
+            return None
+        while not self.channel.waiting and self.channel.unacknowledged < WINDOW:
+            piece = self.stream.read(CHUNK_SIZE)
+            if not piece:
+                break
+            self.channel.send(piece, now)
+        if self.channel.retransmit(now):
+            raise TransferError('a chunk was not acknowledged after many tries')
+        if self.channel.idle and self.stream.tell() == self.size:
+            self.state = 'ending'
+            self.next_repeat = now
+        return self.progress.line(min(self.acked, self.size), now)
+
+    def transmit(self, seq, data):
+        """The reliable layer's way out: one CHUNK."""
+        self.send(wire.CHUNK, transfer=self.transfer, seq=seq,
+                  oldest=self.channel.oldest, data=data)
+
+    def answered(self, accept, now):
+        """The receiver's ANSWER: start sending, or stop (returns False)."""
+        if self.state != 'offered':
+            return True
+        if not accept:
+            self.close()
+            return False
+        self.state = 'sending'
+        self.progress = Progress(self.size, now)
+        return True
+
+    def chunk_acked(self, seq, sack, now):
+        """A CHUNK_ACK: chunks below seq, and those the bitmap marks, arrived."""
+        self.channel.acknowledge(seq, now, sack)
+        self.acked = seq * CHUNK_SIZE
+
+    def close(self):
+        """Done with the file, whatever the outcome."""
+        self.state = 'done'
+        self.stream.close()
+
+    stop = close
+
+
+class Receiving:
+    """A file offered to us: ask the user, then collect, check and save it."""
+
+    def __init__(self, offer, downloads, now):
+        check_file_name(offer.name)
+        self.transfer = offer.transfer
+        self.name = offer.name
+        self.size = offer.size
+        self.sha256 = offer.sha256
+        self.downloads = downloads
+        self.state = 'asked'        # asked -> accepted or rejected -> done
+        self.channel = ReliableChannel(None, window=WINDOW)
+        self.digest = hashlib.sha256()
+        self.received = 0
+        self.temporary = None
+        self.stream = None
+        self.progress = Progress(self.size, now)
+        self.verdict = None         # (ok, text) once decided
+
+    def accept(self, now):
+        """Open a hidden temporary file to write into."""
+        os.makedirs(self.downloads, exist_ok=True)
+        handle, self.temporary = tempfile.mkstemp(prefix=f'.{self.name}.', suffix='.part',
+                                                  dir=self.downloads)
+        self.stream = os.fdopen(handle, 'wb')
+        self.state = 'accepted'
+        self.progress = Progress(self.size, now)
+
+    def chunk(self, seq, oldest, data):
+        """Write what arrived in order; return (ack, sack) for the CHUNK_ACK."""
+        if self.state != 'accepted':
+            return None
+        ready, ack = self.channel.receive(seq, data, oldest)
+        for piece in ready:
+            self.received += len(piece)
+            if self.received > self.size:
+                raise TransferError(f'more data than the {self.size} bytes offered')
+            self.stream.write(piece)
+            self.digest.update(piece)
+        return ack, self.channel.selective()
+
+    def finish(self):
+        """All chunks are in: check size and SHA-256, then give the file its name.
+
+        Returns (ok, text); asked again (a repeated END), the same answer.
+        """
+        if self.verdict is None:
+            self.verdict = self._check_and_save()
+        return self.verdict
+
+    def _check_and_save(self):
+        self.stream.close()
+        if self.received != self.size:
+            self.discard()
+            return False, f'size mismatch: {self.received} of {self.size} bytes; deleted'
+        if self.digest.digest() != self.sha256:
+            self.discard()
+            return False, 'SHA-256 mismatch; deleted'
+        while True:
+            final = unused_name(self.downloads, self.name)
+            try:
+                os.link(self.temporary, final)      # fails, unlike rename, if final exists
+                break
+            except FileExistsError:
+                continue                            # someone took the name just now
+        os.remove(self.temporary)
+        self.temporary = None
+        self.state = 'done'
+        return True, f'{self.size} bytes, SHA-256 ok, saved as {final}'
+
+    def discard(self):
+        """Remove the temporary file: nothing is left under any name."""
+        if self.stream:
+            self.stream.close()
+        if self.temporary and os.path.exists(self.temporary):
+            os.remove(self.temporary)
+        self.temporary = None
+        self.state = 'done'
+
+    stop = discard
+
+
+def unused_name(folder, name):
+    """folder/name, or folder/name-1, -2 ... if that exists: never overwrite."""
+    stem, dot, extension = name.rpartition('.')
+    if not stem:
+        stem, dot, extension = name, '', ''
+    candidate = os.path.join(folder, name)
+    number = 0
+    while os.path.exists(candidate):
+        number += 1
+        candidate = os.path.join(folder, f'{stem}-{number}{dot}{extension}')
+    return candidate
+
+
+class Transfers:
+    """The files going each way between us and one peer.
+
+    ``send(type, **fields)`` sends along the session's path, direct or
+    relayed; ``say(text)`` prints a status line.
+    """
+
+    MESSAGES = frozenset({wire.OFFER, wire.ANSWER, wire.CHUNK, wire.CHUNK_ACK,
+                          wire.END, wire.FINISH})
+
+    def __init__(self, peer, send, say, downloads):
+        self.peer = peer
+        self.send = send
+        self.say = say
+        self.downloads = downloads
+        self.outgoing = {}          # transfer id -> Sending
+        self.incoming = {}          # transfer id -> Receiving
+        self.next_id = 1
+
+    # -- the user's commands ------------------------------------------------
+
+    def offer(self, path, now):
+        """/send PATH: offer a file to the peer."""
+        try:
+            sending = Sending(self.send, self.next_id, path, now)
+        except OSError as error:
+            self.say(f'cannot send {path!r}: {error.strerror}')
+            return
+        self.outgoing[self.next_id] = sending
+        self.next_id += 1
+        self.say(f'offering {sending.name} ({human(sending.size)}) to {self.peer}; '
+                 f'waiting for an answer')
+
+    def waiting_for_answer(self):
+        """The oldest offer we have not answered yet, or None."""
+        return next((r for r in self.incoming.values() if r.state == 'asked'), None)
+
+    def answer(self, receiving, accept, now):
+        """/accept or /reject the offer."""
+        if accept:
+            try:
+                receiving.accept(now)
+            except OSError as error:
+                self.say(f'cannot write into {self.downloads}: {error.strerror}; rejected')
+                accept = False
+        if not accept:
+            receiving.state = 'rejected'
+        self.send(wire.ANSWER, transfer=receiving.transfer, accept=int(accept))
+        self.say(f'{"accepted" if accept else "rejected"} {receiving.name} from {self.peer}')
+
+    # -- messages from the peer ---------------------------------------------
+
+    def handle(self, message, now):
+        """Act on one transfer message from the peer."""
+        try:
+            if message.type in (wire.OFFER, wire.CHUNK, wire.END):
+                self.to_receiver(message, now)
+            else:
+                self.to_sender(message, now)
+        except TransferError as error:
+            table = self.incoming if message.type in (wire.OFFER, wire.CHUNK, wire.END) \
+                else self.outgoing
+            self.fail(table, message.transfer, str(error))
+
+    def to_receiver(self, message, now):
+        """OFFER, CHUNK and END: we are the receiving side."""
+        receiving = self.incoming.get(message.transfer)
+        if message.type == wire.OFFER:
+            if receiving is None:
+                self.offered(message, now)
+            elif receiving.state != 'asked':     # our ANSWER was lost: again
+                self.send(wire.ANSWER, transfer=message.transfer,
+                          accept=int(receiving.state != 'rejected'))
+        elif receiving is None:
+            return
+        elif message.type == wire.CHUNK:
+            acknowledgement = receiving.chunk(message.seq, message.oldest, message.data)
+            if acknowledgement:
+                ack, sack = acknowledgement
+                self.send(wire.CHUNK_ACK, transfer=message.transfer, seq=ack, sack=sack)
+                line = receiving.progress.line(receiving.received, now)
+                if line:
+                    self.say(f'receiving {receiving.name} from {self.peer}: {line}')
+        elif message.type == wire.END and receiving.state in ('accepted', 'done'):
+            first = receiving.verdict is None
+            ok, text = receiving.finish()
+            self.send(wire.FINISH, transfer=message.transfer, ok=int(ok), text=text)
+            if first:
+                self.say(f'received {receiving.name} from {self.peer}: {text}' if ok else
+                         f'{receiving.name} from {self.peer} failed: {text}')
+
+    def offered(self, offer, now):
+        """A new OFFER: ask the user, unless its name is a trick."""
+        try:
+            receiving = Receiving(offer, self.downloads, now)
+        except TransferError as error:
+            self.send(wire.ANSWER, transfer=offer.transfer, accept=0)
+            self.say(f'{self.peer} offered a file; {error}')
+            return
+        self.incoming[offer.transfer] = receiving
+        self.say(f'{self.peer} offers {offer.name} ({human(offer.size)}): '
+                 f'/accept or /reject')
+
+    def to_sender(self, message, now):
+        """ANSWER, CHUNK_ACK and FINISH: we are the sending side."""
+        sending = self.outgoing.get(message.transfer)
+        if sending is None or sending.state == 'done':
+            return
+        if message.type == wire.ANSWER:
+            if sending.answered(message.accept, now):
+                self.say(f'{self.peer} accepted {sending.name}; sending')
+            else:
+                self.say(f'{self.peer} rejected {sending.name}')
+        elif message.type == wire.CHUNK_ACK:
+            sending.chunk_acked(message.seq, message.sack, now)
+        elif message.type == wire.FINISH:
+            sending.close()
+            verdict = 'received' if message.ok else 'did not accept'
+            self.say(f'{self.peer} {verdict} {sending.name}: {message.text}')
+
+    # -- time and trouble ---------------------------------------------------
+
+    def tick(self, now):
+        """Drive every outgoing transfer; print progress when due."""
+        for sending in list(self.outgoing.values()):
+            if sending.state == 'done':
+                continue
+            try:
+                line = sending.tick(now)
+            except TransferError as error:
+                self.fail(self.outgoing, sending.transfer, str(error))
+                continue
+            if line:
+                self.say(f'sending {sending.name} to {self.peer}: {line}')
+
+    def fail(self, table, transfer, why):
+        """Stop one transfer, leaving no partial file; tell the user."""
+        item = table.get(transfer)
+        if item is not None and item.state != 'done':
+            item.stop()
+            self.say(f'transfer of {item.name} with {self.peer} stopped: {why}')
+
+    def abort(self, why):
+        """The peer is gone: stop everything; nothing partial stays behind."""
+        for table in (self.outgoing, self.incoming):
+            for transfer in list(table):
+                self.fail(table, transfer, why)
+
+    @property
+    def busy(self):
+        """True while a file is on its way out (the loop then wakes more often)."""
+        return any(s.state != 'done' for s in self.outgoing.values())
