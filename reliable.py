@@ -11,8 +11,12 @@ UDP"; this is a small layer that gives it:
   resends only the holes;
 * the sender measures the round trip and retransmits after a timeout
   derived from it (RFC 6298), doubling the wait on each try;
-* for bulk data (file transfer) a congestion window starts small, grows
-  while acknowledgements come back and halves on loss (as TCP's Reno).
+* for bulk data (file transfer) a congestion window starts small, doubles
+  each round trip while acknowledgements come back, and backs off when a
+  round trip loses more than LOSS_TOLERANCE of what it sent, or loses
+  everything.  Unlike TCP it does not take every lost packet as a sign of
+  congestion: on a radio link or a lossy path, losing a few percent is
+  the weather, and halving for each would leave the link idle.
 
 A message still unanswered after MAX_TRIES is reported to the user as
 lost, and every message tells the receiver the oldest number still on
@@ -33,6 +37,8 @@ SACK_BYTES = SACK_BITS // 8
 NO_SACK = bytes(SACK_BYTES)
 INITIAL_CWND = 4        # congestion window at the start, in messages
 DUPLICATE_THRESHOLD = 3  # this many later messages received: the hole is a loss
+LOSS_TOLERANCE = 0.25   # a round trip losing more than this is congestion
+BACKOFF = 0.7           # the window shrinks to this share on congestion
 
 
 class Outgoing:
@@ -70,7 +76,10 @@ class ReliableChannel:
         self.waiting = collections.deque()            # payloads beyond the window
         self.expected = 0                             # next seq to deliver
         self.early = {}                               # seq -> payload, arrived out of order
-        self.recovery_until = -1                      # one window cut per loss episode
+        self.round_end = 0                            # first seq sent after this round trip
+        self.round_delivered = 0
+        self.round_lost = 0
+        self.last_progress = 0.0                      # when something was last acknowledged
 
     # -- sending -------------------------------------------------------------
 
@@ -95,10 +104,12 @@ class ReliableChannel:
             if out:
                 self._delivered(out, now)
         self._resend_holes(ack, bits, now)
+        self._end_round(ack)
         self._fill_window(now)
 
     def _delivered(self, out, now):
         """One message has arrived: learn the round trip, open the window."""
+        self.last_progress = now
         if out.tries == 1:              # Karn: a resent message's echo is ambiguous
             self._sample_rtt(now - out.sent_at)
         self._grow_window()
@@ -106,7 +117,6 @@ class ReliableChannel:
     def retransmit(self, now):
         """Resend what is overdue; return the payloads given up on."""
         lost = []
-        timed_out = False
         for out in list(self.in_flight.values()):
             if now < out.due:
                 continue
@@ -114,13 +124,15 @@ class ReliableChannel:
                 del self.in_flight[out.seq]
                 lost.append(out.payload)
             else:
-                timed_out = True
                 out.rto = min(out.rto * 2, RTO_MAX)
+                self.round_lost += 1
                 self._transmit(out, now)
-        if timed_out and self.congestion:
-            # A timeout means the window was far too big: start again small.
-            self.ssthresh = max(2, int(self.cwnd) // 2)
+        if self.congestion and self.in_flight and now - self.last_progress > self.rto:
+            # Nothing at all came back for a whole timeout: the window was
+            # far too big for the path.  Start again small.
+            self.ssthresh = max(2, int(self.cwnd * BACKOFF))
             self.cwnd = 2
+            self.last_progress = now
         if lost:
             self._fill_window(now)
         return lost
@@ -211,6 +223,7 @@ class ReliableChannel:
 
     def _grow_window(self):
         """Slow start doubles the window each round trip; then one more per round trip."""
+        self.round_delivered += 1
         if not self.congestion:
             return
         if self.cwnd < self.ssthresh:
@@ -219,11 +232,22 @@ class ReliableChannel:
             self.cwnd += 1 / self.cwnd
         self.cwnd = min(self.cwnd, self.max_window)
 
+    def _end_round(self, ack):
+        """Once a round trip: back off if it lost more than LOSS_TOLERANCE."""
+        if ack < self.round_end:
+            return
+        sent = self.round_delivered + self.round_lost
+        if self.congestion and sent and self.round_lost > LOSS_TOLERANCE * sent:
+            self.ssthresh = max(2, int(self.cwnd * BACKOFF))
+            self.cwnd = self.ssthresh
+        self.round_delivered = self.round_lost = 0
+        self.round_end = self.next_seq
+
     def _resend_holes(self, ack, bits, now):
         """Fast retransmit: a message with three later ones received is lost.
 
-        The window halves once per loss episode: a burst of losses in one
-        window is one signal of congestion, not many.
+        So is a resent one whose later neighbours keep arriving more than a
+        round trip after we resent it: the copy was lost too.
         """
         if bits.bit_count() < DUPLICATE_THRESHOLD:
             return
@@ -231,10 +255,7 @@ class ReliableChannel:
         for out in self.in_flight.values():
             if out.seq >= highest:
                 break
-            if out.tries > 1 or now - out.sent_at < (self.srtt or 0):
-                continue
+            if self.srtt is None or now - out.sent_at < self.srtt + 4 * self.rttvar:
+                continue        # its acknowledgement may still be on the way
+            self.round_lost += 1
             self._transmit(out, now)
-            if self.congestion and out.seq > self.recovery_until:
-                self.ssthresh = max(2, int(self.cwnd) // 2)
-                self.cwnd = self.ssthresh
-                self.recovery_until = self.next_seq

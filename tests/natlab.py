@@ -456,6 +456,23 @@ def link_ruleset(links, loss, udp_only=False):
         '}\n' % (ifs, proto, permille, ifs, proto, permille))
 
 
+def duplicate_ruleset(links, fraction):
+    """nft script for inet: send ``fraction`` of UDP packets twice into each WAN link.
+
+    ``links`` maps inet's interface name to the router at its other end;
+    nft's ``dup`` statement sends a copy straight to that next hop.  Every
+    packet between two sites leaves inet through a router link, so peer
+    traffic is duplicated in both directions.
+    """
+    permille = int(round(fraction * 1000))
+    rules = ''.join('    oifname "%s" meta l4proto udp numgen random mod 1000 < %d '
+                    'dup to %s device "%s"\n' % (link, permille, nexthop, link)
+                    for link, nexthop in links.items())
+    return ('table ip p2pn_dup {\n'
+            '  chain post { type filter hook postrouting priority 0; policy accept;\n'
+            '%s  }\n}\n' % rules)
+
+
 def queue_rules(links, queue=0):
     """iptables-restore input that hands each WAN link's packets to NFQUEUE.
 
@@ -535,6 +552,8 @@ class Lab:
                        None keeps the kernel defaults (30 s / 120 s).
     ipv6               also give every host an IPv6 address (no NAT; ra and
                        rb are stateful firewalls).
+    duplicate          fraction (0..1) of UDP packets sent twice into each
+                       WAN link (IPv4).
     multihomed         give a1 a second interface, eth1, on LAN B as well
                        (address MULTIHOMED_ADDR, no default route through it).
 
@@ -548,7 +567,7 @@ class Lab:
                  hairpin_a=False, hairpin_b=False,
                  cgn=None, cgn_type='port-restricted', cgn_hairpin=False,
                  delay_ms=0, jitter_ms=0, loss=0.0, udp_timeout=None, ipv6=False,
-                 loss_udp_only=False, multihomed=False):
+                 loss_udp_only=False, multihomed=False, duplicate=0.0):
         for t in (nat_a, nat_b, cgn_type):
             if t not in ALL_NAT_TYPES:
                 raise ValueError('unknown NAT type %r (want one of %s)' % (t, ALL_NAT_TYPES))
@@ -566,6 +585,7 @@ class Lab:
         self.udp_timeout = udp_timeout
         self.ipv6 = bool(ipv6)
         self.multihomed = bool(multihomed)
+        self.duplicate = float(duplicate)
         # pid + counter: unique among parallel labs; the pid lets
         # cleanup_stale() tell a dead run's namespaces from a live one's.
         self.id = '%dx%d' % (os.getpid(), next(_lab_counter))
@@ -902,6 +922,9 @@ class Lab:
         self.wan_links = wan_links
         if self.loss > 0:
             inet.nft += link_ruleset(wan_links, self.loss, self.loss_udp_only)
+        if self.duplicate > 0:
+            inet.nft += duplicate_ruleset({link: self._addr[link] for link in wan_links},
+                                          self.duplicate)
         if self.delay_ms > 0 or self.jitter_ms > 0:
             inet.iptables = queue_rules(wan_links)
             if self.ipv6:

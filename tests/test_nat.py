@@ -1,5 +1,6 @@
 """The real programs across real NATs, built by the NAT lab (needs root)."""
 
+import os
 import re
 import time
 
@@ -283,3 +284,40 @@ def test_two_rendezvous_servers_one_killed_loses_nothing():
         bob.expect(r'^\* lost the rendezvous server')
         assert connect(alice, bob)[0][0] == 'direct'
         chat_both_ways(alice, bob)
+
+
+def send_file(run, alice, bob, tmp_path, size, timeout=120):
+    """alice sends bob a random file of size bytes; return (sent, saved path)."""
+    data = os.urandom(size)
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'payload.bin').write_bytes(data)
+    alice.send(f'/send {tmp_path / "out" / "payload.bin"}')
+    bob.expect(r'offers payload\.bin')
+    bob.send('/accept')
+    saved = bob.expect(r'^\* received payload\.bin from alice: .*SHA-256 ok, saved as (\S+)$',
+                       timeout).group(1)
+    alice.expect(r'^\* bob received payload\.bin', timeout)
+    return data, saved
+
+
+def test_5_mb_arrive_intact_through_loss_reordering_and_duplication(tmp_path):
+    with natlab.Lab(loss=0.1, delay_ms=10, jitter_ms=10, duplicate=0.05) as lab, \
+            LabRun(lab) as run:
+        alice = run.client('a1', 'alice')
+        bob = run.client('b1', 'bob', '--downloads', tmp_path / 'in')
+        assert connect(alice, bob, timeout=30)[0][0] == 'direct'
+        data, saved = send_file(run, alice, bob, tmp_path, 5_000_000)
+        alice.send('chat still works')
+        bob.expect(r'^<alice> chat still works$', 30)
+        with open(saved, 'rb') as received:
+            assert received.read() == data
+
+
+def test_a_file_goes_through_the_relay_too(tmp_path):
+    with natlab.Lab('symmetric', 'symmetric') as lab, LabRun(lab) as run:
+        alice = run.client('a1', 'alice', '--punch-timeout', '2')
+        bob = run.client('b1', 'bob', '--punch-timeout', '2', '--downloads', tmp_path / 'in')
+        assert connect(alice, bob)[0][0] == 'relayed'
+        data, saved = send_file(run, alice, bob, tmp_path, 1_000_000)
+        with open(saved, 'rb') as received:
+            assert received.read() == data

@@ -372,3 +372,16 @@ def test_bad_arguments():
         Lab(nat_a='cone-ish')
     with pytest.raises(ValueError):
         Lab(cgn='c')
+
+
+def test_duplicate(lab_ok):
+    """duplicate=0.5: about half of the datagrams into a WAN link arrive twice."""
+    with Lab(duplicate=0.5) as lab:
+        a, server = lab.agent('a1'), lab.agent('server')
+        listen, _ = server.bind(5000)
+        sock, _ = a.bind(6000)
+        a.send(sock, (lab.SERVER_ADDRS[0], 5000))
+        assert server.recv(listen) is not None          # the mapping exists now
+        server.burst(listen, (lab.public_addr('a'), 6000), 200)
+        got = a.count(sock)
+        assert 230 <= got <= 370, got
