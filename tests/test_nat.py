@@ -321,3 +321,18 @@ def test_a_file_goes_through_the_relay_too(tmp_path):
         data, saved = send_file(run, alice, bob, tmp_path, 1_000_000)
         with open(saved, 'rb') as received:
             assert received.read() == data
+
+
+def test_an_interrupted_transfer_leaves_nothing_under_the_final_name(tmp_path):
+    with natlab.Lab() as lab, LabRun(lab) as run:
+        alice = run.client('a1', 'alice')
+        bob = run.client('b1', 'bob', '--downloads', tmp_path / 'in')
+        connect(alice, bob)
+        (tmp_path / 'big.iso').write_bytes(os.urandom(30_000_000))
+        alice.send(f'/send {tmp_path / "big.iso"}')
+        bob.expect(r'offers big\.iso')
+        bob.send('/accept')
+        bob.expect(r'^\* receiving big\.iso from alice: \d+%', timeout=30)
+        alice.send('/quit')
+        bob.expect(r'^\* transfer of big\.iso with alice stopped: alice left$', timeout=30)
+        assert os.listdir(tmp_path / 'in') == []
