@@ -18,7 +18,6 @@ import argparse
 import collections
 import os
 import selectors
-import socket
 import sys
 import time
 
@@ -56,7 +55,10 @@ class Session:
         self.targets = targets
         self.started = started
         self.relayed = False        # punching failed: chat goes through the server
-        self.punch = None
+        self.tcp = None             # TCP hole punching, tried first
+        # Made now, so that a UDP proof from the peer is taken even while
+        # we still try TCP; it sends nothing until start_punch.
+        self.punch = punch.Punch(client.send_udp, token, targets, now, client.punch_timeout)
         self.keepalive = punch.Keepalive(client.keepalive_interval, now)
         self.channel = ReliableChannel(self.transmit_data)
         self.transfers = Transfers(name, self.send, client.say, client.downloads)
@@ -75,14 +77,32 @@ class Session:
         return self.punch.locked if self.punch else None
 
     @property
+    def on_tcp(self):
+        """True while a punched TCP connection carries our messages."""
+        return self.tcp is not None and self.tcp.locked is not None and self.tcp.locked.open
+
+    @property
+    def trying_tcp(self):
+        """True while TCP hole punching is under way."""
+        return self.tcp is not None and self.tcp.locked is None
+
+    @property
     def punching(self):
         """True while PUNCH datagrams are still going out."""
-        return self.endpoint is None and not self.relayed
+        return self.tcp is None and self.endpoint is None and not self.relayed
+
+    def stop_tcp(self):
+        """Close the TCP attempt and its connections."""
+        if self.tcp is not None:
+            self.tcp.close()
+            self.tcp = None
 
     def send(self, type, **fields):
-        """Send a peer message along the current path: direct or relayed."""
+        """Send a peer message along the current path: TCP, UDP or relayed."""
         data = wire.encode(type, session=self.token, **fields)
-        if self.endpoint is not None:
+        if self.on_tcp:
+            self.tcp.locked.send(data)
+        elif self.endpoint is not None:
             self.client.send_udp(data, self.endpoint)
             self.keepalive.sent(time.monotonic())
         elif self.relayed:
@@ -105,8 +125,8 @@ class ServerLink:
         self.client = client
         self.address = address          # (host, port) as the user gave it
         self.sock = None
+        self.stream = None              # the FramedStream, once in the loop
         self.reader = wire.FrameReader()
-        self.output = bytearray()
         self.token = None               # from REGISTERED: registered when set
         self.udp = self.probe = None    # the server's two UDP endpoints
         self.connects = collections.deque()   # names we sent CONNECT for, in order
@@ -120,20 +140,25 @@ class ServerLink:
     def open(self):
         """Connect (blocking, with a timeout) and send REGISTER; raises OSError.
 
-        create_connection tries each address of the name in turn, IPv6
-        first where the system prefers it; the UDP requests then go to the
-        address that answered.
+        The connection's local port may be shared (SO_REUSEPORT): TCP hole
+        punching listens and connects from it too, so that the peer's
+        packets match the mapping our NAT made for this connection.
         """
-        self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT)
+        self.sock = punch.tcp_connect(self.address, CONNECT_TIMEOUT)
         server = wire.plain(self.sock.getpeername())
         self.udp, self.probe = server, (server[0], server[1] + 1)
         self.reader = wire.FrameReader()
-        self.output.clear()
         self.connects.clear()
         self.token = None
         route = wire.plain(self.sock.getsockname())[0]
         private = [(host, self.client.udp.port) for host in punch.private_addresses(route)]
-        self.send(wire.REGISTER, name=self.client.name, private=private)
+        self.sock.sendall(wire.encode(wire.REGISTER, name=self.client.name, private=private,
+                                      tcp_port=self.local[1]))
+
+    @property
+    def local(self):
+        """Our end of the control connection: (address, port)."""
+        return wire.plain(self.sock.getsockname())
 
     def wait_registered(self):
         """Block until REGISTERED or ERROR; raise Fatal on an error."""
@@ -153,64 +178,24 @@ class ServerLink:
                     raise Fatal(message.text)
                 if message.type == wire.REGISTERED:
                     self.token = message.token
+                    break
 
     def attach(self, selector):
         """Hand the connected socket to the client's loop."""
-        self.sock.setblocking(False)
-        selector.register(self.sock, selectors.EVENT_READ, self.ready)
-        self.flush()
+        self.stream = wire.FramedStream(self.sock, selector, self.message, self.lost,
+                                        self.reader)
+
+    def message(self, message):
+        """A message from the server: the client acts on it."""
+        self.client.handle_control(self, message)
 
     def send(self, type, **fields):
         """Queue a message to the server; it goes out as the socket takes it."""
-        if self.sock is None:
-            return
-        self.output += wire.encode(type, **fields)
-        self.flush()
-
-    def flush(self):
-        """Write what the socket takes now; the loop writes the rest later."""
-        try:
-            sent = self.sock.send(self.output)
-            del self.output[:sent]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as error:
-            self.lost(error.strerror)
-            return
-        selector = self.client.selector
-        if self.sock in selector.get_map():
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.output else 0)
-            selector.modify(self.sock, events, self.ready)
-
-    def ready(self, sock, mask):
-        """Called by the loop: write what is queued, read what came."""
-        if mask & selectors.EVENT_WRITE:
-            self.flush()
-        if self.sock is None or not mask & selectors.EVENT_READ:
-            return
-        try:
-            data = sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self.lost(error.strerror)
-            return
-        if not data:
-            self.lost('it closed the connection')
-            return
-        self.reader.feed(data)
-        try:
-            for frame in self.reader.frames():
-                self.client.handle_control(self, wire.decode(frame))
-                if self.sock is None:
-                    return
-        except wire.ProtocolError as error:
-            self.lost(f'it sent a bad message ({error})')
+        if self.stream is not None:
+            self.stream.send(wire.encode(type, **fields))
 
     def lost(self, why):
         """The server went away: say so once, and plan to reconnect."""
-        if self.sock is None:
-            return
         self.client.say(f'lost the rendezvous server {self}: {why}; '
                         f'direct chat goes on, reconnecting')
         self.close()
@@ -218,10 +203,11 @@ class ServerLink:
 
     def close(self):
         """Close the connection (flushing nothing more)."""
-        if self.sock in self.client.selector.get_map():
-            self.client.selector.unregister(self.sock)
-        self.sock.close()
-        self.sock = None
+        if self.stream is not None:
+            self.stream.close()
+        elif self.sock is not None:
+            self.sock.close()
+        self.sock = self.stream = None
         self.token = None
 
     def tick(self, now):
@@ -236,7 +222,7 @@ class ServerLink:
         try:
             self.open()
         except OSError:
-            self.sock = None
+            self.close()
             self.backoff = min(self.backoff * 2, RECONNECT_MAX)
             self.retry_at = now + self.backoff
             return
@@ -269,9 +255,11 @@ class Client:
     """The peer: registration, the event loop and the user's commands."""
 
     def __init__(self, name, servers, udp_port=0, keepalive=punch.KEEPALIVE_INTERVAL,
-                 punch_timeout=punch.PUNCH_TIMEOUT, downloads='.', out=sys.stdout):
+                 punch_timeout=punch.PUNCH_TIMEOUT, downloads='.', transport='both',
+                 out=sys.stdout):
         self.name = name
         self.downloads = downloads
+        self.transport = transport  # 'both' (TCP first, then UDP), 'tcp' or 'udp'
         self.links = [ServerLink(self, server) for server in servers]
         self.udp_port = udp_port
         self.keepalive_interval = keepalive
@@ -348,7 +336,8 @@ class Client:
         self.selector.register(stdin_fd, selectors.EVENT_READ, self.read_stdin)
         self.selector.register(self.udp, selectors.EVENT_READ, self.read_udp)
         while self.running:
-            busy = any(s.punching or s.transfers.busy for s in self.sessions.values())
+            busy = any(s.punching or s.trying_tcp or s.transfers.busy
+                       for s in self.sessions.values())
             timeout = 0.01 if busy else 0.2
             for key, mask in self.selector.select(timeout):
                 key.data(key.fileobj, mask)
@@ -363,7 +352,9 @@ class Client:
 
     def check_session(self, session, now):
         """One session's timers: punch, relay fallback, keepalive, loss."""
-        if session.punching:
+        if session.tcp is not None:
+            self.check_tcp(session, now)
+        elif session.punching:
             session.punch.tick(now)
             if session.punch.expired(now):
                 session.relayed = True
@@ -377,6 +368,25 @@ class Client:
             session.send(wire.KEEPALIVE)
         if session.keepalive.dead(now) or session.channel.stalled:
             self.punch_again(session, now)
+
+    def check_tcp(self, session, now):
+        """TCP first: on a timeout, or when its connection dies, go on with UDP."""
+        if session.trying_tcp:
+            session.tcp.tick(now)
+            if not session.tcp.expired(now):
+                return
+            why = f'no TCP path to {session.name}'
+        elif session.on_tcp:
+            return
+        else:
+            why = f'lost the TCP connection to {session.name}'
+        session.stop_tcp()
+        if self.transport == 'tcp':
+            session.relayed = True
+            self.connected(session, now, 'relayed through the rendezvous server')
+        else:
+            self.say(f'{why}; punching UDP')
+            session.start_punch(now)
 
     def punch_again(self, session, now):
         """The direct path died: punch again, and ask the peer to, via the relay."""
@@ -517,12 +527,39 @@ class Client:
         targets = punch.candidates(message)
         session = Session(self, link, message.name, message.session, targets, now, started)
         self.sessions[message.session] = session
-        self.say(f'introduced to {message.name}; punching to '
-                 f'{" ".join(map(wire.format_endpoint, targets))}')
-        session.start_punch(now)
+        if self.transport != 'udp' and message.tcp_port:
+            self.start_tcp(session, link, message, now)
+        else:
+            self.say(f'introduced to {message.name}; punching to '
+                     f'{" ".join(map(wire.format_endpoint, targets))}')
+            session.start_punch(now)
         early, self.early_punches = self.early_punches, []
         for early_message, source in early:
             self.peer_message(early_message, source)
+
+    def start_tcp(self, session, link, message, now):
+        """TCP hole punching from our control connection's port (future work)."""
+        targets = [message.tcp_public] + [(host, message.tcp_port)
+                                          for host, _ in message.private]
+        targets = list(dict.fromkeys(targets))
+        self.say(f'introduced to {message.name}; punching TCP to '
+                 f'{" ".join(map(wire.format_endpoint, targets))}')
+        try:
+            session.tcp = punch.TcpPunch(
+                self.selector, link.local, targets, session.token, now,
+                lambda stream: self.tcp_locked(session, stream),
+                lambda stream, inner: self.session_message(session, inner, None))
+        except OSError as error:        # the port cannot be shared here
+            self.say(f'cannot punch TCP ({error.strerror}); punching UDP')
+            session.start_punch(now)
+
+    def tcp_locked(self, session, stream):
+        """A TCP connection proved the peer: chat goes over it."""
+        now = time.monotonic()
+        peer = wire.plain(stream.sock.getpeername())
+        elapsed = (now - session.started) * 1000
+        self.connected(session, now, f'direct, tcp, {elapsed:.0f} ms',
+                       f' at {wire.format_endpoint(peer)}')
 
     def relayed(self, message):
         """Peer traffic that came through the server's relay (point 11)."""
@@ -607,6 +644,7 @@ class Client:
         elif message.type == wire.BYE:
             self.say(f'{session.name} left')
             session.transfers.abort(f'{session.name} left')
+            session.stop_tcp()
             del self.sessions[session.token]
             if self.current is session:
                 self.current = None
@@ -620,8 +658,9 @@ class Client:
         """
         was_locked = session.endpoint is not None
         session.punch.receive(message, source)
-        if was_locked:
+        if was_locked or session.on_tcp:
             return
+        session.stop_tcp()              # the peer found us over UDP first
         session.relayed = False
         elapsed = (now - session.started) * 1000
         self.connected(session, now, f'direct, {elapsed:.0f} ms',
@@ -751,6 +790,11 @@ def parse_args(argv):
                         metavar='SECONDS',
                         help=f'keepalive interval; 0 turns keepalives off '
                              f'(default: {punch.KEEPALIVE_INTERVAL:.0f})')
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument('--udp-only', dest='transport', action='store_const', const='udp',
+                      default='both', help='punch UDP only (default: TCP first, then UDP)')
+    only.add_argument('--tcp-only', dest='transport', action='store_const', const='tcp',
+                      help='punch TCP only; relay if that fails')
     parser.add_argument('--downloads', default='.', metavar='DIR',
                         help='where files that peers send are saved (default: here)')
     parser.add_argument('--punch-timeout', type=float, default=punch.PUNCH_TIMEOUT,
@@ -785,7 +829,7 @@ def main(argv=None):
     if args.raw:
         return run_raw(args)
     client = Client(args.name, args.server, args.port, args.keepalive, args.punch_timeout,
-                    args.downloads)
+                    args.downloads, args.transport)
     try:
         client.start()
         if args.connect:

@@ -23,6 +23,7 @@ datagram carries one message.
 """
 
 import ipaddress
+import selectors
 import socket
 import struct
 
@@ -252,7 +253,8 @@ SHA256 = '32s'
 
 LAYOUTS = {
     # Control connection, peer -> server (article points 2 and 4).
-    REGISTER:   [('name', NAME), ('private', ENDPOINTS)],
+    REGISTER:   [('name', NAME), ('private', ENDPOINTS),
+                 ('tcp_port', 'H')],             # our end of this connection: TCP punching
     LIST:       [],
     CONNECT:    [('target', NAME)],
     # Control connection, server -> peer.
@@ -263,7 +265,9 @@ LAYOUTS = {
                  ('session', TOKEN),             # proves the pair to each other
                  ('public', ENDPOINT),           # as the server saw it (point 3)
                  ('port_delta', 'h'),            # mapping change, for prediction (point 6)
-                 ('private', ENDPOINTS)],        # as the peer reported them (point 10)
+                 ('private', ENDPOINTS),         # as the peer reported them (point 10)
+                 ('tcp_public', ENDPOINT),       # its control connection, as the server saw it
+                 ('tcp_port', 'H')],             # and that connection's local port
     # Either way on the control connection: peer traffic the server relays
     # between the two peers of a session (point 11), and goodbye.
     RELAY:      [('session', TOKEN), ('message', BLOB)],
@@ -436,6 +440,83 @@ def _check_stream(magic, version):
         raise FramingError(f'magic: 0x{magic:04x}, expected 0x{MAGIC:04x}')
     if version != VERSION:
         raise FramingError(f'version: {version}, expected {VERSION}')
+
+
+class FramedStream:
+    """A non-blocking TCP connection of framed messages, served by a selector loop.
+
+    ``on_message(message)`` is called for each message that arrives and
+    ``on_closed(why)`` once, when the connection fails or the other side
+    closes it (not when we close it ourselves).
+    """
+
+    def __init__(self, sock, selector, on_message, on_closed, reader=None):
+        sock.setblocking(False)
+        self.sock = sock
+        self.selector = selector
+        self.on_message = on_message
+        self.on_closed = on_closed
+        self.reader = reader or FrameReader()
+        self.output = bytearray()
+        selector.register(sock, selectors.EVENT_READ, self.ready)
+
+    @property
+    def open(self):
+        """True until the connection is closed."""
+        return self.sock is not None
+
+    def send(self, data):
+        """Queue encoded messages; they go out as the socket takes them."""
+        if self.sock is not None:
+            self.output += data
+            self.flush()
+
+    def flush(self):
+        """Write what the socket takes now; the loop writes the rest later."""
+        try:
+            del self.output[:self.sock.send(self.output)]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as error:
+            self.close(error.strerror)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.output else 0)
+        self.selector.modify(self.sock, events, self.ready)
+
+    def ready(self, sock, mask):
+        """Called by the loop: write what is queued, read what came."""
+        if mask & selectors.EVENT_WRITE:
+            self.flush()
+        if self.sock is None or not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self.close(error.strerror)
+            return
+        if not data:
+            self.close('it closed the connection')
+            return
+        self.reader.feed(data)
+        try:
+            for frame in self.reader.frames():
+                self.on_message(decode(frame))
+                if self.sock is None:
+                    return
+        except ProtocolError as error:
+            self.close(f'it sent a bad message ({error})')
+
+    def close(self, why=None):
+        """Close the connection; with a reason, tell on_closed."""
+        if self.sock is None:
+            return
+        self.selector.unregister(self.sock)
+        self.sock.close()
+        self.sock = None
+        if why:
+            self.on_closed(why)
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ calling their methods when a datagram arrives or a timer is due.
 
 import ipaddress
 import select
+import selectors
 import socket
 import struct
 import time
@@ -270,3 +271,169 @@ class Keepalive:
     def dead(self, now):
         """True after DEAD_AFTER intervals without a word from the peer."""
         return self.interval > 0 and now - self.last_heard > DEAD_AFTER * self.interval
+
+
+# ---------------------------------------------------------------------------
+# TCP hole punching (the article's future work: "try that first").
+
+TCP_PUNCH_TIMEOUT = 3.0     # seconds of trying before we fall back to UDP
+TCP_RETRY = 0.2             # seconds between connect attempts to one target
+
+
+def shared_socket(family, local=None):
+    """A TCP socket whose local port other sockets may share.
+
+    SO_REUSEADDR and SO_REUSEPORT let our control connection, a listener
+    and our outgoing connects all use one local port (Ford et al. section
+    4): the NAT mapped that port when we reached the server, so packets to
+    and from the peer on it look like more of the same to the NAT.
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if local:
+        sock.bind(local)
+    return sock
+
+
+def tcp_connect(address, timeout):
+    """Connect to (host, port) from a shareable port; like socket.create_connection."""
+    error = OSError(f'cannot resolve {address[0]}')
+    for family, _, _, _, target in socket.getaddrinfo(*address, type=socket.SOCK_STREAM):
+        sock = shared_socket(family)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(target)
+            return sock
+        except OSError as failure:
+            sock.close()
+            error = failure
+    raise error
+
+
+class TcpPunch:
+    """TCP hole punching toward one peer: listen and connect at once.
+
+    From the local port of our control connection we listen, and connect to
+    the peer's control-connection endpoints: public (as the server saw it)
+    and private.  Each side's SYN opens its own NAT for the other's; the
+    two SYNs may even cross, and the kernel then makes one connection out
+    of both (a simultaneous open).  A connect that fails (RST from the
+    other NAT, which had no mapping yet) is tried again.  The first stream
+    on which the peer proves the session token wins, whether it came from
+    connect() or from accept().
+
+    ``on_locked(stream)`` is called with that FramedStream, whose further
+    messages go to ``on_message(stream, message)``.
+    """
+
+    def __init__(self, selector, local, targets, session, now, on_locked, on_message,
+                 timeout=TCP_PUNCH_TIMEOUT):
+        self.selector = selector
+        self.local = local
+        self.family = socket.AF_INET6 if ':' in local[0] else socket.AF_INET
+        self.targets = [t for t in targets if (':' in t[0]) == (self.family == socket.AF_INET6)]
+        self.session = session
+        self.deadline = now + timeout
+        self.on_locked = on_locked
+        self.on_message = on_message
+        self.connecting = {}        # socket -> (target, when to try again)
+        self.retry_at = {target: now for target in self.targets}
+        self.streams = []           # established, proving or proven
+        self.locked = None
+        self.listener = shared_socket(self.family, local)
+        self.listener.listen(8)
+        self.listener.setblocking(False)
+        selector.register(self.listener, selectors.EVENT_READ, self.accept)
+
+    def tick(self, now):
+        """Start a connect to every target whose retry is due."""
+        if self.locked is not None or now >= self.deadline:
+            return
+        for target, when in self.retry_at.items():
+            if now >= when and target not in self.connecting.values():
+                self.connect(target)
+                self.retry_at[target] = now + TCP_RETRY
+
+    def expired(self, now):
+        """True when no stream proved the peer within the timeout."""
+        return self.locked is None and now >= self.deadline
+
+    def connect(self, target):
+        """One non-blocking connect from our shared port."""
+        sock = shared_socket(self.family, self.local)
+        sock.setblocking(False)
+        try:
+            sock.connect(target)
+        except BlockingIOError:
+            pass
+        except OSError:
+            sock.close()
+            return
+        self.connecting[sock] = target
+        self.selector.register(sock, selectors.EVENT_WRITE, self.connected)
+
+    def connected(self, sock, mask):
+        """A connect finished: a stream, or an error to retry after a while."""
+        self.selector.unregister(sock)
+        del self.connecting[sock]
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            sock.close()
+            return
+        self.start_stream(sock)
+
+    def accept(self, listener, mask):
+        """The peer's connect reached our listener."""
+        try:
+            sock, _ = listener.accept()
+        except OSError:
+            return
+        self.start_stream(sock)
+
+    def start_stream(self, sock):
+        """Prove ourselves on a new stream: PUNCH with the session token."""
+        stream = wire.FramedStream(sock, self.selector,
+                                   lambda message: self.received(stream, message),
+                                   lambda why: self.dropped(stream))
+        self.streams.append(stream)
+        stream.send(wire.encode(wire.PUNCH, session=self.session))
+
+    def received(self, stream, message):
+        """A message on one of our streams: the first proof locks it in."""
+        if getattr(message, 'session', None) != self.session:
+            stream.close()              # not our peer: nobody else gets a stream
+            self.dropped(stream)
+            return
+        if self.locked is None:
+            self.locked = stream
+            self.stop_trying()
+            self.on_locked(stream)
+        if message.type not in (wire.PUNCH, wire.PUNCH_ACK):
+            self.on_message(stream, message)
+
+    def dropped(self, stream):
+        """A stream closed; forget it."""
+        if stream in self.streams:
+            self.streams.remove(stream)
+
+    def stop_trying(self):
+        """No more connects, no more listening; proven streams stay open.
+
+        Each side may have locked a different stream (one from connect, one
+        from accept): both stay open, and messages are read from either.
+        """
+        for sock in list(self.connecting):
+            self.selector.unregister(sock)
+            sock.close()
+        self.connecting.clear()
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+
+    def close(self):
+        """Give up: close every socket of this attempt."""
+        self.stop_trying()
+        for stream in list(self.streams):
+            stream.close()
+        self.streams.clear()

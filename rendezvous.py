@@ -95,6 +95,7 @@ class Peer:
         self.name = None
         self.token = None               # registration token: ties MAPPING to us
         self.private = []               # endpoints the peer reported (point 10)
+        self.tcp_port = 0               # the local port of its end of this connection
         self.public = None              # seen on our main UDP port (point 3)
         self.probed = None              # seen on the probe port (point 6)
         self.sessions = set()           # session tokens of our introductions
@@ -310,7 +311,7 @@ class Rendezvous:
         if message.name in self.peers:
             self.send_error(peer, wire.E_NAME_TAKEN, f'name {message.name!r} is taken')
             return
-        peer.name, peer.private = message.name, message.private
+        peer.name, peer.private, peer.tcp_port = message.name, message.private, message.tcp_port
         peer.token = secrets.token_bytes(wire.TOKEN_SIZE)
         self.peers[peer.name] = peer
         self.by_token[peer.token] = peer
@@ -344,7 +345,8 @@ class Rendezvous:
     def introduce(self, peer, other, session):
         """Tell peer how to reach other: public, predicted and private (points 4, 6, 10)."""
         self.send(peer, wire.INTRODUCE, name=other.name, session=session,
-                  public=other.public, port_delta=other.port_delta, private=other.private)
+                  public=other.public, port_delta=other.port_delta, private=other.private,
+                  tcp_public=other.address, tcp_port=other.tcp_port)
 
     def relay(self, peer, message):
         """Forward peer traffic within an introduced pair, and only that (point 11)."""

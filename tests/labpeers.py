@@ -9,7 +9,8 @@ import functools
 from procs import command, start
 
 SERVER_PORT = 7777
-CONNECTED = r'^\* connected to {} (?:at (\S+) \((direct), (\d+) ms\)|\((relayed) through)'
+CONNECTED = (r'^\* connected to {} '
+             r'(?:at (\S+) \((direct(?:, tcp)?), (\d+) ms\)|\((relayed) through)')
 
 
 class LabRun:
@@ -28,10 +29,16 @@ class LabRun:
         self.procs.append(proc)
         return proc
 
-    def client(self, node, name, *args, server=None):
-        """Start p2pclient.py NAME on node; wait until it has registered."""
+    def client(self, node, name, *args, server=None, transport='--udp-only'):
+        """Start p2pclient.py NAME on node; wait until it has registered.
+
+        UDP only unless told otherwise: most lab tests are about UDP hole
+        punching through the NAT types, which the TCP attempt would only delay.
+        """
         server = server or f'{self.lab.SERVER_ADDRS[0]}:{SERVER_PORT}'
-        proc = self.start(node, command('p2pclient.py', name, '--server', server, *args), name)
+        options = [transport] if transport else []
+        proc = self.start(node, command('p2pclient.py', name, '--server', server, *options,
+                                        *args), name)
         proc.expect(rf'^\* registered as {name} ')
         return proc
 
@@ -65,10 +72,13 @@ def connect(alice, bob, timeout=20):
 
 
 def how(proc, peer, timeout=20):
-    """Wait for the 'connected' status line about peer; return (mode, endpoint, ms)."""
+    """Wait for the 'connected' status line about peer; return (mode, endpoint, ms).
+
+    mode is 'direct' (UDP), 'direct, tcp' or 'relayed'.
+    """
     match = proc.expect(CONNECTED.format(peer), timeout)
     if match.group(2):
-        return 'direct', match.group(1), int(match.group(3))
+        return match.group(2), match.group(1), int(match.group(3))
     return 'relayed', None, None
 
 

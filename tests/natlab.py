@@ -315,8 +315,9 @@ def nat_ruleset(nat_type, wan_addr, lan_net, hairpin, map_timeout):
       port is DNATed to the inside endpoint and SNATed to the WAN address (to
       its own mapping if it has one), exactly like a packet from outside.
       Hairpinned traffic is filtered endpoint-independently (simplification).
-    * TCP, ICMP and other protocols are always plain masquerade, so TCP control
-      connections work behind every NAT type.
+    * TCP, ICMP and other protocols are plain masquerade (random on a
+      symmetric NAT), so TCP control connections work behind every NAT type
+      and TCP hole punching meets the same mapping behaviour as UDP.
     """
     t = '%ds' % max(1, int(round(map_timeout)))
     cone = not nat_type.startswith('symmetric')
@@ -365,7 +366,10 @@ def nat_ruleset(nat_type, wan_addr, lan_net, hairpin, map_timeout):
         else:
             lines.append('    oifname "lan" ip saddr %s.0/24 ct status dnat '
                          'snat ip to %s random' % (lan_net, wan_addr))
-    lines.append('    oifname "wan" meta l4proto != udp masquerade')
+    # TCP (for the control connections) is masqueraded as UDP would be:
+    # port-preserving, or random ports on a symmetric NAT.
+    lines.append('    oifname "wan" meta l4proto != udp masquerade%s'
+                 % (' random' if nat_type == 'symmetric' else ''))
     if nat_type == 'port-restricted':
         lines.append('    oifname "wan" masquerade')
     elif nat_type == 'symmetric':

@@ -13,7 +13,7 @@ import p2pcommon as wire
 from procs import command, start, start_server
 from test_server import RawPeer
 
-CONNECTED = r'^\* connected to {} at .* \(direct, \d+ ms\)$'
+CONNECTED = r'^\* connected to {} at .* \(direct, (?:tcp, )?\d+ ms\)$'
 
 
 @pytest.fixture
@@ -55,12 +55,12 @@ def samples():
     token = bytes(range(16))
     endpoint = ('198.51.100.7', 4000)
     fields = {
-        wire.REGISTER: dict(name='mallory', private=[endpoint]),
+        wire.REGISTER: dict(name='mallory', private=[endpoint], tcp_port=5),
         wire.REGISTERED: dict(token=token), wire.ERROR: dict(code=1, text='x'),
         wire.MAPPING: dict(token=token, public=endpoint), wire.LIST: {},
         wire.PEERS: dict(names=['a', 'b']), wire.CONNECT: dict(target='alice'),
         wire.INTRODUCE: dict(name='a', session=token, public=endpoint, port_delta=1,
-                             private=[endpoint]),
+                             private=[endpoint], tcp_public=endpoint, tcp_port=5),
         wire.RELAY: dict(session=token, message=b'x' * 40), wire.BYE: dict(session=token),
         wire.PUNCH: dict(session=token), wire.PUNCH_ACK: dict(session=token),
         wire.DATA: dict(session=token, seq=1, oldest=0, text='hello'),
@@ -287,7 +287,7 @@ def test_silent_partial_and_deaf_connections_do_not_slow_anyone(server):
         partial = socket.create_connection(('127.0.0.1', port))
         partial.sendall(wire.encode(wire.LIST)[:5])        # a frame that never completes
         deaf = socket.create_connection(('127.0.0.1', port))
-        deaf.sendall(wire.encode(wire.REGISTER, name='deaf', private=[]) +
+        deaf.sendall(wire.encode(wire.REGISTER, name='deaf', private=[], tcp_port=0) +
                      wire.encode(wire.LIST) * 2000)       # and never reads a reply
         hostile += [partial, deaf]
         names = ('alice', 'bob')

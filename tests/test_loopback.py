@@ -9,7 +9,7 @@ import pytest
 import p2pcommon as wire
 from procs import command, start, start_server
 
-CONNECTED = r'^\* connected to {} at 127\.0\.0\.1:\d+ \(direct, \d+ ms\)$'
+CONNECTED = r'^\* connected to {} at 127\.0\.0\.1:\d+ \(direct, (?:tcp, )?\d+ ms\)$'
 
 
 @pytest.fixture
@@ -346,8 +346,10 @@ def test_a_rejected_file_is_not_sent(clients, folders):
 
 def test_an_interrupted_transfer_leaves_no_file(clients, folders):
     source, downloads = folders
-    (source / 'big.iso').write_bytes(os.urandom(20_000_000))
-    alice, bob = clients('alice'), clients('bob', '--downloads', downloads)
+    (source / 'big.iso').write_bytes(os.urandom(50_000_000))
+    # UDP: slower than TCP on loopback, so the kill comes mid-transfer.
+    alice = clients('alice', '--udp-only')
+    bob = clients('bob', '--udp-only', '--downloads', downloads)
     connect(alice, bob)
     alice.send(f'/send {source / "big.iso"}')
     bob.expect(r'offers big\.iso')
@@ -366,3 +368,16 @@ def test_send_without_a_file_says_why(clients, folders):
     alice.expect(r"^\* cannot send '.*missing\.txt': No such file or directory$")
     bob.send('/accept')
     bob.expect(r'^\* no file is on offer$')
+
+
+@pytest.mark.parametrize('option, how', [('--udp-only', r'direct, \d+ ms'),
+                                         ('--tcp-only', r'direct, tcp, \d+ ms')])
+def test_udp_only_and_tcp_only(clients, option, how):
+    alice, bob = clients('alice', option), clients('bob', option)
+    alice.send('/connect bob')
+    alice.expect(rf'^\* connected to bob at 127\.0\.0\.1:\d+ \({how}\)$')
+    bob.expect(rf'^\* connected to alice at 127\.0\.0\.1:\d+ \({how}\)$')
+    alice.send('hello over one transport')
+    bob.expect(r'^<alice> hello over one transport$')
+    bob.send('and back')
+    alice.expect(r'^<bob> and back$')

@@ -336,3 +336,33 @@ def test_an_interrupted_transfer_leaves_nothing_under_the_final_name(tmp_path):
         alice.send('/quit')
         bob.expect(r'^\* transfer of big\.iso with alice stopped: alice left$', timeout=30)
         assert os.listdir(tmp_path / 'in') == []
+
+
+def test_tcp_punching_through_two_port_restricted_nats_opens_directly():
+    with natlab.Lab() as lab, LabRun(lab) as run:
+        alice = run.client('a1', 'alice', transport=None)       # TCP first, the default
+        bob = run.client('b1', 'bob', transport=None)
+        (mode_a, endpoint, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct, tcp', 'direct, tcp')
+        assert endpoint.startswith(lab.public_addr('b') + ':')
+        chat_both_ways(alice, bob)
+
+
+def test_tcp_punching_across_a_symmetric_nat_falls_back_and_says_so():
+    with natlab.Lab('symmetric', 'full-cone') as lab, LabRun(lab) as run:
+        alice = run.client('a1', 'alice', transport=None)
+        bob = run.client('b1', 'bob', transport=None)
+        (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct', 'direct')          # over UDP
+        for proc, peer in ((alice, 'bob'), (bob, 'alice')):
+            assert f'* no TCP path to {peer}; punching UDP' in proc.lines, proc.transcript()
+        chat_both_ways(alice, bob)
+
+
+def test_tcp_only_across_symmetric_nats_relays_and_says_so():
+    with natlab.Lab('symmetric', 'symmetric') as lab, LabRun(lab) as run:
+        alice = run.client('a1', 'alice', transport='--tcp-only')
+        bob = run.client('b1', 'bob', transport='--tcp-only')
+        (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('relayed', 'relayed')
+        chat_both_ways(alice, bob)

@@ -17,7 +17,7 @@ def introduction(port_delta=0, private=(), public=('198.51.100.2', 40000)):
     """An INTRODUCE as the server would send it."""
     return wire.Message(wire.INTRODUCE, name='bob', session=SESSION,
                         public=public, port_delta=port_delta,
-                        private=list(private))
+                        private=list(private), tcp_public=public, tcp_port=0)
 
 
 def received(type, session=SESSION):

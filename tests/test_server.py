@@ -38,7 +38,8 @@ class RawPeer:
 
     def register(self, name):
         """Register and tell the server our public UDP endpoint."""
-        self.send(wire.REGISTER, name=name, private=[self.udp.getsockname()])
+        self.send(wire.REGISTER, name=name, private=[self.udp.getsockname()],
+                  tcp_port=self.tcp.getsockname()[1])
         reply = self.receive()
         assert reply.type == wire.REGISTERED, reply
         self.token = reply.token
@@ -117,7 +118,7 @@ def test_introduce_goes_to_both_with_one_fresh_session(peers):
 def test_nobody_else_can_set_a_peers_public_endpoint(peers):
     alice, bob, mallory = peers('alice'), peers('bob'), peers()
     mallory.mapping(os.urandom(wire.TOKEN_SIZE))        # answered, but files nothing
-    mallory.send(wire.REGISTER, name='mallory', private=[])
+    mallory.send(wire.REGISTER, name='mallory', private=[], tcp_port=0)
     assert mallory.receive().type == wire.REGISTERED
     bob.send(wire.CONNECT, target='alice')
     assert bob.receive().public == alice.udp.getsockname()
@@ -166,7 +167,7 @@ def test_requests_before_registering_are_refused(peers):
 
 def test_registering_twice_is_refused(peers):
     alice = peers('alice')
-    alice.send(wire.REGISTER, name='alice2', private=[])
+    alice.send(wire.REGISTER, name='alice2', private=[], tcp_port=0)
     assert alice.receive().code == wire.E_ALREADY_REGISTERED
 
 
