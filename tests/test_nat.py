@@ -354,8 +354,10 @@ def test_tcp_punching_across_a_symmetric_nat_falls_back_and_says_so():
         bob = run.client('b1', 'bob', transport=None)
         (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
         assert (mode_a, mode_b) == ('direct', 'direct')          # over UDP
-        for proc, peer in ((alice, 'bob'), (bob, 'alice')):
-            assert f'* no TCP path to {peer}; punching UDP' in proc.lines, proc.transcript()
+        # The side whose TCP attempt gives up first says so and punches UDP;
+        # the other may hear its UDP punch before giving up itself.
+        said = [line for line in alice.lines + bob.lines if line.startswith('* no TCP path')]
+        assert said, (alice.transcript(), bob.transcript())
         chat_both_ways(alice, bob)
 
 
