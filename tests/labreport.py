@@ -16,12 +16,15 @@ from labpeers import CONNECTED, LabRun
 PUNCH_TIMEOUT = '3'
 
 
-def attempt(lab, host_a='a1', host_b='b1', server=None, names=('alice', 'bob')):
+def attempt(lab, host_a='a1', host_b='b1', server=None, names=('alice', 'bob'),
+            transport='--udp-only'):
     """Connect two clients and exchange a line; return the cell's text."""
     with LabRun(lab, *(['--bind', server] if server else [])) as run:
         address = f'[{server}]:7777' if server else None
-        a = run.client(host_a, names[0], '--punch-timeout', PUNCH_TIMEOUT, server=address)
-        b = run.client(host_b, names[1], '--punch-timeout', PUNCH_TIMEOUT, server=address)
+        a = run.client(host_a, names[0], '--punch-timeout', PUNCH_TIMEOUT, server=address,
+                       transport=transport)
+        b = run.client(host_b, names[1], '--punch-timeout', PUNCH_TIMEOUT, server=address,
+                       transport=transport)
         return connect_and_chat(a, b, names)
 
 
@@ -37,7 +40,7 @@ def connect_and_chat(a, b, names):
     except AssertionError:
         return 'FAILED'
     if match.group(2):
-        return f'direct {match.group(3)} ms'
+        return f'{match.group(2)} {match.group(3)} ms'
     return f'relayed {elapsed:.1f} s'
 
 
@@ -61,6 +64,9 @@ def scenarios(attempts):
         ('double NAT: A behind a cone CGN', dict(cgn='a'), {}),
         ('both behind one CGN, no hairpin', dict(cgn='both'), {}),
         ('IPv6, stateful firewalls', dict(ipv6=True), dict(server=natlab.SERVER_ADDRS6[0])),
+        ('TCP first, two port-restricted NATs', {}, dict(transport=None)),
+        ('TCP first, symmetric vs full-cone', dict(nat_a='symmetric', nat_b='full-cone'),
+         dict(transport=None)),
     ]
     for label, lab_args, run_args in rows:
         with natlab.Lab(**lab_args) as lab:
@@ -112,7 +118,8 @@ def main(argv=None):
     if not ok:
         print(f'the NAT lab cannot run here: {why}', file=sys.stderr)
         return 1
-    print(f'NAT lab report: rendezvous + two p2pclient.py, punch timeout {PUNCH_TIMEOUT} s\n')
+    print(f'NAT lab report: rendezvous + two p2pclient.py (UDP only unless the row says '
+          f'TCP), punch timeout {PUNCH_TIMEOUT} s\n')
     matrix()
     print()
     scenarios(args.attempts)
