@@ -33,7 +33,10 @@ def main():
     try:
         print(f'rendezvous server on 127.0.0.1:{port} (udp probe port {port + 1})\n')
         for name in ('alice', 'bob'):
-            peer = start(command('p2pclient.py', name, '--server', f'127.0.0.1:{port}'), name)
+            # UDP hole punching, the article's subject; without --udp-only
+            # the client tries TCP hole punching first.
+            peer = start(command('p2pclient.py', name, '--server', f'127.0.0.1:{port}',
+                                 '--udp-only'), name)
             peers.append(peer)
             show(peer, r'^\* registered')
         alice, bob = peers

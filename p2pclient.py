@@ -27,6 +27,7 @@ from reliable import ReliableChannel
 from transfer import Transfers
 
 CONNECT_TIMEOUT = 5.0       # seconds to reach the rendezvous server
+REGISTER_TIMEOUT = 20.0     # seconds for its answer: TCP on a lossy path backs off for long
 RECONNECT_FIRST = 1.0       # seconds before the first reconnect; doubles each try
 RECONNECT_MAX = 30.0
 MAX_LINE = 64 * 1024        # an endless stdin line is cut here
@@ -162,11 +163,12 @@ class ServerLink:
 
     def wait_registered(self):
         """Block until REGISTERED or ERROR; raise Fatal on an error."""
+        self.sock.settimeout(REGISTER_TIMEOUT)
         while self.token is None:
             try:
                 data = self.sock.recv(65536)
             except OSError as error:
-                data, why = b'', error.strerror
+                data, why = b'', error.strerror or str(error)
             else:
                 why = 'it closed the connection'
             if not data:

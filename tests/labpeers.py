@@ -39,7 +39,7 @@ class LabRun:
         options = [transport] if transport else []
         proc = self.start(node, command('p2pclient.py', name, '--server', server, *options,
                                         *args), name)
-        proc.expect(rf'^\* registered as {name} ')
+        proc.expect(rf'^\* registered as {name} ', timeout=30)     # TCP under loss is slow
         return proc
 
     def stop(self):

@@ -21,10 +21,13 @@ def attempt(lab, host_a='a1', host_b='b1', server=None, names=('alice', 'bob'),
     """Connect two clients and exchange a line; return the cell's text."""
     with LabRun(lab, *(['--bind', server] if server else [])) as run:
         address = f'[{server}]:7777' if server else None
-        a = run.client(host_a, names[0], '--punch-timeout', PUNCH_TIMEOUT, server=address,
-                       transport=transport)
-        b = run.client(host_b, names[1], '--punch-timeout', PUNCH_TIMEOUT, server=address,
-                       transport=transport)
+        try:
+            a = run.client(host_a, names[0], '--punch-timeout', PUNCH_TIMEOUT, server=address,
+                           transport=transport)
+            b = run.client(host_b, names[1], '--punch-timeout', PUNCH_TIMEOUT, server=address,
+                           transport=transport)
+        except AssertionError:
+            return 'FAILED to register'
         return connect_and_chat(a, b, names)
 
 
@@ -81,7 +84,7 @@ def loss(attempts):
     with natlab.Lab(loss=0.2, delay_ms=50) as lab:
         for i in range(attempts):
             results.append(attempt(lab, names=(f'alice{i}', f'bob{i}')))
-    ok = [r for r in results if r != 'FAILED']
+    ok = [r for r in results if not r.startswith('FAILED')]
     times = sorted(int(r.split()[1]) for r in ok if r.startswith('direct'))
     median = f', median {times[len(times) // 2]} ms direct' if times else ''
     print(f'{"20% loss, 50 ms delay":<40} {len(ok)}/{attempts} connected{median}', flush=True)
