@@ -286,7 +286,7 @@ class Client:
 
     def show_chat(self, name, text):
         """Print a peer's chat line, made safe for the terminal."""
-        self.out.write(f'<{name}> {safe(text)}\n')
+        self.out.write(f'<{name}> {wire.safe(text)}\n')
         self.out.flush()
 
     # -- start-up: register, then learn the mapping -------------------------
@@ -362,7 +362,7 @@ class Client:
                 session.relayed = True
                 self.connected(session, now, 'relayed through the rendezvous server')
         for text in session.channel.retransmit(now):
-            self.say(f'not delivered to {session.name}: {safe(text)}')
+            self.say(f'not delivered to {session.name}: {wire.safe(text)}')
         session.transfers.tick(now)
         if session.endpoint is None:
             return
@@ -428,7 +428,7 @@ class Client:
             self.out.write(HELP + '\n')
             self.out.flush()
         else:
-            self.say(f'unknown command {safe(line)!r}; /help lists the commands')
+            self.say(f'unknown command {wire.safe(line)!r}; /help lists the commands')
 
     def ask_server(self, type, **fields):
         """Send a request to the first server we are registered with."""
@@ -509,7 +509,7 @@ class Client:
     def server_error(self, link, message):
         """An ERROR: try the next server for an unknown peer, else show it."""
         if link.token is None:
-            self.say(f'{link} refused to register us: {safe(message.text)}')
+            self.say(f'{link} refused to register us: {wire.safe(message.text)}')
             link.lost('registration refused')
             return
         if message.code == wire.E_UNKNOWN_PEER and link.connects:
@@ -520,7 +520,7 @@ class Client:
                     other.send(wire.CONNECT, target=name)
                     other.connects.append(name)
                     return
-        self.say(f'error from the rendezvous server: {safe(message.text)}')
+        self.say(f'error from the rendezvous server: {wire.safe(message.text)}')
 
     def introduced(self, link, message):
         """A server introduced a peer: start punching toward it (points 4, 5)."""
@@ -749,17 +749,8 @@ class RawChat:
             return
         if wire.same_endpoint(source, self.peer):
             for line in data.decode('utf-8', 'replace').splitlines():
-                self.out.write(safe(line) + '\n')
+                self.out.write(wire.safe(line) + '\n')
             self.out.flush()
-
-
-def safe(text):
-    """Text a peer sent, with control characters shown as escapes.
-
-    Nothing a peer sends may move our cursor, clear our screen or start a
-    line that looks like one of our own status lines.
-    """
-    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def split_utf8(text, limit):

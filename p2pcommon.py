@@ -532,6 +532,15 @@ def check_name(name, size=None, field='name'):
         raise ProtocolError(f'{field}: must be printable with no spaces: {name!r}')
 
 
+def safe(text):
+    """Text from the network, with control characters shown as escapes.
+
+    Nothing a peer (or a server) sends may move our cursor, clear our
+    screen or start a line that looks like one of our own status lines.
+    """
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def format_endpoint(endpoint):
     """'203.0.113.2:40000' or '[2001:db8::2]:40000', for people."""
     host, port = endpoint[0], endpoint[1]

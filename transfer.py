@@ -363,7 +363,7 @@ class Transfers:
         elif message.type == wire.FINISH:
             sending.close()
             verdict = 'received' if message.ok else 'did not accept'
-            self.say(f'{self.peer} {verdict} {sending.name}: {message.text}')
+            self.say(f'{self.peer} {verdict} {sending.name}: {wire.safe(message.text)}')
 
     # -- time and trouble ---------------------------------------------------
 

@@ -381,3 +381,23 @@ def test_udp_only_and_tcp_only(clients, option, how):
     bob.expect(r'^<alice> hello over one transport$')
     bob.send('and back')
     alice.expect(r'^<bob> and back$')
+
+
+def test_a_connect_goes_through_whichever_server_knows_the_peer():
+    first, port1 = start_server()
+    second, port2 = start_server()
+    procs = []
+    try:
+        alice = start(command('p2pclient.py', 'alice', '--server', f'127.0.0.1:{port1}',
+                              '--server', f'127.0.0.1:{port2}'), 'alice')
+        bob = start(command('p2pclient.py', 'bob', '--server', f'127.0.0.1:{port2}'), 'bob')
+        procs = [alice, bob]
+        alice.expect(rf'^\* registered as alice with 127\.0\.0\.1:{port2};')
+        bob.expect(r'^\* registered as bob ')
+        connect(alice, bob)                 # the first server has never heard of bob
+        assert not [line for line in alice.lines if line.startswith('* error')]
+        alice.send('found you')
+        bob.expect(r'^<alice> found you$')
+    finally:
+        for proc in (first, second, *procs):
+            proc.stop()

@@ -2,11 +2,12 @@
 
 import os
 import socket
+import time
 
 import pytest
 
 import p2pcommon as wire
-from procs import start_server
+from procs import command, start, start_server
 
 
 class RawPeer:
@@ -199,3 +200,27 @@ def test_verbose_log_shows_each_message_one_line(server, peers):
     proc.expect_log(r'> MAPPING to 127\.0\.0\.1:\d+ \(udp \d+\)')
     proc.expect_log(r'< LIST from alice \(tcp\)')
     proc.expect_log(r'> PEERS to alice \(tcp\)')
+
+
+def test_quiet_server_logs_nothing_for_a_normal_session():
+    with socket.socket() as probe:          # -q hides the port: choose it ourselves
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    proc = start(command('rendezvous.py', '-q', '--bind', '127.0.0.1', '--port', port), 'quiet')
+    try:
+        deadline = time.monotonic() + 10
+        while True:                         # until it listens
+            try:
+                socket.create_connection(('127.0.0.1', port), timeout=1).close()
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline and proc.popen.poll() is None, \
+                    proc.transcript()
+        with RawPeer(port, 'alice') as alice, RawPeer(port, 'bob'):
+            alice.send(wire.CONNECT, target='bob')
+            assert alice.receive().type == wire.INTRODUCE
+            alice.send(wire.CONNECT, target='nobody')
+            assert alice.receive().type == wire.ERROR
+    finally:
+        proc.stop()
+    assert proc.err.lines == []
