@@ -6,7 +6,8 @@ port-restricted and symmetric NATs, hairpinning, NAT timers and carrier-grade
 NAT. This module builds all of those out of Linux network namespaces, veth
 pairs and nftables rules, so that the p2pnat programs can be run against them
 and the claims of the article checked. It needs root, ``ip`` (iproute2),
-``nft`` and ``iptables`` (only for link delay); runtime is stdlib only.
+``nft``, ``iptables`` (only for link delay) and ``tc`` (only for a rate
+limit); runtime is stdlib only.
 
 Topology (addresses are from the documentation/benchmark ranges only)::
 
@@ -114,6 +115,7 @@ CGN_INSIDE6 = '2001:db8:c0::'
 # Mapping lifetime used by the full-cone/restricted maps when no udp_timeout is
 # given: Linux's default nf_conntrack_udp_timeout_stream.
 DEFAULT_MAP_TIMEOUT = 120
+TBF_LATENCY_MS = 50                 # rate_mbit: most queueing delay before tbf drops
 
 _lab_counter = itertools.count(1)
 _live_labs = set()                  # for the atexit / SIGTERM safety net
@@ -477,6 +479,18 @@ def duplicate_ruleset(links, fraction):
             '%s  }\n}\n' % rules)
 
 
+def rate_commands(device, rate_mbit):
+    """``tc -batch`` lines: a tbf qdisc that limits ``device``'s egress to rate_mbit.
+
+    The bucket holds 4 ms of traffic (at least 15,000 bytes, ten full
+    frames) and the queue up to TBF_LATENCY_MS of it; beyond that tbf drops,
+    as a router's full buffer does.
+    """
+    burst = max(15000, int(rate_mbit * 1e6 / 8 * 0.004))
+    return ['qdisc add dev %s root tbf rate %gmbit burst %d latency %dms'
+            % (device, rate_mbit, burst, TBF_LATENCY_MS)]
+
+
 def queue_rules(links, queue=0):
     """iptables-restore input that hands each WAN link's packets to NFQUEUE.
 
@@ -510,6 +524,7 @@ class _Node:
         self.nft = ''
         self.iptables = ''      # iptables-restore input (IPv4 and IPv6)
         self.ip6tables = ''
+        self.tc = []            # lines for tc -batch
 
     def script(self):
         """Shell script run inside the namespace to configure it in one go."""
@@ -524,6 +539,9 @@ class _Node:
         ip = ([c for c in self.ip if not c.startswith('route')]
               + [c for c in self.ip if c.startswith('route')])
         out.append("ip -batch - <<'P2PN_EOF'\n%sP2PN_EOF" % ''.join(c + '\n' for c in ip))
+        if self.tc:
+            out.append("tc -batch - <<'P2PN_EOF'\n%sP2PN_EOF"
+                       % ''.join(c + '\n' for c in self.tc))
         if self.nft:
             out.append("nft -f - <<'P2PN_EOF'\n%sP2PN_EOF" % self.nft)
         if self.iptables:
@@ -560,6 +578,11 @@ class Lab:
                        WAN link (IPv4).
     multihomed         give a1 a second interface, eth1, on LAN B as well
                        (address MULTIHOMED_ADDR, no default route through it).
+    rate_mbit          limit each WAN link to this many Mbit/s, each
+                       direction: a tbf qdisc on inet's end of the link
+                       (traffic toward the router) and on the router's
+                       ``wan`` (traffic toward inet); see rate_commands().
+                       Needs ``tc``.  None: no limit.
 
     Hosts: server, stranger, a1, a2, b1, b2; routers: inet, ra, rb, cgn.
     """
@@ -571,7 +594,7 @@ class Lab:
                  hairpin_a=False, hairpin_b=False,
                  cgn=None, cgn_type='port-restricted', cgn_hairpin=False,
                  delay_ms=0, jitter_ms=0, loss=0.0, udp_timeout=None, ipv6=False,
-                 loss_udp_only=False, multihomed=False, duplicate=0.0):
+                 loss_udp_only=False, multihomed=False, duplicate=0.0, rate_mbit=None):
         for t in (nat_a, nat_b, cgn_type):
             if t not in ALL_NAT_TYPES:
                 raise ValueError('unknown NAT type %r (want one of %s)' % (t, ALL_NAT_TYPES))
@@ -590,6 +613,9 @@ class Lab:
         self.ipv6 = bool(ipv6)
         self.multihomed = bool(multihomed)
         self.duplicate = float(duplicate)
+        if rate_mbit is not None and not rate_mbit > 0:
+            raise ValueError('rate_mbit must be positive (or None)')
+        self.rate_mbit = rate_mbit
         # pid + counter: unique among parallel labs; the pid lets
         # cleanup_stale() tell a dead run's namespaces from a live one's.
         self.id = '%dx%d' % (os.getpid(), next(_lab_counter))
@@ -702,9 +728,10 @@ class Lab:
                     self.nat['b'], ' +hairpin' if self.hairpin['b'] else '',
                     self.cgn, (' (%s%s)' % (self.nat['cgn'], ' +hairpin'
                                             if self.hairpin['cgn'] else '')) if self.cgn else ''),
-                 'WAN links %s: delay %g ms, jitter %g ms, loss %g%s; udp timeout %s'
+                 'WAN links %s: delay %g ms, jitter %g ms, loss %g%s%s; udp timeout %s'
                  % (', '.join(self.wan_links), self.delay_ms, self.jitter_ms, self.loss,
                     ' (UDP only)' if self.loss_udp_only else '',
+                    ', rate %g Mbit/s' % self.rate_mbit if self.rate_mbit else '',
                     '%ss' % self.udp_timeout if self.udp_timeout else 'default')]
         for name, node in self.nodes.items():
             addrs = [self._addr.get(name, '')]
@@ -929,6 +956,10 @@ class Lab:
         if self.duplicate > 0:
             inet.nft += duplicate_ruleset({link: self._addr[link] for link in wan_links},
                                           self.duplicate)
+        if self.rate_mbit:
+            for link in wan_links:      # inet's interface is named after the router
+                inet.tc += rate_commands(link, self.rate_mbit)
+                nodes[link].tc += rate_commands('wan', self.rate_mbit)
         if self.delay_ms > 0 or self.jitter_ms > 0:
             inet.iptables = queue_rules(wan_links)
             if self.ipv6:
@@ -1330,6 +1361,7 @@ def add_lab_arguments(parser):
     parser.add_argument('--loss-udp-only', action='store_true')
     parser.add_argument('--udp-timeout', type=float, default=None)
     parser.add_argument('--ipv6', action='store_true')
+    parser.add_argument('--rate-mbit', type=float, default=None)
 
 
 def lab_from_args(args):
@@ -1338,7 +1370,7 @@ def lab_from_args(args):
                hairpin_b=args.hairpin_b, cgn=args.cgn, cgn_type=args.cgn_type,
                cgn_hairpin=args.cgn_hairpin, delay_ms=args.delay_ms,
                jitter_ms=args.jitter_ms, loss=args.loss, udp_timeout=args.udp_timeout,
-               ipv6=args.ipv6, loss_udp_only=args.loss_udp_only)
+               ipv6=args.ipv6, loss_udp_only=args.loss_udp_only, rate_mbit=args.rate_mbit)
 
 
 def measure_hairpin(lab, site='a', port=40100):

@@ -11,6 +11,7 @@ wait for the event with a timeout.
 import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
 
@@ -283,6 +284,60 @@ def test_loss(lab_ok):
         assert 0.08 <= lost <= 0.34, counted
 
 
+# A TCP sink (upload: count what arrives) or source (download: send BYTES),
+# on the server; it prints the receiving side's Mbit/s from first to last byte.
+RATE_SERVER = """
+import socket, sys, time
+listener = socket.create_server((sys.argv[1], 5001))
+print('ready', flush=True)
+for direction in sys.argv[2:-1]:
+    conn, _ = listener.accept()
+    if direction == 'up':
+        got, first = 0, None
+        while data := conn.recv(1 << 16):
+            first = first or time.monotonic()
+            got += len(data)
+        print(got * 8 / (time.monotonic() - first) / 1e6, flush=True)
+    else:
+        conn.sendall(bytes(int(sys.argv[-1])))
+    conn.close()
+"""
+RATE_CLIENT = """
+import socket, sys, time
+conn = socket.create_connection((sys.argv[1], 5001))
+if sys.argv[2] == 'up':
+    conn.sendall(bytes(int(sys.argv[3])))
+    conn.shutdown(socket.SHUT_WR)
+    conn.recv(1)
+else:
+    got, first = 0, None
+    while data := conn.recv(1 << 16):
+        first = first or time.monotonic()
+        got += len(data)
+    print(got * 8 / (time.monotonic() - first) / 1e6, flush=True)
+"""
+
+
+def test_rate_limit(lab_ok):
+    """rate_mbit=10: TCP through one WAN link runs at about 10 Mbit/s, both ways."""
+    size = 2_000_000            # 1.6 s at 10 Mbit/s
+    with Lab(rate_mbit=10) as lab:
+        server = lab.popen('server', [sys.executable, '-c', RATE_SERVER, SERVER_ADDRS[0],
+                                      'up', 'down', str(size)],
+                           stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == 'ready'
+        lab.run('a1', [sys.executable, '-c', RATE_CLIENT, SERVER_ADDRS[0], 'up', str(size)],
+                timeout=30, check=True)
+        up = float(server.stdout.readline())
+        down = float(lab.run('a1', [sys.executable, '-c', RATE_CLIENT, SERVER_ADDRS[0], 'down'],
+                             timeout=30, check=True).stdout)
+        server.wait(10)
+        # tbf lets a 15 kB burst through at full speed, then holds 10 Mbit/s;
+        # TCP's slow start and the receiver's timing cost a little of it.
+        assert 6 <= up <= 11, up
+        assert 6 <= down <= 11, down
+
+
 # ----------------------------------------------------------------------------
 # NAT timers
 
@@ -372,6 +427,8 @@ def test_bad_arguments():
         Lab(nat_a='cone-ish')
     with pytest.raises(ValueError):
         Lab(cgn='c')
+    with pytest.raises(ValueError):
+        Lab(rate_mbit=0)
 
 
 def test_duplicate(lab_ok):
