@@ -552,8 +552,14 @@ class Client:
                 lambda stream: self.tcp_locked(session, stream),
                 lambda stream, inner: self.session_message(session, inner, None))
         except OSError as error:        # the port cannot be shared here
-            self.say(f'cannot punch TCP ({error.strerror}); punching UDP')
-            session.start_punch(now)
+            session.tcp = None
+            if self.transport == 'tcp':
+                self.say(f'cannot punch TCP ({error.strerror})')
+                session.relayed = True
+                self.connected(session, now, 'relayed through the rendezvous server')
+            else:
+                self.say(f'cannot punch TCP ({error.strerror}); punching UDP')
+                session.start_punch(now)
 
     def tcp_locked(self, session, stream):
         """A TCP connection proved the peer: chat goes over it."""

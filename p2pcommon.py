@@ -74,6 +74,7 @@ CHUNK = 23
 CHUNK_ACK = 24
 END = 25
 FINISH = 26
+CANCEL = 27
 
 # ERROR codes.
 E_BAD_MESSAGE = 1
@@ -293,6 +294,7 @@ LAYOUTS = {
     CHUNK_ACK:  [('session', TOKEN), ('transfer', 'I'), ('seq', 'I'), ('sack', SACK)],
     END:        [('session', TOKEN), ('transfer', 'I')],    # all chunks acknowledged
     FINISH:     [('session', TOKEN), ('transfer', 'I'), ('ok', 'B'), ('text', TEXT)],
+    CANCEL:     [('session', TOKEN), ('transfer', 'I'), ('text', TEXT)],   # the sender stops
 }
 
 TYPE_NAMES = {
@@ -301,12 +303,12 @@ TYPE_NAMES = {
     INTRODUCE: 'INTRODUCE', RELAY: 'RELAY', BYE: 'BYE', PUNCH: 'PUNCH',
     PUNCH_ACK: 'PUNCH_ACK', DATA: 'DATA', ACK: 'ACK', KEEPALIVE: 'KEEPALIVE',
     OFFER: 'OFFER', ANSWER: 'ANSWER', CHUNK: 'CHUNK', CHUNK_ACK: 'CHUNK_ACK', END: 'END',
-    FINISH: 'FINISH',
+    FINISH: 'FINISH', CANCEL: 'CANCEL',
 }
 
 # Messages that travel between two peers and are checked against a session.
 PEER_TYPES = frozenset({PUNCH, PUNCH_ACK, DATA, ACK, KEEPALIVE, BYE,
-                        OFFER, ANSWER, CHUNK, CHUNK_ACK, END, FINISH})
+                        OFFER, ANSWER, CHUNK, CHUNK_ACK, END, FINISH, CANCEL})
 # Hole punching traffic, which the receiver bounces back as PUNCH_ACK
 # (point 8).  A KEEPALIVE is a punch too: its bounce refreshes the mapping
 # on the sender's side as well, and tells the sender that the path lives.
@@ -473,6 +475,8 @@ class FramedStream:
 
     def flush(self):
         """Write what the socket takes now; the loop writes the rest later."""
+        if self.sock is None:
+            return      # closed by an earlier event of the same select()
         try:
             del self.output[:self.sock.send(self.output)]
         except (BlockingIOError, InterruptedError):
@@ -606,6 +610,8 @@ class UDPSocket:
             self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         except OSError:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if bind and self.dual and ':' not in bind:
+            bind = '::ffff:' + bind
         try:
             self.sock.bind((bind or ('::' if self.dual else '0.0.0.0'), port))
         except OSError:

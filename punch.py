@@ -300,7 +300,9 @@ def tcp_connect(address, timeout):
     """Connect to (host, port) from a shareable port; like socket.create_connection."""
     error = OSError(f'cannot resolve {address[0]}')
     for family, _, _, _, target in socket.getaddrinfo(*address, type=socket.SOCK_STREAM):
-        sock = shared_socket(family)
+        # Binding first (to any free port) makes the kernel pick a port no
+        # other socket has bound, so that TCP punching can listen on it.
+        sock = shared_socket(family, ('::' if family == socket.AF_INET6 else '0.0.0.0', 0))
         sock.settimeout(timeout)
         try:
             sock.connect(target)

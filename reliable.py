@@ -85,6 +85,8 @@ class ReliableChannel:
 
     def send(self, payload, now):
         """Queue a message; it goes out now if the window has room."""
+        if not self.in_flight:
+            self.last_progress = now    # the silence before this was not a stall
         self.waiting.append(payload)
         self._fill_window(now)
 
@@ -133,6 +135,7 @@ class ReliableChannel:
             self.ssthresh = max(2, int(self.cwnd * BACKOFF))
             self.cwnd = 2
             self.last_progress = now
+            self._start_round()         # those timeouts are paid for: count afresh
         if lost:
             self._fill_window(now)
         return lost
@@ -240,6 +243,9 @@ class ReliableChannel:
         if self.congestion and sent and self.round_lost > LOSS_TOLERANCE * sent:
             self.ssthresh = max(2, int(self.cwnd * BACKOFF))
             self.cwnd = self.ssthresh
+        self._start_round()
+
+    def _start_round(self):
         self.round_delivered = self.round_lost = 0
         self.round_end = self.next_seq
 
@@ -255,6 +261,9 @@ class ReliableChannel:
         for out in self.in_flight.values():
             if out.seq >= highest:
                 break
+            later = bits & ((1 << (ack + SACK_BITS - out.seq)) - 1)   # indices above out's
+            if later.bit_count() < DUPLICATE_THRESHOLD:
+                continue
             if self.srtt is None or now - out.sent_at < self.srtt + 4 * self.rttvar:
                 continue        # its acknowledgement may still be on the way
             self.round_lost += 1

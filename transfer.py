@@ -73,8 +73,9 @@ class Progress:
 def human(count):
     """1234567 -> '1.2 MB'."""
     for unit in ('bytes', 'kB', 'MB', 'GB'):
-        if count < 1000 or unit == 'GB':
-            return f'{count:.0f} {unit}' if unit == 'bytes' else f'{count:.1f} {unit}'
+        text = f'{count:.0f} {unit}' if unit == 'bytes' else f'{count:.1f} {unit}'
+        if float(text.split()[0]) < 1000 or unit == 'GB':
+            return text
         count /= 1000
 
 
@@ -110,10 +111,12 @@ class Sending:
         if self.state != 'sending':
             return None
         while not self.channel.waiting and self.channel.unacknowledged < WINDOW:
-            piece = self.stream.read(CHUNK_SIZE)
+            piece = self.stream.read(min(CHUNK_SIZE, self.size - self.stream.tell()))
             if not piece:
                 break
             self.channel.send(piece, now)
+        if self.stream.tell() < self.size and self.channel.idle:
+            raise TransferError(f'{self.name} shrank while being sent')
         if self.channel.retransmit(now):
             raise TransferError('a chunk was not acknowledged after many tries')
         if self.channel.idle and self.stream.tell() == self.size:
@@ -168,6 +171,7 @@ class Receiving:
         self.stream = None
         self.progress = Progress(self.size, now)
         self.verdict = None         # (ok, text) once decided
+        self.saved_as = None        # the path, once saved
 
     def accept(self, now):
         """Open a hidden temporary file to write into."""
@@ -218,7 +222,9 @@ class Receiving:
         os.remove(self.temporary)
         self.temporary = None
         self.state = 'done'
-        return True, f'{self.size} bytes, SHA-256 ok, saved as {final}'
+        self.saved_as = final
+        # The peer learns the name we chose, not where our folder is.
+        return True, f'{self.size} bytes, SHA-256 ok, saved as {os.path.basename(final)}'
 
     def discard(self):
         """Remove the temporary file: nothing is left under any name."""
@@ -228,6 +234,7 @@ class Receiving:
             os.remove(self.temporary)
         self.temporary = None
         self.state = 'done'
+        self.verdict = self.verdict or (False, 'stopped; nothing was saved')
 
     stop = discard
 
@@ -239,7 +246,7 @@ def unused_name(folder, name):
         stem, dot, extension = name, '', ''
     candidate = os.path.join(folder, name)
     number = 0
-    while os.path.exists(candidate):
+    while os.path.lexists(candidate):     # a dangling link is taken too
         number += 1
         candidate = os.path.join(folder, f'{stem}-{number}{dot}{extension}')
     return candidate
@@ -253,7 +260,8 @@ class Transfers:
     """
 
     MESSAGES = frozenset({wire.OFFER, wire.ANSWER, wire.CHUNK, wire.CHUNK_ACK,
-                          wire.END, wire.FINISH})
+                          wire.END, wire.FINISH, wire.CANCEL})
+    TO_RECEIVER = frozenset({wire.OFFER, wire.CHUNK, wire.END, wire.CANCEL})
 
     def __init__(self, peer, send, say, downloads):
         self.peer = peer
@@ -299,15 +307,15 @@ class Transfers:
 
     def handle(self, message, now):
         """Act on one transfer message from the peer."""
+        to_receiver = message.type in self.TO_RECEIVER
         try:
-            if message.type in (wire.OFFER, wire.CHUNK, wire.END):
+            if to_receiver:
                 self.to_receiver(message, now)
             else:
                 self.to_sender(message, now)
         except TransferError as error:
-            table = self.incoming if message.type in (wire.OFFER, wire.CHUNK, wire.END) \
-                else self.outgoing
-            self.fail(table, message.transfer, str(error))
+            self.fail(self.incoming if to_receiver else self.outgoing, message.transfer,
+                      str(error))
 
     def to_receiver(self, message, now):
         """OFFER, CHUNK and END: we are the receiving side."""
@@ -320,6 +328,9 @@ class Transfers:
                           accept=int(receiving.state != 'rejected'))
         elif receiving is None:
             return
+        elif message.type == wire.CANCEL:
+            self.fail(self.incoming, message.transfer,
+                      f'{self.peer} stopped sending: {wire.safe(message.text)}', tell=False)
         elif message.type == wire.CHUNK:
             acknowledgement = receiving.chunk(message.seq, message.oldest, message.data)
             if acknowledgement:
@@ -332,9 +343,11 @@ class Transfers:
             first = receiving.verdict is None
             ok, text = receiving.finish()
             self.send(wire.FINISH, transfer=message.transfer, ok=int(ok), text=text)
-            if first:
-                self.say(f'received {receiving.name} from {self.peer}: {text}' if ok else
-                         f'{receiving.name} from {self.peer} failed: {text}')
+            if first and ok:
+                self.say(f'received {receiving.name} from {self.peer}: {receiving.size} bytes, '
+                         f'SHA-256 ok, saved as {receiving.saved_as}')
+            elif first:
+                self.say(f'{receiving.name} from {self.peer} failed: {text}')
 
     def offered(self, offer, now):
         """A new OFFER: ask the user, unless its name is a trick."""
@@ -360,10 +373,12 @@ class Transfers:
                 self.say(f'{self.peer} rejected {sending.name}')
         elif message.type == wire.CHUNK_ACK:
             sending.chunk_acked(message.seq, message.sack, now)
-        elif message.type == wire.FINISH:
+        elif message.type == wire.FINISH and message.ok:
             sending.close()
-            verdict = 'received' if message.ok else 'did not accept'
-            self.say(f'{self.peer} {verdict} {sending.name}: {wire.safe(message.text)}')
+            self.say(f'{self.peer} received {sending.name}: {wire.safe(message.text)}')
+        elif message.type == wire.FINISH:
+            self.fail(self.outgoing, message.transfer,
+                      f'{self.peer} refused it: {wire.safe(message.text)}', tell=False)
 
     # -- time and trouble ---------------------------------------------------
 
@@ -380,12 +395,17 @@ class Transfers:
             if line:
                 self.say(f'sending {sending.name} to {self.peer}: {line}')
 
-    def fail(self, table, transfer, why):
-        """Stop one transfer, leaving no partial file; tell the user."""
+    def fail(self, table, transfer, why, tell=True):
+        """Stop one transfer, leaving no partial file; tell the user, and the peer."""
         item = table.get(transfer)
-        if item is not None and item.state != 'done':
-            item.stop()
-            self.say(f'transfer of {item.name} with {self.peer} stopped: {why}')
+        if item is None or item.state == 'done':
+            return
+        item.stop()
+        self.say(f'transfer of {item.name} with {self.peer} stopped: {why}')
+        if tell and table is self.outgoing:
+            self.send(wire.CANCEL, transfer=transfer, text=why[:wire.MAX_TEXT])
+        elif tell:
+            self.send(wire.FINISH, transfer=transfer, ok=0, text=why[:wire.MAX_TEXT])
 
     def abort(self, why):
         """The peer is gone: stop everything; nothing partial stays behind."""

@@ -654,9 +654,6 @@ def test_fast_retransmit_then_no_rtt_sample():
     assert list(sender.in_flight) == [5, 6]
 
 
-@pytest.mark.xfail(strict=True, reason='_resend_holes resends every hole below the highest '
-                   'SACKed message once the bitmap has 3 bits in all, even holes with only '
-                   'one later message SACKed')
 def test_fast_retransmit_only_holes_with_three_later_sacked():
     """Of holes 1 and 4-10 with 2, 3 and 11 SACKed, only 1 has three later messages in."""
     sender, wire = make_channel()
@@ -839,9 +836,6 @@ def test_collapse_when_nothing_is_acknowledged_for_an_rto():
     assert wire.take() == []
 
 
-@pytest.mark.xfail(strict=True, reason='the timeouts that caused the collapse stay in round_lost, '
-                   'so the first ACK after it ends a "lossy round" and backs off again: '
-                   'ssthresh 11 -> 8 here, and -> 2 when that ACK covers a single message')
 def test_slow_start_after_a_collapse():
     """After a collapse the window climbs in slow start back to ssthresh (BACKOFF of the
     window before it), one more per delivered message."""
@@ -868,8 +862,6 @@ def test_collapse_repeats_while_the_path_stays_dead():
     assert sender.ssthresh == 2
 
 
-@pytest.mark.xfail(strict=True, reason='last_progress starts at 0.0, so with a monotonic clock '
-                   'the first retransmit() call collapses cwnd to 2 before any ACK could come')
 def test_no_collapse_before_an_rto_has_passed_at_a_late_clock():
     """A fresh channel at now=1000 keeps INITIAL_CWND until an rto passes without an ACK."""
     sender, wire = make_channel(congestion=True)
