@@ -393,6 +393,7 @@ class Client:
     def punch_again(self, session, now):
         """The direct path died: punch again, and ask the peer to, via the relay."""
         self.say(f'lost the direct path to {session.name}; punching again')
+        session.started = now
         session.start_punch(now)
         session.keepalive.heard(now)
         session.link.send(wire.RELAY, session=session.token,
@@ -582,7 +583,8 @@ class Client:
             # The peer lost its path to us and punches again: so must we.
             if not session.punching:
                 self.say(f'{session.name} lost the direct path; punching again')
-                session.start_punch(time.monotonic())
+                session.started = time.monotonic()
+                session.start_punch(session.started)
             return
         self.session_message(session, inner, source=None)
 

@@ -48,6 +48,7 @@ class Outgoing:
         self.seq = seq
         self.payload = payload
         self.tries = 0
+        self.resent = False         # sent more than once: its echo is ambiguous
         self.due = 0.0
         self.sent_at = 0.0
         self.rto = RTO_INITIAL
@@ -112,7 +113,7 @@ class ReliableChannel:
     def _delivered(self, out, now):
         """One message has arrived: learn the round trip, open the window."""
         self.last_progress = now
-        if out.tries == 1:              # Karn: a resent message's echo is ambiguous
+        if not out.resent:              # Karn: a resent message's echo is ambiguous
             self._sample_rtt(now - out.sent_at)
         self._grow_window()
 
@@ -141,8 +142,15 @@ class ReliableChannel:
         return lost
 
     def hurry(self, now):
-        """Resend everything in flight now: the path under us has changed."""
+        """Resend everything in flight now: the path under us has changed.
+
+        The tries start again from one: what failed on the old path says
+        nothing about the new one.
+        """
         for out in self.in_flight.values():
+            out.resent = True
+            out.tries = 0
+            out.rto = self.rto
             self._transmit(out, now)
 
     @property
@@ -210,6 +218,7 @@ class ReliableChannel:
             self._transmit(out, now)
 
     def _transmit(self, out, now):
+        out.resent = out.resent or out.tries > 0
         out.tries += 1
         out.sent_at = now
         out.due = now + out.rto

@@ -224,9 +224,9 @@ def test_hurry_resends_everything_in_flight():
     wire.take()
     sender.hurry(0.1)
     assert wire.take() == [(1, 'b'), (2, 'c'), (3, 'd')]
-    assert sender.retransmit(0.1 + RTO_INITIAL - 0.001) == []
-    assert wire.take() == []                   # the timers restarted at the hurry
-    sender.retransmit(0.1 + RTO_INITIAL)
+    assert sender.retransmit(0.1 + sender.rto - 0.001) == []
+    assert wire.take() == []                   # the timers restarted at the hurry,
+    sender.retransmit(0.1 + sender.rto)        # from the measured timeout
     assert wire.take() == [(1, 'b'), (2, 'c'), (3, 'd')]
 
 
@@ -237,12 +237,17 @@ def test_hurry_with_nothing_in_flight():
     assert wire.sent == []
 
 
-def test_hurry_counts_as_tries():
-    """Sends made by hurry() count toward stalled."""
+def test_hurry_starts_the_tries_afresh():
+    """A new path gets its own three tries before it counts as stalled."""
     sender, _ = make_channel()
     sender.send('a', 0.0)
-    sender.hurry(0.1)
-    sender.hurry(0.2)
+    sender.retransmit(1.0)
+    sender.retransmit(3.0)
+    assert sender.stalled                      # the old path is dead
+    sender.hurry(3.1)                          # a new one: one try so far
+    assert not sender.stalled
+    sender.retransmit(3.1 + sender.rto)
+    sender.retransmit(3.1 + 3 * sender.rto)
     assert sender.stalled
 
 
