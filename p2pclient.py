@@ -383,7 +383,12 @@ class Client:
         else:
             why = f'lost the TCP connection to {session.name}'
         session.stop_tcp()
+        self.after_tcp(session, why, now)
+
+    def after_tcp(self, session, why, now):
+        """TCP gave up: punch UDP next or, with --tcp-only, relay."""
         if self.transport == 'tcp':
+            self.say(why)
             session.relayed = True
             self.connected(session, now, 'relayed through the rendezvous server')
         else:
@@ -554,13 +559,7 @@ class Client:
                 lambda stream, inner: self.session_message(session, inner, None))
         except OSError as error:        # the port cannot be shared here
             session.tcp = None
-            if self.transport == 'tcp':
-                self.say(f'cannot punch TCP ({error.strerror})')
-                session.relayed = True
-                self.connected(session, now, 'relayed through the rendezvous server')
-            else:
-                self.say(f'cannot punch TCP ({error.strerror}); punching UDP')
-                session.start_punch(now)
+            self.after_tcp(session, f'cannot punch TCP ({error.strerror})', now)
 
     def tcp_locked(self, session, stream):
         """A TCP connection proved the peer: chat goes over it."""

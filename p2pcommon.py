@@ -195,56 +195,39 @@ class Endpoint:
         return (host, port ^ XOR_PORT), offset + self.SIZE
 
 
-class EndpointList:
-    """A count byte and up to MAX_ENDPOINTS endpoints."""
+class ListOf:
+    """A count (struct format ``count``) and that many items of one codec."""
+
+    def __init__(self, item, count, limit, what):
+        self.item = item
+        self.count = struct.Struct('!' + count)
+        self.limit = limit
+        self.what = what            # 'endpoints', 'names': for error messages
 
     def pack(self, value):
-        """Encode a list of (host, port) pairs."""
-        if len(value) > MAX_ENDPOINTS:
-            raise ProtocolError(f'endpoints: {len(value)}, more than {MAX_ENDPOINTS}')
-        return bytes([len(value)]) + b''.join(ENDPOINT.pack(e) for e in value)
+        """Encode a list of items."""
+        if len(value) > self.limit:
+            raise ProtocolError(f'{self.what}: {len(value)}, more than {self.limit}')
+        return self.count.pack(len(value)) + b''.join(self.item.pack(v) for v in value)
 
     def unpack(self, buf, offset, field):
-        """Decode the list; return (list of (host, port), next offset)."""
-        if offset >= len(buf):
+        """Decode the list; return (list, next offset)."""
+        if len(buf) - offset < self.count.size:
             raise ProtocolError(f'{field}: missing count')
-        count = buf[offset]
-        if count > MAX_ENDPOINTS:
-            raise ProtocolError(f'{field}: {count} endpoints, more than {MAX_ENDPOINTS}')
-        offset += 1
-        endpoints = []
+        (count,) = self.count.unpack_from(buf, offset)
+        if count > self.limit:
+            raise ProtocolError(f'{field}: {count} {self.what}, more than {self.limit}')
+        offset += self.count.size
+        items = []
         for i in range(count):
-            endpoint, offset = ENDPOINT.unpack(buf, offset, f'{field}[{i}]')
-            endpoints.append(endpoint)
-        return endpoints, offset
+            item, offset = self.item.unpack(buf, offset, f'{field}[{i}]')
+            items.append(item)
+        return items, offset
 
 
-class NameList:
-    """A 2-byte count and that many names (the PEERS reply)."""
-
-    def pack(self, value):
-        """Encode a list of names."""
-        if len(value) > MAX_PEERS_LISTED:
-            raise ProtocolError(f'names: {len(value)}, more than {MAX_PEERS_LISTED}')
-        return struct.pack('!H', len(value)) + b''.join(NAME.pack(n) for n in value)
-
-    def unpack(self, buf, offset, field):
-        """Decode the list; return (list of names, next offset)."""
-        if len(buf) - offset < 2:
-            raise ProtocolError(f'{field}: missing count')
-        (count,) = struct.unpack_from('!H', buf, offset)
-        if count > MAX_PEERS_LISTED:
-            raise ProtocolError(f'{field}: {count} names, more than {MAX_PEERS_LISTED}')
-        offset += 2
-        names = []
-        for i in range(count):
-            name, offset = NAME.unpack(buf, offset, f'{field}[{i}]')
-            names.append(name)
-        return names, offset
-
-
-NAME, TEXT, BLOB = Name(), Text(), Blob()
-ENDPOINT, ENDPOINTS, NAMES = Endpoint(), EndpointList(), NameList()
+NAME, TEXT, BLOB, ENDPOINT = Name(), Text(), Blob(), Endpoint()
+ENDPOINTS = ListOf(ENDPOINT, 'B', MAX_ENDPOINTS, 'endpoints')
+NAMES = ListOf(NAME, 'H', MAX_PEERS_LISTED, 'names')
 TOKEN = f'{TOKEN_SIZE}s'
 SACK = '32s'            # bitmap of the 256 messages after the cumulative ACK
 SHA256 = '32s'
