@@ -26,6 +26,7 @@ import secrets
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -35,6 +36,20 @@ log = logging.getLogger('rendezvous')
 
 MAX_REQUEST = 2048              # the largest control message a peer may send
 UDP_BURST = 64                  # datagrams read per wake-up, before others get a turn
+ADDRESS_CACHE = 4096            # source addresses whose reply bytes we keep ready
+
+# A well-formed MAPPING request has exactly this size and header, so the
+# hot path checks bytes instead of decoding the message field by field;
+# anything else takes the full decoder, which also names what was wrong.
+MAPPING_SIZE = wire.HEADER_SIZE + wire.TOKEN_SIZE + wire.Endpoint.SIZE
+MAPPING_REQUEST = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.MAPPING, 0,
+                                   MAPPING_SIZE - wire.HEADER_SIZE)
+MAPPING_REPLY = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.MAPPING, wire.FLAG_REPLY,
+                                 MAPPING_SIZE - wire.HEADER_SIZE)
+TOKEN_END = wire.HEADER_SIZE + wire.TOKEN_SIZE
+# An IPv4 endpoint's last 12 address bytes are zeros, XORed with the key.
+IPV4_PADDING = wire.XOR_ADDRESS[4:]
+ENDPOINT_PORT = struct.Struct('!BH')
 SUMMARY_INTERVAL = 60.0         # seconds between reports of dropped datagrams
 
 
@@ -128,6 +143,10 @@ class Rendezvous:
         self.by_token = {}              # registration token -> Peer
         self.sessions = {}              # session token -> (Peer, Peer)
         self.connections = {}           # socket -> Peer, registered or not
+        # Not registered yet, oldest first (dicts keep insertion order): the
+        # timer looks at the expired head only, not at every connection.
+        self.unregistered = {}          # socket -> Peer
+        self.addresses = {}             # source host -> (plain host, family, XORed bytes)
         self.per_address = collections.Counter()
         self.dropped = collections.Counter()    # bad datagrams, by reason
         self.next_summary = time.monotonic() + SUMMARY_INTERVAL
@@ -193,10 +212,12 @@ class Rendezvous:
     def check_timers(self, now):
         """Close connections that never registered; summarise dropped datagrams."""
         timeout = self.limits.register_timeout
-        for peer in [p for p in self.connections.values() if p.name is None]:
-            if now - peer.connected_at > timeout:
-                log.info('closing %s: not registered after %g s', peer, timeout)
-                self.close(peer)
+        while self.unregistered:
+            peer = next(iter(self.unregistered.values()))
+            if now - peer.connected_at <= timeout:
+                break           # the rest connected later still
+            log.info('closing %s: not registered after %g s', peer, timeout)
+            self.close(peer)
         if now >= self.next_summary:
             self.mapping_limit.forget_idle(now)
             self.connect_limit.forget_idle(now)
@@ -231,6 +252,7 @@ class Rendezvous:
         self.per_address[address[0]] += 1
         peer = Peer(sock, address, time.monotonic())
         self.connections[sock] = peer
+        self.unregistered[sock] = peer
         self.selector.register(sock, selectors.EVENT_READ, Connection(self, peer).ready)
         log.debug('connection from %s', peer)
 
@@ -240,6 +262,7 @@ class Rendezvous:
             return      # closed already
         self.selector.unregister(peer.sock)
         del self.connections[peer.sock]
+        self.unregistered.pop(peer.sock, None)
         peer.sock.close()
         self.per_address[peer.address[0]] -= 1
         if self.per_address[peer.address[0]] <= 0:
@@ -267,9 +290,22 @@ class Rendezvous:
             self.close(peer)
             return
         log.debug('> %s to %s (tcp)', wire.TYPE_NAMES[type], peer)
-        peer.output += data
-        self.selector.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                             self.selector.get_key(peer.sock).data)
+        if peer.output:
+            peer.output += data         # the loop is already waiting to write
+            return
+        # Nothing queued: write at once.  Waiting for the loop to say the
+        # socket is writable (it nearly always is) costs two epoll_ctl calls
+        # and a loop turn per reply.
+        try:
+            sent = peer.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0            # Connection.write meets the error again and closes
+        if sent < len(data):
+            peer.output += data[sent:]
+            self.selector.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 self.selector.get_key(peer.sock).data)
 
     def send_error(self, peer, code, text):
         """Tell a peer what was wrong with its request."""
@@ -312,6 +348,7 @@ class Rendezvous:
             self.send_error(peer, wire.E_NAME_TAKEN, f'name {message.name!r} is taken')
             return
         peer.name, peer.private, peer.tcp_port = message.name, message.private, message.tcp_port
+        self.unregistered.pop(peer.sock, None)
         peer.token = secrets.token_bytes(wire.TOKEN_SIZE)
         self.peers[peer.name] = peer
         self.by_token[peer.token] = peer
@@ -373,7 +410,12 @@ class Rendezvous:
 
         Reads up to UDP_BURST datagrams before returning to the loop: one
         wake-up per datagram would spend most of the time in select().
+        What is the same for the whole burst (the clock, the log level,
+        which port this is) is looked up once.
         """
+        now = time.monotonic()
+        debug = log.isEnabledFor(logging.DEBUG)
+        probe = sock in self.probes
         for _ in range(UDP_BURST):
             try:
                 data, source = sock.recvfrom(wire.MAX_DATAGRAM + 1)
@@ -382,10 +424,49 @@ class Rendezvous:
             except OSError as error:    # e.g. an ICMP error from an earlier send
                 log.debug('udp: %s', error)
                 continue
-            self.answer_mapping(sock, data, source)
+            self.answer_mapping(sock, data, source, now, probe, debug)
 
-    def answer_mapping(self, sock, data, source):
+    def answer_mapping(self, sock, data, source, now, probe, debug=False):
         """Check one datagram; record and answer it if it is a MAPPING."""
+        if plain_mapping_request(data):
+            token = data[wire.HEADER_SIZE:TOKEN_END]    # the common case: no decoding
+        else:
+            token = self.check_datagram(data, source)
+            if token is None:
+                return
+        host, family, packed = self.source_address(source[0])
+        public = (host, source[1])
+        if debug:
+            log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public),
+                      sock.getsockname()[1])
+        if not self.mapping_limit.allow(host, now):
+            self.dropped['rate limited'] += 1
+            return
+        peer = self.by_token.get(token)
+        if peer is not None:
+            if not probe:
+                if peer.public != public:
+                    log.info('%s has public endpoint %s', peer, wire.format_endpoint(public))
+                peer.public = public
+            else:
+                peer.probed = public
+        if debug:
+            log.debug('> MAPPING to %s (udp %d)', wire.format_endpoint(public),
+                      sock.getsockname()[1])
+        # The reply has the request's size exactly: no amplification.
+        answer = (MAPPING_REPLY + token
+                  + ENDPOINT_PORT.pack(family, source[1] ^ wire.XOR_PORT) + packed)
+        try:
+            sock.sendto(answer, source)
+        except OSError as error:
+            log.debug('udp send to %s: %s', wire.format_endpoint(source), error)
+
+    def check_datagram(self, data, source):
+        """Decode a datagram that is not a plain MAPPING request; its token or None.
+
+        Counts the dropped ones by reason.  A MAPPING with unusual but legal
+        header bits (a reserved byte, say) still gets its answer.
+        """
         try:
             message = wire.decode(data)
             if message.type != wire.MAPPING or message.flags & wire.FLAG_REPLY:
@@ -393,29 +474,37 @@ class Rendezvous:
         except wire.ProtocolError as error:
             self.dropped[str(error).split(':')[0]] += 1
             log.debug('< bad datagram from %s: %s', wire.format_endpoint(source), error)
-            return
-        public = wire.plain(source)
-        log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public),
-                  sock.getsockname()[1])
-        if not self.mapping_limit.allow(public[0], time.monotonic()):
-            self.dropped['rate limited'] += 1
-            return
-        peer = self.by_token.get(message.token)
-        if peer is not None:
-            if sock not in self.probes:
-                if peer.public != public:
-                    log.info('%s has public endpoint %s', peer, wire.format_endpoint(public))
-                peer.public = public
-            else:
-                peer.probed = public
-        log.debug('> MAPPING to %s (udp %d)', wire.format_endpoint(public),
-                  sock.getsockname()[1])
-        # The reply has the request's size exactly: no amplification.
-        answer = wire.reply(wire.MAPPING, token=message.token, public=public)
-        try:
-            sock.sendto(answer, source)
-        except OSError as error:
-            log.debug('udp send to %s: %s', wire.format_endpoint(source), error)
+            return None
+        return message.token
+
+    def source_address(self, host):
+        """(plain host, family byte, XORed address bytes) for a source address.
+
+        Parsing an address string is the dearest step of a MAPPING answer,
+        and the same peers ask again and again, so the answers are kept,
+        a bounded number of them.
+        """
+        known = self.addresses.get(host)
+        if known is None:
+            if len(self.addresses) >= ADDRESS_CACHE:
+                self.addresses.clear()
+            plain = wire.plain((host, 0))[0]
+            encoded = wire.ENDPOINT.pack((plain, 0))
+            known = self.addresses[host] = (plain, encoded[0], encoded[3:])
+        return known
+
+
+def plain_mapping_request(data):
+    """True for a well-formed MAPPING request, checked byte by byte.
+
+    This is what nearly every datagram is, and what the decoder would
+    accept: the exact size and header, and an endpoint field of family 6,
+    or of family 4 with the zero padding (XORed) after the address.
+    """
+    if len(data) != MAPPING_SIZE or not data.startswith(MAPPING_REQUEST):
+        return False
+    family = data[TOKEN_END]
+    return family == 6 or (family == 4 and data.endswith(IPV4_PADDING))
 
 
 class Connection:
