@@ -313,3 +313,19 @@ def test_kill_9_frees_the_name_and_tells_the_peer(server, pair):
     alice.expect(r'^\* bob left$', timeout=15)         # well within the keepalive timeout
     with RawPeer(server[1], 'bob'):                     # and the name is free
         pass
+
+
+@pytest.mark.parametrize('family, padding', [(5, bytes(12)), (4, b'\1' * 12)])
+def test_a_mapping_request_with_a_bad_endpoint_is_dropped(server, family, padding):
+    """The fast path answers only what the full decoder would accept."""
+    _, port = server
+    good = wire.encode(wire.MAPPING, token=bytes(16), public=('0.0.0.0', 0))
+    xored_padding = bytes(a ^ b for a, b in zip(padding, wire.XOR_ADDRESS[4:]))
+    endpoint = bytes([family]) + good[-18:-12] + xored_padding     # port, IPv4, padding
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        sock.sendto(good[:-19] + endpoint, ('127.0.0.1', port))
+        with pytest.raises(TimeoutError):
+            sock.recv(100)
+        sock.sendto(good, ('127.0.0.1', port))             # the good one is answered
+        assert len(sock.recv(100)) == len(good)
