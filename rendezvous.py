@@ -149,6 +149,7 @@ class Rendezvous:
         self.addresses = {}             # source host -> (plain host, family, XORed bytes)
         self.per_address = collections.Counter()
         self.dropped = collections.Counter()    # bad datagrams, by reason
+        self.refused = collections.Counter()    # ERROR replies and refused connections
         self.next_summary = time.monotonic() + SUMMARY_INTERVAL
         self.port, self.probes = self._open_all(binds, port)
 
@@ -225,14 +226,18 @@ class Rendezvous:
             self.next_summary = now + SUMMARY_INTERVAL
 
     def report_dropped(self):
-        """One log line for all the datagrams dropped since the last one.
+        """One log line each for the bad datagrams and the refused requests.
 
-        A flood of garbage must not become a flood of log lines.
+        A flood of garbage must not become a flood of log lines: what went
+        wrong is counted, by the field or the request it concerned, and
+        reported once a minute.
         """
-        if self.dropped:
-            log.warning('dropped %d datagrams: %s', sum(self.dropped.values()),
-                        ', '.join(f'{n} {why}' for why, n in self.dropped.most_common()))
-            self.dropped.clear()
+        for what, counts in (('dropped %d datagrams: %s', self.dropped),
+                             ('refused %d requests and connections: %s', self.refused)):
+            if counts:
+                log.warning(what, sum(counts.values()),
+                            ', '.join(f'{n} {why}' for why, n in counts.most_common()))
+                counts.clear()
 
     # -- TCP control connections -------------------------------------------
 
@@ -244,8 +249,9 @@ class Rendezvous:
             return
         address = wire.plain(address)
         if self.per_address[address[0]] >= self.limits.per_address:
-            log.warning('refusing %s: %d connections from that address already',
-                        wire.format_endpoint(address), self.limits.per_address)
+            log.debug('refusing %s: %d connections from that address already',
+                      wire.format_endpoint(address), self.limits.per_address)
+            self.refused['connections per address'] += 1
             sock.close()
             return
         sock.setblocking(False)
@@ -308,8 +314,9 @@ class Rendezvous:
                                  self.selector.get_key(peer.sock).data)
 
     def send_error(self, peer, code, text):
-        """Tell a peer what was wrong with its request."""
-        log.info('error to %s: %s', peer, text)
+        """Tell a peer what was wrong with its request; count it for the summary."""
+        log.debug('error to %s: %s', peer, text)
+        self.refused[text.split(':')[0]] += 1
         self.send(peer, wire.ERROR, code=code, text=text[:wire.MAX_TEXT])
 
     # -- requests on the control connection ---------------------------------
@@ -542,7 +549,7 @@ class Connection:
                 if peer.sock.fileno() < 0:
                     return      # the message closed the connection
         except wire.FramingError as error:
-            log.warning('closing %s: %s', peer, error)
+            log.debug('closing %s: %s', peer, error)
             self.server.send_error(peer, wire.E_BAD_MESSAGE, str(error))
             self.write()
             self.server.close(peer)
@@ -554,7 +561,7 @@ class Connection:
         except wire.FramingError:
             raise
         except wire.ProtocolError as error:
-            log.info('bad message from %s: %s', self.peer, error)
+            log.debug('bad message from %s: %s', self.peer, error)
             self.server.send_error(self.peer, wire.E_BAD_MESSAGE, str(error))
             return
         self.server.handle(self.peer, message)

@@ -133,6 +133,12 @@ def test_tcp_fuzz_gets_errors_or_a_close_and_everyone_else_is_served(server, pai
                     assert ':' in message.text or ' ' in message.text
         if round % 50 == 0:
             chat(alice, bob, f'still chatting {round}')
+    proc = server[0]
+    proc.popen.send_signal(signal.SIGTERM)
+    proc.wait()
+    refused = proc.expect_log(r'refused (\d+) requests and connections: ')
+    assert int(refused.group(1)) > 200
+    assert len(proc.err.lines) < 50                     # a summary, not a line per frame
 
 
 def test_a_malformed_frame_gets_an_error_that_names_the_field(server):
