@@ -342,7 +342,9 @@ class Client:
                        for s in self.sessions.values())
             timeout = 0.01 if busy else 0.2
             for key, mask in self.selector.select(timeout):
-                key.data(key.fileobj, mask)
+                # An earlier handler of this batch may have closed this one.
+                if self.selector.get_map().get(key.fd) is key:
+                    key.data(key.fileobj, mask)
             self.check_timers(time.monotonic())
 
     def check_timers(self, now):

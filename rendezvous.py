@@ -35,6 +35,7 @@ import p2pcommon as wire
 log = logging.getLogger('rendezvous')
 
 MAX_REQUEST = 2048              # the largest control message a peer may send
+MAX_SESSIONS = 64               # introductions one peer may hold open at once
 UDP_BURST = 64                  # datagrams read per wake-up, before others get a turn
 ADDRESS_CACHE = 4096            # source addresses whose reply bytes we keep ready
 
@@ -113,7 +114,7 @@ class Peer:
         self.tcp_port = 0               # the local port of its end of this connection
         self.public = None              # seen on our main UDP port (point 3)
         self.probed = None              # seen on the probe port (point 6)
-        self.sessions = set()           # session tokens of our introductions
+        self.sessions = {}              # session token -> the other Peer, oldest first
 
     @property
     def port_delta(self):
@@ -207,7 +208,8 @@ class Rendezvous:
     def serve_once(self, timeout):
         """Wait for ready sockets, handle each, then the timers."""
         for key, mask in self.selector.select(timeout):
-            key.data(key.fileobj, mask)
+            if self.selector.get_map().get(key.fd) is key:     # not closed meanwhile
+                key.data(key.fileobj, mask)
         self.check_timers(time.monotonic())
 
     def check_timers(self, now):
@@ -273,13 +275,11 @@ class Rendezvous:
         self.per_address[peer.address[0]] -= 1
         if self.per_address[peer.address[0]] <= 0:
             del self.per_address[peer.address[0]]
-        for session in peer.sessions:
-            pair = self.sessions.pop(session, None)
-            if pair:
-                # Tell the partner at once, as if the peer had said BYE.
-                other = pair[1] if pair[0] is peer else pair[0]
-                self.send(other, wire.RELAY, session=session,
-                          message=wire.encode(wire.BYE, session=session))
+        for session, other in list(peer.sessions.items()):
+            self.forget_session(session)
+            # Tell the partner at once, as if the peer had said BYE.
+            self.send(other, wire.RELAY, session=session,
+                      message=wire.encode(wire.BYE, session=session))
         if peer.name and self.peers.get(peer.name) is peer:
             del self.peers[peer.name]
             del self.by_token[peer.token]
@@ -376,15 +376,29 @@ class Rendezvous:
             self.send_error(peer, wire.E_NOT_REGISTERED,
                             'your public endpoint is not known yet: send MAPPING first')
             return
+        # A pair has one session: a new introduction replaces the old one.
+        # And a peer has at most MAX_SESSIONS, or repeated CONNECTs would
+        # fill our memory: the oldest goes first.
+        for old, other in list(peer.sessions.items()):
+            if other is target:
+                self.forget_session(old)
+        for someone in (peer, target):
+            while len(someone.sessions) >= MAX_SESSIONS:
+                self.forget_session(next(iter(someone.sessions)))
         session = secrets.token_bytes(wire.TOKEN_SIZE)
         self.sessions[session] = (peer, target)
-        peer.sessions.add(session)
-        target.sessions.add(session)
+        peer.sessions[session] = target
+        target.sessions[session] = peer
         # Both at once: each side must punch toward the other (point 5).
         self.introduce(target, peer, session)
         self.introduce(peer, target, session)
         log.info('introduced %s (%s) and %s (%s)', peer, wire.format_endpoint(peer.public),
                  target, wire.format_endpoint(target.public))
+
+    def forget_session(self, session):
+        """The pair of this session may no longer relay through us."""
+        for peer in self.sessions.pop(session, ()):
+            peer.sessions.pop(session, None)
 
     def introduce(self, peer, other, session):
         """Tell peer how to reach other: public, predicted and private (points 4, 6, 10)."""
@@ -523,8 +537,6 @@ class Connection:
 
     def ready(self, sock, mask):
         """Called by the loop when the socket can be read or written."""
-        if self.peer.sock.fileno() < 0:
-            return      # closed by an earlier event of the same select()
         if mask & selectors.EVENT_WRITE:
             self.write()
         if mask & selectors.EVENT_READ:

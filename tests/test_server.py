@@ -224,3 +224,19 @@ def test_quiet_server_logs_nothing_for_a_normal_session():
     finally:
         proc.stop()
     assert proc.err.lines == []
+
+
+def test_a_new_introduction_replaces_the_old_one(peers):
+    # Else every repeated CONNECT would keep a session, and memory, forever.
+    alice, bob = peers('alice'), peers('bob')
+    sessions = []
+    for _ in range(3):
+        alice.send(wire.CONNECT, target='bob')
+        sessions.append(alice.receive().session)
+        bob.receive()
+    hello = wire.encode(wire.KEEPALIVE, session=sessions[0])
+    alice.send(wire.RELAY, session=sessions[0], message=hello)
+    assert alice.receive().text == 'relay: not a session of yours'
+    hello = wire.encode(wire.KEEPALIVE, session=sessions[-1])
+    alice.send(wire.RELAY, session=sessions[-1], message=hello)
+    assert bob.receive().message == hello
