@@ -24,7 +24,7 @@ lab:
 # Benchmarks, not tests: they print tables (bench/README.md) and assert
 # nothing.  Their tools are for benchmarking only and never a dependency of
 # the programs: aioice from PyPI, coturn from Debian, a C compiler for the
-# load generator.  connect.py needs root (the NAT lab).
+# load generator.  connect.py and transfer.py need root (the NAT lab).
 bench:
 	@$(PYTHON) -c 'import aioice' 2>/dev/null || $(PYTHON) -m pip install --quiet aioice
 	@command -v turnserver >/dev/null && command -v cc >/dev/null || { \
@@ -34,6 +34,7 @@ bench:
 	cc -O2 -Wall -Wextra -o bench/build/loadgen bench/loadgen.c
 	$(PYTHON) bench/connect.py
 	$(PYTHON) bench/server.py
+	$(PYTHON) bench/transfer.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
