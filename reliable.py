@@ -81,6 +81,7 @@ class ReliableChannel:
         self.round_delivered = 0
         self.round_lost = 0
         self.last_progress = 0.0                      # when something was last acknowledged
+        self.sacked, self.sacked_ack = 0, 0           # the last SACK bitmap and its ack
 
     # -- sending -------------------------------------------------------------
 
@@ -99,7 +100,12 @@ class ReliableChannel:
         while self.in_flight and next(iter(self.in_flight)) < ack:
             self._delivered(self.in_flight.popitem(last=False)[1], now)
         bits = int.from_bytes(sack, 'big')      # bit SACK_BITS-1-i: message ack+1+i
-        marked = bits
+        # Only the bits this ACK adds: the previous bitmap, moved to this ack
+        # number, marks messages taken off in_flight already.
+        moved = ack - self.sacked_ack
+        seen = self.sacked << moved if 0 <= moved < SACK_BITS else 0
+        self.sacked, self.sacked_ack = bits, ack
+        marked = bits & ~seen
         while marked:
             lowest = marked & -marked
             marked ^= lowest

@@ -171,6 +171,7 @@ class Receiving:
         self.stream = None
         self.progress = Progress(self.size, now)
         self.verdict = None         # (ok, text) once decided
+        self.ack_due = False        # chunks arrived since our last CHUNK_ACK
         self.saved_as = None        # the path, once saved
 
     def accept(self, now):
@@ -183,9 +184,15 @@ class Receiving:
         self.progress = Progress(self.size, now)
 
     def chunk(self, seq, oldest, data):
-        """Write what arrived in order; return (ack, sack) for the CHUNK_ACK."""
+        """Write what arrived in order; return the next sequence number expected.
+
+        None when we are not (or no longer) taking chunks.  The CHUNK_ACK
+        waits for ``acknowledgement()`` at the end of the batch of datagrams
+        this one came in, so that one CHUNK_ACK answers them all.
+        """
         if self.state != 'accepted':
             return None
+        self.ack_due = True
         ready, ack = self.channel.receive(seq, data, oldest)
         for piece in ready:
             self.received += len(piece)
@@ -193,7 +200,14 @@ class Receiving:
                 raise TransferError(f'more data than the {self.size} bytes offered')
             self.stream.write(piece)
             self.digest.update(piece)
-        return ack, self.channel.selective()
+        return ack
+
+    def acknowledgement(self):
+        """(ack, sack) for a CHUNK_ACK, if chunks came since the last; else None."""
+        if not self.ack_due:
+            return None
+        self.ack_due = False
+        return self.channel.expected, self.channel.selective()
 
     def finish(self):
         """All chunks are in: check size and SHA-256, then give the file its name.
@@ -332,10 +346,7 @@ class Transfers:
             self.fail(self.incoming, message.transfer,
                       f'{self.peer} stopped sending: {wire.safe(message.text)}', tell=False)
         elif message.type == wire.CHUNK:
-            acknowledgement = receiving.chunk(message.seq, message.oldest, message.data)
-            if acknowledgement:
-                ack, sack = acknowledgement
-                self.send(wire.CHUNK_ACK, transfer=message.transfer, seq=ack, sack=sack)
+            if receiving.chunk(message.seq, message.oldest, message.data) is not None:
                 line = receiving.progress.line(receiving.received, now)
                 if line:
                     self.say(f'receiving {receiving.name} from {self.peer}: {line}')
@@ -383,7 +394,17 @@ class Transfers:
     # -- time and trouble ---------------------------------------------------
 
     def tick(self, now):
-        """Drive every outgoing transfer; print progress when due."""
+        """Acknowledge what arrived; drive every outgoing transfer; print progress.
+
+        The client calls this after each batch of datagrams it read, so the
+        CHUNK_ACKs go out once per batch: one per datagram when we keep up,
+        fewer (and less work for both sides) when a burst has queued up.
+        """
+        for receiving in self.incoming.values():
+            acknowledgement = receiving.acknowledgement()
+            if acknowledgement:
+                ack, sack = acknowledgement
+                self.send(wire.CHUNK_ACK, transfer=receiving.transfer, seq=ack, sack=sack)
         for sending in list(self.outgoing.values()):
             if sending.state == 'done':
                 continue
