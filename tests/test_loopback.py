@@ -346,7 +346,7 @@ def test_a_rejected_file_is_not_sent(clients, folders):
 
 def test_an_interrupted_transfer_leaves_no_file(clients, folders):
     source, downloads = folders
-    (source / 'big.iso').write_bytes(os.urandom(50_000_000))
+    (source / 'big.iso').write_bytes(os.urandom(100_000_000))
     # UDP: slower than TCP on loopback, so the kill comes mid-transfer.
     alice = clients('alice', '--udp-only')
     bob = clients('bob', '--udp-only', '--downloads', downloads)
