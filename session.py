@@ -1,0 +1,84 @@
+"""One introduced peer, as the client sees it: how we reach it, what we send it.
+
+A Session is made when the rendezvous server introduces a peer (article
+point 4).  It holds the punch (UDP, point 5) and, tried first, the TCP
+punch; the path they lock onto, or the relay (point 11); the keepalive
+(point 9); and the reliable channels for chat and files.  Its ``send``
+picks the path, so nothing above it needs to know which one is in use.
+"""
+
+import time
+
+import p2pcommon as wire
+import punch
+from reliable import ReliableChannel
+from transfer import Transfers
+
+
+class Session:
+    """One introduced peer: the punch, then a direct path or the relay."""
+
+    def __init__(self, client, link, name, token, targets, now, started):
+        self.client = client
+        self.link = link            # the server that introduced us: it relays
+        self.name = name
+        self.token = token
+        self.targets = targets
+        self.started = started
+        self.relayed = False        # punching failed: chat goes through the server
+        self.tcp = None             # TCP hole punching, tried first
+        # Made now, so that a UDP proof from the peer is taken even while
+        # we still try TCP; it sends nothing until start_punch.
+        self.punch = punch.Punch(client.send_udp, token, targets, now, client.punch_timeout)
+        self.keepalive = punch.Keepalive(client.keepalive_interval, now)
+        self.channel = ReliableChannel(self.transmit_data)
+        self.transfers = Transfers(name, self.send, client.say, client.downloads)
+
+    def start_punch(self, now):
+        """Punch toward every candidate endpoint (point 5)."""
+        previous = self.endpoint
+        targets = self.targets + ([previous] if previous and previous not in self.targets else [])
+        self.punch = punch.Punch(self.client.send_udp, self.token, targets, now,
+                                 self.client.punch_timeout)
+        self.punch.tick(now)
+
+    @property
+    def endpoint(self):
+        """The direct path the punch locked onto, or None."""
+        return self.punch.locked if self.punch else None
+
+    @property
+    def on_tcp(self):
+        """True while a punched TCP connection carries our messages."""
+        return self.tcp is not None and self.tcp.locked is not None and self.tcp.locked.open
+
+    @property
+    def trying_tcp(self):
+        """True while TCP hole punching is under way."""
+        return self.tcp is not None and self.tcp.locked is None
+
+    @property
+    def punching(self):
+        """True while PUNCH datagrams are still going out."""
+        return self.tcp is None and self.endpoint is None and not self.relayed
+
+    def stop_tcp(self):
+        """Close the TCP attempt and its connections."""
+        if self.tcp is not None:
+            self.tcp.close()
+            self.tcp = None
+
+    def send(self, type, **fields):
+        """Send a peer message along the current path: TCP, UDP or relayed."""
+        data = wire.encode(type, session=self.token, **fields)
+        if self.on_tcp:
+            self.tcp.locked.send(data)
+        elif self.endpoint is not None:
+            self.client.send_udp(data, self.endpoint)
+            self.keepalive.sent(time.monotonic())
+        elif self.relayed:
+            self.link.send(wire.RELAY, session=self.token, message=data)
+
+    def transmit_data(self, seq, text):
+        """The reliable layer's way out: one DATA."""
+        self.send(wire.DATA, seq=seq, oldest=self.channel.oldest, text=text)
