@@ -402,7 +402,7 @@ class TcpPunch:
 
     def received(self, stream, message):
         """A message on one of our streams: the first proof locks it in."""
-        if getattr(message, 'session', None) != self.session:
+        if message.type not in wire.PEER_TYPES or message.session != self.session:
             stream.close()              # not our peer: nobody else gets a stream
             self.dropped(stream)
             return

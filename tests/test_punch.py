@@ -1,8 +1,10 @@
 """The punching routine, candidates, keepalives and mapping discovery."""
 
 import io
+import selectors
 import os
 import socket
+import time
 
 import p2pcommon as wire
 import punch
@@ -137,3 +139,42 @@ def test_a_punch_before_our_introduce_is_kept_and_answered():
         assert f'* connected to bob at 127.0.0.1:{bob.getsockname()[1]} (direct, ' \
             in out.getvalue()
         assert len(client.sessions) == 1                # the stranger's punch made nothing
+
+
+def drive(selector, until, timeout=5.0):
+    """Run a selector loop by hand until until() is true."""
+    deadline = time.monotonic() + timeout
+    while not until() and time.monotonic() < deadline:
+        for key, mask in selector.select(0.05):
+            if selector.get_map().get(key.fd) is key:
+                key.data(key.fileobj, mask)
+    return until()
+
+
+def test_tcp_punch_locks_on_the_peer_and_closes_on_a_stranger():
+    selector = selectors.DefaultSelector()
+    locked = []
+    attempt = punch.TcpPunch(selector, ('127.0.0.1', 0), [], SESSION, time.monotonic(),
+                             locked.append, lambda stream, message: None)
+    port = attempt.listener.getsockname()[1]
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as stranger:
+        stranger.sendall(wire.encode(wire.PUNCH, session=OTHER))
+        stranger.setblocking(False)
+        heard = bytearray()
+
+        def closed():
+            try:
+                data = stranger.recv(100)
+            except BlockingIOError:
+                return False
+            heard.extend(data)
+            return not data
+
+        assert drive(selector, closed)              # closed: no stream for a wrong token
+        assert not locked and not attempt.streams
+        assert wire.decode(bytes(heard)).type == wire.PUNCH    # our proof, not theirs
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as peer:
+        peer.sendall(wire.encode(wire.PUNCH, session=SESSION))
+        assert drive(selector, lambda: locked)
+        assert attempt.locked is locked[0] and attempt.listener is None
+    attempt.close()
