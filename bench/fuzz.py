@@ -49,6 +49,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 import p2pcommon as wire  # noqa: E402
+from common import encode, zero_value  # noqa: E402
 from procs import command, start, start_server  # noqa: E402  (the tests' driver)
 
 HOST = '127.0.0.1'
@@ -118,35 +119,6 @@ def pack_field(fmt, value):
     if isinstance(fmt, str):
         return struct.pack('!' + fmt, value)
     return fmt.pack(value)
-
-
-def zero_value(fmt):
-    """The plainest valid value of a wire format: zeros, empty, 0.0.0.0:0."""
-    if isinstance(fmt, str):
-        return bytes(struct.calcsize('!' + fmt)) if fmt.endswith('s') else 0
-    if kind_of(fmt) == 'name':
-        return 'x'
-    if kind_of(fmt) == 'endpoint':
-        return ('0.0.0.0', 0)
-    for candidate in ([], '', b'', 0):          # Text, Blob, lists, codecs added later
-        try:
-            fmt.pack(candidate)
-            return candidate
-        except Exception:                       # noqa: BLE001  (any refusal: try the next)
-            continue
-    raise ValueError(f'no plain value for {fmt!r}')
-
-
-def encode(type, **fields):
-    """wire.encode, with zero values for fields we do not set.
-
-    The protocol grows fields (REGISTER got tcp_port, for one); a bench
-    that names only the fields it cares about keeps working.
-    """
-    for name, fmt in wire.LAYOUTS[type]:
-        if name not in fields:
-            fields[name] = zero_value(fmt)
-    return wire.encode(type, **fields)
 
 
 def field_value(rng, type, name, fmt, session):

@@ -45,7 +45,6 @@ import resource
 import selectors
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -53,6 +52,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 import p2pcommon as wire  # noqa: E402
+from common import encode  # noqa: E402
 from procs import start_server  # noqa: E402  (the tests' driver)
 
 HOST = '127.0.0.1'
@@ -669,35 +669,6 @@ class Soak:
             print(f'\nPROBLEMS ({len(self.problems)}, first 20):')
             for problem in self.problems[:20]:
                 print(f'  - {problem}')
-
-
-def zero_value(fmt):
-    """The plainest valid value of a wire format: zeros, empty, 0.0.0.0:0."""
-    if isinstance(fmt, str):
-        return bytes(struct.calcsize('!' + fmt)) if fmt.endswith('s') else 0
-    if fmt is getattr(wire, 'NAME', None):
-        return 'x'
-    if fmt is getattr(wire, 'ENDPOINT', None):
-        return ('0.0.0.0', 0)
-    for candidate in ([], '', b'', 0):          # Text, Blob, lists, codecs added later
-        try:
-            fmt.pack(candidate)
-            return candidate
-        except Exception:                       # noqa: BLE001  (any refusal: try the next)
-            continue
-    raise ValueError(f'no plain value for {fmt!r}')
-
-
-def encode(type, **fields):
-    """wire.encode, with zero values for fields we do not set.
-
-    The protocol grows fields (REGISTER got tcp_port, for one); a bench
-    that names only the fields it cares about keeps working.
-    """
-    for name, fmt in wire.LAYOUTS[type]:
-        if name not in fields:
-            fields[name] = zero_value(fmt)
-    return wire.encode(type, **fields)
 
 
 class Observer:
