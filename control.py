@@ -151,8 +151,7 @@ class ServerLink:
         record of it right, so that it introduces us with an endpoint that
         still works.
         """
-        request = wire.encode(wire.MAPPING, token=self.token,
-                              public=self.client.mapping.public)
+        request = punch.mapping_request(self.token)
         self.client.send_udp(request, self.udp)
         self.client.send_udp(request, self.probe)
         interval = self.client.keepalive_interval

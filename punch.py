@@ -17,6 +17,7 @@ calling their methods when a datagram arrives or a timer is due.
 """
 
 import ipaddress
+import os
 import select
 import selectors
 import socket
@@ -26,7 +27,7 @@ import time
 try:
     import fcntl
 except ImportError:         # not on Windows: interface_addresses falls back
-    pass
+    fcntl = None
 
 import p2pcommon as wire
 
@@ -82,7 +83,7 @@ def discover_mapping(sock, server, probe, token):
     port never answers.  Other datagrams that arrive meanwhile are dropped:
     nobody knows our address yet.
     """
-    request = wire.encode(wire.MAPPING, token=token, public=(_any_address(server), 0))
+    request = mapping_request(token)
     seen = {}
     for _ in range(MAPPING_TRIES):
         for target in (server, probe):
@@ -112,8 +113,13 @@ def _take_mapping_reply(sock, token, targets, seen):
             seen[target] = message.public
 
 
-def _any_address(endpoint):
-    return '::' if ':' in endpoint[0] else '0.0.0.0'
+def mapping_request(token):
+    """A MAPPING request: our registration token, and room for the answer.
+
+    The endpoint field is zeros: the server writes what it saw there, so
+    its reply is exactly as large as the request (no amplification).
+    """
+    return wire.encode(wire.MAPPING, token=token, public=('0.0.0.0', 0))
 
 
 def private_addresses(route):
@@ -142,24 +148,36 @@ def interface_addresses():
     and gives an interface's IPv4 address to the SIOCGIFADDR ioctl.
     Elsewhere, the addresses the host name resolves to.
     """
-    found = []
-    try:
-        with open('/proc/net/if_inet6') as table:
-            for line in table:
-                hex_address, _, _, scope = line.split()[:4]
-                if scope == '00':       # global scope
-                    found.append(str(ipaddress.IPv6Address(bytes.fromhex(hex_address))))
-        for _, name in socket.if_nameindex():
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                try:
-                    request = struct.pack('256s', name.encode()[:15])
-                    found.append(socket.inet_ntoa(
-                        fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)[20:24]))
-                except OSError:
-                    continue            # no IPv4 address on this one
-    except (OSError, NameError):
+    if fcntl is not None and os.path.exists('/proc/net/if_inet6'):
+        found = _ipv6_addresses() + _ipv4_addresses()
+    else:
         found = [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
     return [a for a in dict.fromkeys(found) if not ipaddress.ip_address(a).is_loopback]
+
+
+def _ipv6_addresses():
+    """Global IPv6 addresses, from Linux's /proc/net/if_inet6."""
+    found = []
+    with open('/proc/net/if_inet6') as table:
+        for line in table:
+            hex_address, _, _, scope = line.split()[:4]
+            if scope == '00':       # global scope
+                found.append(str(ipaddress.IPv6Address(bytes.fromhex(hex_address))))
+    return found
+
+
+def _ipv4_addresses():
+    """Each interface's IPv4 address, by the SIOCGIFADDR ioctl."""
+    found = []
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            request = struct.pack('256s', name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)
+            except OSError:
+                continue            # no IPv4 address on this one
+            found.append(socket.inet_ntoa(reply[20:24]))
+    return found
 
 
 def candidates(introduction):
