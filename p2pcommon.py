@@ -29,7 +29,7 @@ import socket
 import struct
 
 MAGIC = 0x5032          # "P2"
-VERSION = 1
+VERSION = 2              # 2: the SACK bitmap grew to 512 messages, as long as a file's window
 DEFAULT_PORT = 7777     # TCP and UDP; the server probes mappings on PORT + 1
 
 HEADER = struct.Struct('!HBBBxH')
@@ -230,7 +230,8 @@ NAME, TEXT, BLOB, ENDPOINT = Name(), Text(), Blob(), Endpoint()
 ENDPOINTS = ListOf(ENDPOINT, 'B', MAX_ENDPOINTS, 'endpoints')
 NAMES = ListOf(NAME, 'H', MAX_PEERS_LISTED, 'names')
 TOKEN = f'{TOKEN_SIZE}s'
-SACK = '32s'            # bitmap of the 256 messages after the cumulative ACK
+SACK_BYTES = 64         # bitmap of the 512 messages after the cumulative ACK
+SACK = f'{SACK_BYTES}s'
 SHA256 = '32s'
 
 # ---------------------------------------------------------------------------

@@ -27,13 +27,15 @@ nothing.
 
 import collections
 
+import p2pcommon as wire
+
 RTO_INITIAL = 0.5       # seconds before the first retransmission, before any RTT sample
 RTO_MIN = 0.2           # a timeout never shorter than this, however fast the path
 RTO_MAX = 4.0           # the wait doubles up to this
 MAX_TRIES = 10          # about 30 s of trying before we report a loss
 WINDOW = 64             # messages in flight before new ones wait
-SACK_BITS = 256         # how far beyond the cumulative ACK the bitmap reaches
-SACK_BYTES = SACK_BITS // 8
+SACK_BYTES = wire.SACK_BYTES
+SACK_BITS = SACK_BYTES * 8  # how far beyond the cumulative ACK the bitmap reaches
 NO_SACK = bytes(SACK_BYTES)
 INITIAL_CWND = 4        # congestion window at the start, in messages
 DUPLICATE_THRESHOLD = 3  # this many later messages received: the hole is a loss

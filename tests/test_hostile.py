@@ -64,7 +64,7 @@ def samples():
         wire.RELAY: dict(session=token, message=b'x' * 40), wire.BYE: dict(session=token),
         wire.PUNCH: dict(session=token), wire.PUNCH_ACK: dict(session=token),
         wire.DATA: dict(session=token, seq=1, oldest=0, text='hello'),
-        wire.ACK: dict(session=token, seq=1, sack=bytes(32)),
+        wire.ACK: dict(session=token, seq=1, sack=bytes(wire.SACK_BYTES)),
         wire.KEEPALIVE: dict(session=token),
     }
     return [wire.encode(type, **f) for type, f in fields.items()]
@@ -82,7 +82,7 @@ def mutate(rng, data):
     elif how == 2:
         data[6:8] = rng.randrange(65536).to_bytes(2, 'big')
     elif how == 3:
-        data[2] = rng.choice([0, 2, 255])                     # version
+        data[2] = rng.choice([0, 1, 255])                     # version
     elif how == 4:
         data += bytes([40]) + bytes(rng.randrange(256) for _ in range(40))   # huge name
     else:

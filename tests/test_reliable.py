@@ -351,8 +351,8 @@ def test_lossy_channel_delivers_everything_once_in_order():
 def test_selective_empty():
     """With nothing beyond the next expected message, the bitmap is 32 zero bytes."""
     receiver, _ = make_channel()
-    assert receiver.selective() == NO_SACK == bytes(32)
-    assert SACK_BYTES * 8 == SACK_BITS == 256
+    assert receiver.selective() == NO_SACK == bytes(64)
+    assert SACK_BYTES * 8 == SACK_BITS == 512
     receiver.receive(0, 'a')
     receiver.receive(1, 'b')
     assert receiver.selective() == NO_SACK
@@ -364,16 +364,16 @@ def test_selective_bit_order():
     """Bit i (most significant first) of the bitmap stands for message expected + 1 + i."""
     receiver, _ = make_channel(window=512)
     receiver.receive(2, 'c')
-    assert receiver.selective() == b'\x40' + bytes(31)
+    assert receiver.selective() == b'\x40' + bytes(SACK_BYTES - 1)
     receiver.receive(1, 'b')
-    assert receiver.selective() == b'\xc0' + bytes(31)
+    assert receiver.selective() == b'\xc0' + bytes(SACK_BYTES - 1)
     receiver.receive(8, 'i')
     receiver.receive(9, 'j')
     assert receiver.selective()[:2] == b'\xc1\x80'
-    receiver.receive(256, 'last')              # i = 255: the very last bit
+    receiver.receive(512, 'last')              # i = 511: the very last bit
     assert receiver.selective()[-1] == 0x01
-    receiver.receive(257, 'beyond')            # held, but beyond what the bitmap reaches
-    assert receiver.selective() == sack_of(0, 1, 2, 8, 9, 256)
+    receiver.receive(513, 'beyond')            # held, but beyond what the bitmap reaches
+    assert receiver.selective() == sack_of(0, 1, 2, 8, 9, 512)
     assert len(receiver.selective()) == SACK_BYTES
 
 
@@ -384,9 +384,9 @@ def test_selective_moves_with_the_cumulative_ack():
         assert receiver.receive(seq, seq)[1] == 0
     assert receiver.selective() == sack_of(0, 1, 2, 5)
     assert receiver.receive(0, 0) == ([0, 1, 2], 3)
-    assert receiver.selective() == sack_of(3, 5) == b'\x40' + bytes(31)
+    assert receiver.selective() == sack_of(3, 5) == b'\x40' + bytes(SACK_BYTES - 1)
     assert receiver.receive(3, 3) == ([3], 4)
-    assert receiver.selective() == b'\x80' + bytes(31)
+    assert receiver.selective() == b'\x80' + bytes(SACK_BYTES - 1)
     assert receiver.receive(4, 4) == ([4, 5], 6)
     assert receiver.selective() == NO_SACK
 
@@ -449,16 +449,16 @@ def test_sack_for_unknown_messages_ignored():
     assert sender.next_seq == 3
 
 
-def test_sack_reaches_256_messages():
-    """The last bit of the bitmap reaches ack + 256, and no further."""
-    sender, wire = make_channel(window=512)
-    for i in range(300):
+def test_sack_reaches_512_messages():
+    """The last bit of the bitmap reaches ack + 512, and no further: a file's whole window."""
+    sender, wire = make_channel(window=600)
+    for i in range(600):
         sender.send(i, 0.0)
-    assert sender.unacknowledged == 300
-    sender.acknowledge(0, 0.1, sack_of(0, 1, 256))
-    assert 256 not in sender.in_flight and 1 not in sender.in_flight
-    assert {0, 2, 255, 257} <= set(sender.in_flight)
-    assert sender.unacknowledged == 298
+    assert sender.unacknowledged == 600
+    sender.acknowledge(0, 0.1, sack_of(0, 1, 512))
+    assert 512 not in sender.in_flight and 1 not in sender.in_flight
+    assert {0, 2, 511, 513} <= set(sender.in_flight)
+    assert sender.unacknowledged == 598
 
 
 def test_receiver_bitmap_drives_the_sender():
