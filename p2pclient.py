@@ -26,6 +26,8 @@ from control import Fatal, ServerLink
 from session import Session
 
 MAX_LINE = 64 * 1024        # an endless stdin line is cut here
+# The ERRORs that answer a CONNECT instead of an INTRODUCE.
+CONNECT_REFUSALS = frozenset({wire.E_UNKNOWN_PEER, wire.E_NOT_REGISTERED, wire.E_RATE_LIMITED})
 HELP = """commands:
   /connect PEER   ask the rendezvous server to introduce PEER, then punch
   /list           the names registered with the server
@@ -53,6 +55,8 @@ class Client:
         self.sessions = {}          # session token -> Session
         self.current = None         # the Session that chat lines go to
         self.asked = {}             # peer name -> when we sent CONNECT
+        self.connecting = None      # the peer of our last /connect, until it is connected
+        self.held = []              # chat typed for it before the server introduced it
         self.early_punches = []     # (message, source) before their INTRODUCE
         self.udp = None
         self.mapping = None
@@ -241,18 +245,36 @@ class Client:
         if link:
             link.connects.append(name)
             self.asked[name] = time.monotonic()
+            self.connecting = name
             self.say(f'asking the rendezvous server to introduce {name}')
 
     def chat(self, line):
-        """Send a chat line to the current peer, in pieces that fit a datagram."""
+        """Send a chat line to the current peer, in pieces that fit a datagram.
+
+        Before any peer is connected, what is typed after /connect is for
+        the peer being connected: held until the server introduces it, then
+        sent along with the punches (early data, see Session.send), so the
+        first line needs no round trip of its own.
+        """
         if not line:
             return
-        if self.current is None:
+        pieces = split_utf8(line, wire.MAX_TEXT)
+        session = self.current or self.session_named(self.connecting)
+        if session is not None:
+            now = time.monotonic()
+            for piece in pieces:
+                session.channel.send(piece, now)
+        elif self.connecting is not None:
+            self.held += pieces
+        else:
             self.say('not connected: /connect PEER first')
-            return
-        now = time.monotonic()
-        for piece in split_utf8(line, wire.MAX_TEXT):
-            self.current.channel.send(piece, now)
+
+    def session_named(self, name):
+        """The newest session with the peer called name, or None."""
+        for session in reversed(self.sessions.values()):
+            if session.name == name:
+                return session
+        return None
 
     def send_file(self, path):
         """/send PATH: offer a file to the current peer."""
@@ -298,20 +320,38 @@ class Client:
             self.server_error(link, message)
 
     def server_error(self, link, message):
-        """An ERROR: try the next server for an unknown peer, else show it."""
+        """An ERROR: try the next server for an unknown peer, else show it.
+
+        A refused CONNECT also loses the chat held for that peer: say so.
+        """
         if link.token is None:
             self.say(f'{link} refused to register us: {wire.safe(message.text)}')
             link.lost('registration refused')
             return
-        if message.code == wire.E_UNKNOWN_PEER and link.connects:
-            name = link.connects.popleft()
-            later = self.links[self.links.index(link) + 1:]
-            for other in later:
-                if other.token is not None:
-                    other.send(wire.CONNECT, target=name)
-                    other.connects.append(name)
-                    return
+        refused = None
+        if message.code in CONNECT_REFUSALS and link.connects:
+            refused = link.connects.popleft()
+            if message.code == wire.E_UNKNOWN_PEER and self.ask_next_server(link, refused):
+                return
         self.say(f'error from the rendezvous server: {wire.safe(message.text)}')
+        if refused is not None and refused == self.connecting:
+            self.drop_held(refused)
+
+    def ask_next_server(self, link, name):
+        """Ask the servers after link to introduce name; False if none is left."""
+        for other in self.links[self.links.index(link) + 1:]:
+            if other.token is not None:
+                other.send(wire.CONNECT, target=name)
+                other.connects.append(name)
+                return True
+        return False
+
+    def drop_held(self, name):
+        """The peer we held chat for cannot be reached: say what is lost."""
+        for piece in self.held:
+            self.say(f'not delivered to {name}: {wire.safe(piece)}')
+        self.held = []
+        self.connecting = None
 
     def introduced(self, link, message):
         """A server introduced a peer: start punching toward it (points 4, 5)."""
@@ -329,6 +369,10 @@ class Client:
         early, self.early_punches = self.early_punches, []
         for early_message, source in early:
             self.peer_message(early_message, source)
+        if message.name == self.connecting:
+            held, self.held = self.held, []
+            for piece in held:
+                session.channel.send(piece, now)
 
     def start_tcp(self, session, link, message, now):
         """TCP hole punching from our control connection's port (future work)."""
@@ -464,6 +508,8 @@ class Client:
         """Say how we reach the peer; chat goes to it from now on."""
         self.say(f'connected to {session.name}{where} ({how})')
         self.current = session
+        if session.name == self.connecting:
+            self.connecting = None
         session.channel.hurry(now)
 
 

@@ -78,6 +78,14 @@ class Session:
             self.keepalive.sent(time.monotonic())
         elif self.relayed:
             self.link.send(wire.RELAY, session=self.token, message=data)
+        elif self.punching and type == wire.DATA:
+            # Early data: a chat line typed before the path is proven goes
+            # out with the punches, to the public endpoint the server saw
+            # (candidates() puts it first; never to a private candidate,
+            # which may be a stranger on our own LAN).  If the peer's punch
+            # has already opened its NAT, the line arrives a round trip
+            # sooner; if not, the reliable layer resends it on the lock.
+            self.client.send_udp(data, self.targets[0])
 
     def transmit_data(self, seq, text):
         """The reliable layer's way out: one DATA."""

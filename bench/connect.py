@@ -9,6 +9,8 @@ on each WAN link), for each loss rate:
   pair of real clients per trial, alice on a1 and bob on b1.  The clock
   starts when alice types ``/connect bob``; as soon as she prints
   ``* connected`` she types a line; it stops when bob prints that line.
+* ours, early: the same, but alice types the line right after ``/connect
+  bob``, without waiting: the client sends it along with the punches.
 * aioice (ICE over asyncio, bench/ice_peer.py) on the same two hosts, with
   coturn (``turnserver -S``) on the server host as its STUN server and this
   process as the signalling pipe.  The clock starts when both sides are
@@ -117,8 +119,11 @@ def start_coturn(lab):
     return proc
 
 
-def our_trial(run, n, timeout=TRIAL_TIMEOUT):
-    """One fresh client pair: /connect, then one line; the times it took, in ms."""
+def our_trial(run, n, early=False, timeout=TRIAL_TIMEOUT):
+    """One fresh client pair: /connect, then one line; the times it took, in ms.
+
+    The line is typed once alice says she is connected or, early, at once.
+    """
     for attempt in range(START_TRIES):
         alice, bob = f'alice{n}x{attempt}', f'bob{n}x{attempt}'
         clients = []
@@ -133,9 +138,12 @@ def our_trial(run, n, timeout=TRIAL_TIMEOUT):
         try:
             started = time.monotonic()
             a.send(f'/connect {bob}')
+            if early:
+                a.send('ping')
             match = a.expect(CONNECTED.format(bob), timeout)
             connected = time.monotonic()
-            a.send('ping')
+            if not early:
+                a.send('ping')
             b.expect(rf'^<{alice}> ping$', timeout)
             done = time.monotonic()
         except AssertionError:
@@ -208,8 +216,8 @@ def forward_offer(src, dst, timeout):
 
 
 def run_lab(args, loss):
-    """Both contenders, trials alternating, in one lab with this loss rate."""
-    results = {'ours': [], 'aioice': []}
+    """Every contender, trials alternating, in one lab with this loss rate."""
+    results = {'ours': [], 'ours, early': [], 'aioice': []}
     with natlab.Lab(nat_a='port-restricted', nat_b='port-restricted',
                     delay_ms=args.delay_ms, loss=loss) as lab:
         start_coturn(lab)
@@ -218,10 +226,12 @@ def run_lab(args, loss):
         run = LabRun(lab)
         try:
             for n in range(args.trials):
-                results['ours'].append(our_trial(run, n))
+                results['ours'].append(our_trial(run, 2 * n))
+                results['ours, early'].append(our_trial(run, 2 * n + 1, early=True))
                 results['aioice'].append(ice_trial(lab))
                 if args.verbose:
                     print(f'  loss {loss:g} trial {n}: ours {results["ours"][-1]}; '
+                          f'early {results["ours, early"][-1]}; '
                           f'aioice {results["aioice"][-1]}', file=sys.stderr, flush=True)
         finally:
             run.stop()
@@ -251,15 +261,15 @@ def report(args, labs):
         print(f'loss {loss:.0%}: bound configured {server_rtt:g} + {peer_rtt_cfg:g} = {bound:g} ms;'
               f' measured by UDP echo {fmt(lab["server_rtt"], ".1f")} + '
               f'{fmt(lab["peer_rtt"], ".1f")} = {fmt(measured, ".1f")} ms')
-        ours, ice = summarise('ours', lab['ours']), summarise('aioice', lab['aioice'])
-        for s in (ours, ice):
+        ice = summarise('aioice', lab['aioice'])
+        for s in [summarise(name, lab[name]) for name in ('ours', 'ours, early')] + [ice]:
             rows.append([f'{loss:.0%}', s['name'], f'{s["ok"]}/{s["n"]}'
                          + (f' ({s["relayed"]} relayed)' if s['relayed'] else ''),
                          fmt(s['median']), fmt(s['p95']),
                          fmt(s['median'] and s['median'] / bound, '.2f'),
-                         fmt(ours['median'] and ice['median'] and
-                             ours['median'] / ice['median'], '.2f')
-                         if s is ours else ''])
+                         fmt(s['median'] and ice['median'] and
+                             s['median'] / ice['median'], '.2f')
+                         if s is not ice else ''])
         details = [t for t in lab['aioice'] if t['ok']]
         if details:
             print('  aioice steps (median ms from the start): gathered '

@@ -7,6 +7,7 @@ import socket
 import pytest
 
 import p2pcommon as wire
+from labpeers import chat_both_ways
 from procs import command, start, start_server
 
 CONNECTED = r'^\* connected to {} at 127\.0\.0\.1:\d+ \(direct, (?:tcp, )?\d+ ms\)$'
@@ -176,6 +177,31 @@ def test_a_long_line_arrives_whole_in_pieces(clients):
 def test_chat_before_connecting_says_what_to_do(clients):
     alice = clients('alice')
     alice.send('anyone there?')
+    alice.expect(r'^\* not connected: /connect PEER first$')
+
+
+@pytest.mark.parametrize('transport', ['--udp-only', '--tcp-only'])
+def test_lines_typed_right_after_connect_go_to_that_peer_once(clients, transport):
+    """No need to wait for '* connected': the lines are held, then sent (early)."""
+    alice, bob = clients('alice', transport), clients('bob', transport)
+    alice.send('/connect bob')
+    alice.send('first words')
+    alice.send('and more')
+    bob.expect(r'^<alice> first words$')
+    bob.expect(r'^<alice> and more$')
+    alice.expect(CONNECTED.format('bob'))
+    chat_both_ways(alice, bob, 'later')
+    said = [line for line in bob.lines if line.startswith('<alice> ')]
+    assert said == ['<alice> first words', '<alice> and more', '<alice> later from alice']
+
+
+def test_lines_held_for_an_unknown_peer_are_reported_lost(clients):
+    alice = clients('alice')
+    alice.send('/connect carol')
+    alice.send('are you there?')
+    alice.expect(r"^\* error from the rendezvous server: no peer named 'carol'$")
+    alice.expect(r'^\* not delivered to carol: are you there\?$')
+    alice.send('still nobody?')
     alice.expect(r'^\* not connected: /connect PEER first$')
 
 

@@ -42,6 +42,23 @@ def test_two_port_restricted_nats_connect_directly():
         chat_both_ways(alice, bob)
 
 
+def test_lines_typed_with_connect_cross_two_nats_with_the_punches_once_each():
+    """Early data: the first lines go before the path is proven, and arrive once."""
+    with natlab.Lab('port-restricted', 'port-restricted', delay_ms=25) as lab, \
+            LabRun(lab) as run:
+        alice, bob = run.client('a1', 'alice'), run.client('b1', 'bob')
+        alice.send('/connect bob')
+        alice.send('first line')
+        alice.send('second line')
+        assert labpeers.how(bob, 'alice')[0] == 'direct'
+        bob.expect(r'^<alice> first line$')
+        bob.expect(r'^<alice> second line$')
+        assert labpeers.how(alice, 'bob')[0] == 'direct'
+        chat_both_ways(alice, bob)
+        said = [line for line in bob.lines if line.startswith('<alice> ')]
+        assert said == ['<alice> first line', '<alice> second line', '<alice> hello from alice']
+
+
 @pytest.mark.parametrize('nat_a', natlab.NAT_TYPES)
 @pytest.mark.parametrize('nat_b', natlab.NAT_TYPES)
 def test_matrix(nat_a, nat_b):
