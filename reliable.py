@@ -23,6 +23,12 @@ lost, and every message tells the receiver the oldest number still on
 offer, so it stops waiting for it.  The same layer runs whether the
 datagrams go direct or through the relay, so a switch of path loses
 nothing.
+
+Over a punched TCP connection the layer only numbers and acknowledges:
+TCP resends and paces by itself, and timers of ours on top of it would
+fire whenever TCP repairs a loss, resend into the stream and shrink our
+window for nothing.  If the connection dies, the messages it did not
+deliver are resent on the next path.
 """
 
 import collections
@@ -63,11 +69,18 @@ class ReliableChannel:
     caller sends ACKs itself with what ``receive`` and ``selective`` return.
     With ``congestion`` on, at most a congestion window of messages is in
     flight (never more than ``window``); without it, always ``window``.
+    ``stream()`` says whether the path is, right now, a TCP connection:
+    then there are no timeouts and no congestion window, and up to
+    ``stream_window`` messages (default: ``window``) may wait in TCP's
+    buffers for their acknowledgement.
     """
 
-    def __init__(self, transmit, window=WINDOW, congestion=False):
+    def __init__(self, transmit, window=WINDOW, congestion=False, stream=lambda: False,
+                 stream_window=None):
         self.transmit = transmit
+        self.stream = stream
         self.max_window = window
+        self.stream_window = stream_window or window
         self.congestion = congestion
         self.cwnd = INITIAL_CWND if congestion else window
         self.ssthresh = window
@@ -126,7 +139,12 @@ class ReliableChannel:
         self._grow_window()
 
     def retransmit(self, now):
-        """Resend what is overdue; return the payloads given up on."""
+        """Resend what is overdue; return the payloads given up on.
+
+        Nothing is overdue on a stream: what the connection took, it delivers.
+        """
+        if self.stream():
+            return []
         lost = []
         for out in list(self.in_flight.values()):
             if now < out.due:
@@ -165,6 +183,13 @@ class ReliableChannel:
     def oldest(self):
         """The lowest sequence number we still offer (sent with every message)."""
         return next(iter(self.in_flight), self.next_seq)
+
+    @property
+    def window(self):
+        """How many messages may be in flight now."""
+        if self.stream():
+            return self.stream_window
+        return min(int(self.cwnd), self.max_window)
 
     @property
     def unacknowledged(self):
@@ -218,7 +243,7 @@ class ReliableChannel:
     # -- inside --------------------------------------------------------------
 
     def _fill_window(self, now):
-        while self.waiting and len(self.in_flight) < min(int(self.cwnd), self.max_window):
+        while self.waiting and len(self.in_flight) < self.window:
             out = Outgoing(self.next_seq, self.waiting.popleft())
             out.rto = self.rto
             self.next_seq += 1

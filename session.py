@@ -31,8 +31,9 @@ class Session:
         # we still try TCP; it sends nothing until start_punch.
         self.punch = punch.Punch(client.send_udp, token, targets, now, client.punch_timeout)
         self.keepalive = punch.Keepalive(client.keepalive_interval, now)
-        self.channel = ReliableChannel(self.transmit_data)
-        self.transfers = Transfers(name, self.send, client.say, client.downloads)
+        self.channel = ReliableChannel(self.transmit_data, stream=self.over_stream)
+        self.transfers = Transfers(name, self.send, client.say, client.downloads,
+                                   self.over_stream)
 
     def start_punch(self, now):
         """Punch toward every candidate endpoint (point 5)."""
@@ -51,6 +52,10 @@ class Session:
     def on_tcp(self):
         """True while a punched TCP connection carries our messages."""
         return self.tcp is not None and self.tcp.locked is not None and self.tcp.locked.open
+
+    def over_stream(self):
+        """The reliable layer asks: does TCP resend and pace for us now?"""
+        return self.on_tcp
 
     @property
     def trying_tcp(self):

@@ -936,3 +936,33 @@ def test_lossy_bulk_transfer_with_congestion_and_sack():
           f'{retransmissions} retransmissions, {now:.1f} s')
     assert sender.srtt is not None and 0.02 < sender.srtt < 0.3
     assert RTO_MIN <= sender.rto <= RTO_MAX
+
+
+# ---------------------------------------------------------------------------
+# Over a stream (a punched TCP connection): TCP resends and paces.
+
+
+def test_on_a_stream_nothing_times_out_and_the_whole_window_is_used():
+    """TCP repairing a loss for seconds is not our loss: no resend, no backoff."""
+    sender, wire = make_channel(window=64, congestion=True, stream=lambda: True,
+                                stream_window=512)
+    for i in range(600):
+        sender.send(i, 0.0)
+    assert len(wire.take()) == 512                  # not INITIAL_CWND: TCP paces
+    assert sender.window == 512
+    assert sender.retransmit(RTO_MAX * MAX_TRIES * 2) == []
+    assert wire.take() == []
+    sender.acknowledge(512, 30.0)
+    assert [seq for seq, _ in wire.take()] == list(range(512, 600))
+
+
+def test_when_the_stream_dies_what_it_did_not_deliver_is_resent_on_the_next_path():
+    on_tcp = [True]
+    sender, wire = make_channel(congestion=True, stream=lambda: on_tcp[0])
+    for i in range(10):
+        sender.send(i, 0.0)
+    sender.acknowledge(4, 0.1)
+    wire.take()
+    on_tcp[0] = False                               # the connection closed: UDP now
+    assert sender.retransmit(5.0) == []
+    assert [seq for seq, _ in wire.take()] == list(range(4, 10))
