@@ -35,7 +35,8 @@ HELP = """commands:
   /accept         accept the file a peer offers (/reject: refuse it)
   /quit           say goodbye and exit (so does end of input)
   /help           this text
-anything else is a chat message to the peer you connected to last"""
+anything else is a chat message to the peer you connected to last
+(before the first, to the peer of your /connect: it goes with the punches)"""
 
 
 class Client:
