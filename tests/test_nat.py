@@ -232,6 +232,17 @@ def test_ipv6_is_used_when_both_have_it_whichever_address_reached_the_server():
         chat_both_ways(alice, bob)
 
 
+def test_a_line_typed_with_connect_does_not_steer_the_path_off_ipv6():
+    with natlab.Lab(ipv6=True) as lab, LabRun(lab) as run:
+        alice, bob = run.client('a1', 'alice'), run.client('b1', 'bob')     # both over IPv4
+        alice.send('/connect bob')
+        alice.send('early words')
+        (_, at_bob, _), (_, at_alice, _) = labpeers.how(alice, 'bob'), labpeers.how(bob, 'alice')
+        assert at_bob.startswith(f'[{lab.addr6("b1")}]:')
+        assert at_alice.startswith(f'[{lab.addr6("a1")}]:')
+        bob.expect(r'^<alice> early words$')
+
+
 def test_without_ipv6_on_one_side_it_falls_back_to_ipv4():
     with natlab.Lab(ipv6=True) as lab, LabRun(lab) as run:
         lab.run('b1', ['ip', '-6', 'addr', 'flush', 'dev', 'eth0', 'scope', 'global'])
