@@ -37,6 +37,17 @@ log = logging.getLogger('rendezvous')
 MAX_REQUEST = 2048              # the largest control message a peer may send
 MAX_SESSIONS = 64               # introductions one peer may hold open at once
 UDP_BURST = 64                  # datagrams read per wake-up, before others get a turn
+
+# A UDP socket bound to the wildcard address sends from whichever address
+# the kernel prefers, and on a host with several that is not always the
+# one the peer asked: the peer's NAT or firewall then drops our answer as
+# unsolicited.  So the kernel is asked to tell, with each datagram, the
+# address it came to (PKTINFO), and the answer leaves from that address.
+WILDCARDS = ('::', '0.0.0.0')
+IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)    # Linux's number: Python 3.11 has no name for it
+ASK_PKTINFO = {socket.AF_INET6: (socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO),
+               socket.AF_INET: (socket.IPPROTO_IP, IP_PKTINFO)}
+PKTINFO_SPACE = socket.CMSG_SPACE(20)           # struct in6_pktinfo, the larger of the two
 ADDRESS_CACHE = 4096            # source addresses whose reply bytes we keep ready
 
 # A well-formed MAPPING request has exactly this size and header, so the
@@ -152,16 +163,14 @@ class Rendezvous:
         self.dropped = collections.Counter()    # bad datagrams, by reason
         self.refused = collections.Counter()    # ERROR replies and refused connections
         self.next_summary = time.monotonic() + SUMMARY_INTERVAL
-        self.port, self.probes = self._open_all(binds, port)
+        self.port, self.probes, self.wildcards = self._open_all(binds, port)
 
     def _open_all(self, binds, port):
         """On each address: TCP and UDP on port, UDP on port + 1 for probes.
 
-        Port 0 means any free pair.  Returns the port, and the set of probe
-        sockets.  Each address gets its own UDP sockets so that every answer
-        leaves from the address its request came to: a wildcard socket on a
-        host with several addresses answers from whichever the kernel
-        prefers, and the firewall in front of the peer drops that.
+        Port 0 means any free pair.  Returns the port, the set of probe
+        sockets, and the set of UDP sockets bound to a wildcard address,
+        which answer from the address each request came to (PKTINFO).
         """
         for _ in range(20 if port == 0 else 1):
             opened = []
@@ -184,7 +193,9 @@ class Rendezvous:
                 self.selector.register(listener, selectors.EVENT_READ, self.accept)
                 self.selector.register(udp, selectors.EVENT_READ, self.receive_datagrams)
                 self.selector.register(probe, selectors.EVENT_READ, self.receive_datagrams)
-            return chosen, set(opened[2::3])
+            wildcards = {sock for sock in opened if sock.type == socket.SOCK_DGRAM
+                         and sock.getsockname()[0] in WILDCARDS}
+            return chosen, set(opened[2::3]), wildcards
         raise OSError(errno.EADDRINUSE, 'no free pair of ports')
 
     @staticmethod
@@ -194,6 +205,8 @@ class Rendezvous:
         if bind == '::':
             # One socket for both: IPv4 peers appear as ::ffff:a.b.c.d.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if kind == socket.SOCK_DGRAM and bind in WILDCARDS:
+            sock.setsockopt(*ASK_PKTINFO[family], 1)
         sock.bind((bind, port))
         sock.setblocking(False)
         return sock
@@ -437,18 +450,28 @@ class Rendezvous:
         now = time.monotonic()
         debug = log.isEnabledFor(logging.DEBUG)
         probe = sock in self.probes
+        wildcard = sock in self.wildcards
         for _ in range(UDP_BURST):
             try:
-                data, source = sock.recvfrom(wire.MAX_DATAGRAM + 1)
+                if wildcard:        # recvmsg costs about a tenth more: only where needed
+                    data, ancillary, _, source = sock.recvmsg(wire.MAX_DATAGRAM + 1,
+                                                              PKTINFO_SPACE)
+                else:
+                    data, source = sock.recvfrom(wire.MAX_DATAGRAM + 1)
+                    ancillary = ()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:    # e.g. an ICMP error from an earlier send
                 log.debug('udp: %s', error)
                 continue
-            self.answer_mapping(sock, data, source, now, probe, debug)
+            self.answer_mapping(sock, data, source, now, probe, debug, ancillary)
 
-    def answer_mapping(self, sock, data, source, now, probe, debug=False):
-        """Check one datagram; record and answer it if it is a MAPPING."""
+    def answer_mapping(self, sock, data, source, now, probe, debug=False, ancillary=()):
+        """Check one datagram; record and answer it if it is a MAPPING.
+
+        ``ancillary`` is what recvmsg gave with it: where it came to, from
+        a wildcard socket.
+        """
         if plain_mapping_request(data):
             token = data[wire.HEADER_SIZE:TOKEN_END]    # the common case: no decoding
         else:
@@ -478,7 +501,10 @@ class Rendezvous:
         answer = (MAPPING_REPLY + token
                   + ENDPOINT_PORT.pack(family, source[1] ^ wire.XOR_PORT) + packed)
         try:
-            sock.sendto(answer, source)
+            if ancillary:
+                sock.sendmsg([answer], answer_from(ancillary), 0, source)
+            else:
+                sock.sendto(answer, source)
         except OSError as error:
             log.debug('udp send to %s: %s', wire.format_endpoint(source), error)
 
@@ -604,9 +630,8 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--bind', action='append', metavar='ADDRESS',
                         help=f'address to listen on, may be given several times (default: '
-                             f'{default_bind()}, which is IPv6 and IPv4 alike); on a host with '
-                             f'several addresses give each public one, so that every UDP '
-                             f'answer leaves from the address its request came to')
+                             f'{default_bind()}, which is IPv6 and IPv4 alike, on every address; '
+                             f'each UDP answer leaves from the address its request came to)')
     parser.add_argument('--port', type=int, default=wire.DEFAULT_PORT,
                         help='TCP and UDP port; PORT+1 is the UDP probe port (0: any free)')
     parser.add_argument('-v', '--verbose', action='store_true',
@@ -627,6 +652,22 @@ def parse_args(argv):
                         help='CONNECT requests a second per peer, bursts of twice that; '
                              'more get an ERROR (0: no limit)')
     return parser.parse_args(argv)
+
+
+def answer_from(ancillary):
+    """Ancillary data that makes an answer leave from the address its request came to.
+
+    recvmsg gave us the request's PKTINFO: in6_pktinfo is the address (16
+    bytes) and the interface (4); in_pktinfo is the interface, the local
+    address, and the header's destination (4 bytes each).  The answer's
+    PKTINFO names that destination as our source, and any interface.
+    """
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+            return [(level, kind, data[:16] + bytes(4))]
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+            return [(level, kind, bytes(4) + data[8:12] + bytes(4))]
+    return []
 
 
 def default_bind():

@@ -253,10 +253,25 @@ def test_without_ipv6_on_one_side_it_falls_back_to_ipv4():
         chat_both_ways(alice, bob)
 
 
+@pytest.mark.parametrize('family, server_args', [('ipv4', ()), ('ipv6', ()),
+                                                 ('ipv4', ('--bind', '0.0.0.0'))])
+def test_a_server_on_two_addresses_answers_from_the_one_it_was_asked_at(family, server_args):
+    """A wildcard socket (the default: '::') must reply from the address asked.
+
+    Otherwise the reply leaves from the kernel's preferred address, and NAT
+    or firewall in front of the client drops it as unsolicited.
+    """
+    with natlab.Lab(ipv6=True) as lab, LabRun(lab, *server_args) as run:
+        second = lab.SERVER_ADDRS[1] if family == 'ipv4' else f'[{lab.SERVER_ADDRS6[1]}]'
+        server = f'{second}:{labpeers.SERVER_PORT}'
+        alice = run.client('a1', 'alice', server=server)
+        bob = run.client('b1', 'bob', server=server)
+        (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct', 'direct')
+        chat_both_ways(alice, bob)
+
+
 def test_ipv6_through_stateful_firewalls_connects_directly():
-    # Bound to one address: a wildcard socket on a host with two would
-    # answer from whichever the kernel prefers, and the firewall in front
-    # of the client lets in replies only from the address it sent to.
     with natlab.Lab(ipv6=True) as lab, \
             LabRun(lab, '--bind', natlab.SERVER_ADDRS6[0]) as run:
         server = f'[{lab.addr6("server")}]:{labpeers.SERVER_PORT}'

@@ -102,6 +102,23 @@ def test_probe_port_answers_too(server, peers):
     assert reply.public == alice.udp.getsockname()
 
 
+@pytest.mark.parametrize('bind', [[], ['--bind', '0.0.0.0']])
+def test_a_wildcard_socket_answers_from_the_address_it_was_asked_at(bind):
+    """127.0.0.2 is this host too; the kernel alone would answer from 127.0.0.1."""
+    proc, port = start_server(*bind)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(('127.0.0.1', 0))
+            udp.settimeout(5)
+            udp.sendto(wire.encode(wire.MAPPING, token=bytes(wire.TOKEN_SIZE),
+                                   public=('0.0.0.0', 0)), ('127.0.0.2', port))
+            data, source = udp.recvfrom(2048)
+            assert source == ('127.0.0.2', port)
+            assert wire.decode(data).public == udp.getsockname()
+    finally:
+        proc.stop()
+
+
 def test_introduce_goes_to_both_with_one_fresh_session(peers):
     alice, bob = peers('alice'), peers('bob')
     alice.send(wire.CONNECT, target='bob')
