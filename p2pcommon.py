@@ -439,6 +439,11 @@ class FramedStream:
 
     def __init__(self, sock, selector, on_message, on_closed, reader=None):
         sock.setblocking(False)
+        # Each message is written whole, and a chat line should go at once:
+        # Nagle's algorithm would hold it back until the previous segment
+        # is acknowledged, a whole round trip after a punch was proven.
+        if sock.family != socket.AF_UNIX:      # a local socket pair has no Nagle
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.selector = selector
         self.on_message = on_message

@@ -270,6 +270,7 @@ class Rendezvous:
             sock.close()
             return
         sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # replies go out whole
         self.per_address[address[0]] += 1
         peer = Peer(sock, address, time.monotonic())
         self.connections[sock] = peer

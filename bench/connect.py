@@ -11,6 +11,9 @@ on each WAN link), for each loss rate:
   ``* connected`` she types a line; it stops when bob prints that line.
 * ours, early: the same, but alice types the line right after ``/connect
   bob``, without waiting: the client sends it along with the punches.
+  Both with ``--udp-only``: UDP hole punching, the article's subject.
+* ours, TCP first: the client's default, TCP hole punching before UDP;
+  the line is typed at once, and waits for the TCP connection.
 * aioice (ICE over asyncio, bench/ice_peer.py) on the same two hosts, with
   coturn (``turnserver -S``) on the server host as its STUN server and this
   process as the signalling pipe.  The clock starts when both sides are
@@ -119,7 +122,7 @@ def start_coturn(lab):
     return proc
 
 
-def our_trial(run, n, early=False, timeout=TRIAL_TIMEOUT):
+def our_trial(run, n, early=False, transport='--udp-only', timeout=TRIAL_TIMEOUT):
     """One fresh client pair: /connect, then one line; the times it took, in ms.
 
     The line is typed once alice says she is connected or, early, at once.
@@ -128,8 +131,8 @@ def our_trial(run, n, early=False, timeout=TRIAL_TIMEOUT):
         alice, bob = f'alice{n}x{attempt}', f'bob{n}x{attempt}'
         clients = []
         try:
-            clients.append(run.client('a1', alice))
-            clients.append(run.client('b1', bob))
+            clients.append(run.client('a1', alice, transport=transport))
+            clients.append(run.client('b1', bob, transport=transport))
         except AssertionError:
             for proc in clients:        # registration is not what we time: try again
                 proc.stop()
@@ -217,7 +220,7 @@ def forward_offer(src, dst, timeout):
 
 def run_lab(args, loss):
     """Every contender, trials alternating, in one lab with this loss rate."""
-    results = {'ours': [], 'ours, early': [], 'aioice': []}
+    results = {'ours': [], 'ours, early': [], 'ours, TCP first': [], 'aioice': []}
     with natlab.Lab(nat_a='port-restricted', nat_b='port-restricted',
                     delay_ms=args.delay_ms, loss=loss) as lab:
         start_coturn(lab)
@@ -226,12 +229,15 @@ def run_lab(args, loss):
         run = LabRun(lab)
         try:
             for n in range(args.trials):
-                results['ours'].append(our_trial(run, 2 * n))
-                results['ours, early'].append(our_trial(run, 2 * n + 1, early=True))
+                results['ours'].append(our_trial(run, 3 * n))
+                results['ours, early'].append(our_trial(run, 3 * n + 1, early=True))
+                results['ours, TCP first'].append(our_trial(run, 3 * n + 2, early=True,
+                                                            transport=None))
                 results['aioice'].append(ice_trial(lab))
                 if args.verbose:
                     print(f'  loss {loss:g} trial {n}: ours {results["ours"][-1]}; '
                           f'early {results["ours, early"][-1]}; '
+                          f'TCP first {results["ours, TCP first"][-1]}; '
                           f'aioice {results["aioice"][-1]}', file=sys.stderr, flush=True)
         finally:
             run.stop()
@@ -262,7 +268,8 @@ def report(args, labs):
               f' measured by UDP echo {fmt(lab["server_rtt"], ".1f")} + '
               f'{fmt(lab["peer_rtt"], ".1f")} = {fmt(measured, ".1f")} ms')
         ice = summarise('aioice', lab['aioice'])
-        for s in [summarise(name, lab[name]) for name in ('ours', 'ours, early')] + [ice]:
+        ours = [summarise(name, lab[name]) for name in ('ours', 'ours, early', 'ours, TCP first')]
+        for s in ours + [ice]:
             rows.append([f'{loss:.0%}', s['name'], f'{s["ok"]}/{s["n"]}'
                          + (f' ({s["relayed"]} relayed)' if s['relayed'] else ''),
                          fmt(s['median']), fmt(s['p95']),

@@ -1155,6 +1155,16 @@ def test_framed_stream_both_directions(streams):
     assert a.stream.open and b.stream.open
 
 
+def test_framed_stream_over_tcp_sends_each_message_at_once():
+    """TCP_NODELAY: no message waits for the previous one's acknowledgement (Nagle)."""
+    with socket.create_server(('127.0.0.1', 0)) as listener, \
+            socket.create_connection(listener.getsockname()) as client, \
+            selectors.DefaultSelector() as selector:
+        stream = wire.FramedStream(client, selector, lambda message: None, lambda why: None)
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        stream.close()
+
+
 def test_framed_stream_partial_writes_queued(streams):
     """What the socket does not take stays queued, with write interest, until it drains."""
     a, b, selector = streams
