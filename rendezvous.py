@@ -77,6 +77,7 @@ class Limits:
         self.per_address = per_address              # open connections per source address
         self.register_timeout = register_timeout    # seconds to send REGISTER
         self.max_output = max_output                # unread bytes before we drop a peer
+        # (relayed messages are dropped instead once half of it is queued)
         self.mapping_rate = mapping_rate            # MAPPING per second per address
         self.connect_rate = connect_rate            # CONNECT per second per peer
 
@@ -435,6 +436,15 @@ class Rendezvous:
             self.send_error(peer, wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
             return
         other = pair[1] if pair[0] is peer else pair[0]
+        if len(other.output) > self.limits.max_output // 2:
+            # The receiver reads slower than its partner sends.  What we
+            # relay is datagrams to the peers (their reliable layer resends
+            # what is lost, and slows down), so it is dropped here, as a
+            # router drops from a full queue, and the receiver keeps its
+            # connection: only a peer that does not read at all fills the
+            # other half, with our replies, and is dropped for it.
+            self.refused['relays to a peer that reads too slowly'] += 1
+            return
         log.debug('relaying %s from %s to %s', inner.name_of_type, peer, other)
         self.send(other, wire.RELAY, session=message.session, message=message.message)
 
@@ -645,7 +655,8 @@ def parse_args(argv):
                         help='seconds a new connection has to register before it is closed')
     limits.add_argument('--max-output', type=int, default=defaults.max_output,
                         help='bytes of unread replies before a peer that does not read '
-                             'is dropped')
+                             'is dropped; relayed messages to it are dropped instead once '
+                             'half of that is queued')
     limits.add_argument('--mapping-rate', type=float, default=defaults.mapping_rate,
                         help='MAPPING requests a second per source address, bursts of '
                              'twice that; more are dropped (0: no limit)')

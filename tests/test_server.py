@@ -13,9 +13,13 @@ from procs import command, start, start_server
 class RawPeer:
     """A hand-driven peer: a control connection and a UDP socket."""
 
-    def __init__(self, port, name=None):
+    def __init__(self, port, name=None, receive_buffer=None):
         self.port = port
-        self.tcp = socket.create_connection(('127.0.0.1', port), timeout=5)
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer:          # before connecting: it sets the window we offer
+            self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.tcp.settimeout(5)
+        self.tcp.connect(('127.0.0.1', port))
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(('127.0.0.1', 0))
         self.udp.settimeout(5)
