@@ -108,6 +108,7 @@ class ServerLink:
                         f'direct chat goes on, reconnecting')
         self.close()
         self.retry_at = time.monotonic() + self.backoff
+        self.client.relay_lost(self)
 
     def close(self):
         """Close the connection (flushing nothing more)."""

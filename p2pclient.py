@@ -399,6 +399,19 @@ class Client:
         self.connected(session, now, f'direct, tcp, {elapsed:.0f} ms',
                        f' at {wire.format_endpoint(peer)}')
 
+    def relay_lost(self, link):
+        """A server went away: the sessions it relayed went with it.
+
+        The server forgets a session when either peer's control connection
+        closes, so even after we register again nothing would reach the
+        peer: say so, and how to reach it again.
+        """
+        for session in list(self.sessions.values()):
+            if session.link is link and session.relayed:
+                self.say(f'the relay to {session.name} went with the server; '
+                         f'/connect {session.name} to reach them again')
+                self.end_session(session, 'the relay went away')
+
     def relayed(self, message):
         """Peer traffic that came through the server's relay (point 11)."""
         try:
@@ -482,11 +495,15 @@ class Client:
             session.transfers.handle(message, now)
         elif message.type == wire.BYE:
             self.say(f'{session.name} left')
-            session.transfers.abort(f'{session.name} left')
-            session.stop_tcp()
-            del self.sessions[session.token]
-            if self.current is session:
-                self.current = None
+            self.end_session(session, f'{session.name} left')
+
+    def end_session(self, session, why):
+        """Forget a session: its transfers stop (why says why), chat goes nowhere."""
+        session.transfers.abort(why)
+        session.stop_tcp()
+        del self.sessions[session.token]
+        if self.current is session:
+            self.current = None
 
     def punched(self, session, message, source, now):
         """A datagram of this session straight from the peer: proof of a path.

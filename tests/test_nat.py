@@ -371,6 +371,20 @@ def test_a_file_crosses_a_lossy_punched_tcp_connection_intact(tmp_path):
             assert received.read() == data
 
 
+def test_when_the_relaying_server_goes_both_peers_are_told_how_to_go_on():
+    with natlab.Lab('symmetric', 'symmetric') as lab, LabRun(lab) as run:
+        alice = run.client('a1', 'alice', '--punch-timeout', '2')
+        bob = run.client('b1', 'bob', '--punch-timeout', '2')
+        assert connect(alice, bob)[0][0] == 'relayed'
+        run.server.stop()
+        for proc, peer in ((alice, 'bob'), (bob, 'alice')):
+            proc.expect(r'^\* lost the rendezvous server ')
+            proc.expect(rf'^\* the relay to {peer} went with the server; '
+                        rf'/connect {peer} to reach them again$')
+        alice.send('anyone?')
+        alice.expect(r'^\* not connected: /connect PEER first$')
+
+
 def test_a_file_goes_through_the_relay_too(tmp_path):
     with natlab.Lab('symmetric', 'symmetric') as lab, LabRun(lab) as run:
         alice = run.client('a1', 'alice', '--punch-timeout', '2')
