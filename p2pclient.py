@@ -514,9 +514,11 @@ class Client:
         """
         was_locked = session.endpoint is not None
         session.punch.receive(message, source)
-        if was_locked or session.on_tcp:
+        if was_locked:
             return
-        session.stop_tcp()              # the peer found us over UDP first
+        # The peer found us over UDP first, or it has given up on the TCP
+        # connection that we still hold (it punches UDP only then): UDP it is.
+        session.stop_tcp()
         session.relayed = False
         elapsed = (now - session.started) * 1000
         self.connected(session, now, f'direct, {elapsed:.0f} ms',

@@ -421,6 +421,27 @@ def test_tcp_punching_through_two_port_restricted_nats_opens_directly():
         chat_both_ways(alice, bob)
 
 
+def test_a_tcp_path_that_dies_is_noticed_and_udp_takes_over():
+    with natlab.Lab() as lab, LabRun(lab) as run:
+        alice = run.client('a1', 'alice', transport=None)
+        bob = run.client('b1', 'bob', transport=None)
+        (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
+        assert (mode_a, mode_b) == ('direct, tcp', 'direct, tcp')
+        # Router A stops forwarding TCP to NAT B: the punched connection's
+        # path is dead, silently, while the control connections live on.
+        cut = lab.run('ra', ['nft', '-f', '-'], input=(
+            'table inet cut {\n chain forward {\n type filter hook forward priority -10;\n'
+            f' ip daddr {lab.public_addr("b")} meta l4proto tcp drop\n }}\n}}\n'))
+        assert cut.returncode == 0, cut.stderr
+        alice.send('are you there?')
+        # Within punch.TCP_DEAD_AFTER (20 s) of the line, not TCP's 15 minutes.
+        alice.expect(r'^\* lost the TCP connection to bob; punching UDP$', timeout=40)
+        assert labpeers.how(alice, 'bob')[0] == 'direct'
+        assert labpeers.how(bob, 'alice')[0] == 'direct'
+        bob.expect(r'^<alice> are you there\?$')
+        chat_both_ways(alice, bob)
+
+
 def test_tcp_punching_across_a_symmetric_nat_falls_back_and_says_so():
     with natlab.Lab('symmetric', 'full-cone') as lab, LabRun(lab) as run:
         alice = run.client('a1', 'alice', transport=None)
