@@ -69,16 +69,16 @@ class ReliableChannel:
     caller sends ACKs itself with what ``receive`` and ``selective`` return.
     With ``congestion`` on, at most a congestion window of messages is in
     flight (never more than ``window``); without it, always ``window``.
-    ``stream()`` says whether the path is, right now, a TCP connection:
+    ``over_stream()`` says whether the path is, right now, a TCP connection:
     then there are no timeouts and no congestion window, and up to
     ``stream_window`` messages (default: ``window``) may wait in TCP's
     buffers for their acknowledgement.
     """
 
-    def __init__(self, transmit, window=WINDOW, congestion=False, stream=lambda: False,
+    def __init__(self, transmit, window=WINDOW, congestion=False, over_stream=lambda: False,
                  stream_window=None):
         self.transmit = transmit
-        self.stream = stream
+        self.over_stream = over_stream
         self.max_window = window
         self.stream_window = stream_window or window
         self.congestion = congestion
@@ -143,7 +143,7 @@ class ReliableChannel:
 
         Nothing is overdue on a stream: what the connection took, it delivers.
         """
-        if self.stream():
+        if self.over_stream():
             return []
         lost = []
         for out in list(self.in_flight.values()):
@@ -187,7 +187,7 @@ class ReliableChannel:
     @property
     def window(self):
         """How many messages may be in flight now."""
-        if self.stream():
+        if self.over_stream():
             return self.stream_window
         return min(int(self.cwnd), self.max_window)
 

@@ -87,7 +87,7 @@ def human(count):
 class Sending:
     """A file we offer to the peer and then send in chunks."""
 
-    def __init__(self, send, transfer, path, now, stream=lambda: False):
+    def __init__(self, send, transfer, path, now, over_stream=lambda: False):
         self.send = send            # send(type, **fields) along the session's path
         self.transfer = transfer
         self.path = path
@@ -96,7 +96,7 @@ class Sending:
         self.sha256 = file_digest(path)
         self.stream = open(path, 'rb')
         self.channel = ReliableChannel(self.transmit, window=WINDOW, congestion=True,
-                                       stream=stream, stream_window=STREAM_WINDOW)
+                                       over_stream=over_stream, stream_window=STREAM_WINDOW)
         self.state = 'offered'      # offered -> sending -> ending -> done
         self.next_repeat = now
         self.progress = Progress(self.size, now)
@@ -276,7 +276,7 @@ class Transfers:
     """The files going each way between us and one peer.
 
     ``send(type, **fields)`` sends along the session's path, direct or
-    relayed; ``say(text)`` prints a status line; ``stream()`` is True while
+    relayed; ``say(text)`` prints a status line; ``over_stream()`` is True while
     that path is a TCP connection (see reliable.ReliableChannel).
     """
 
@@ -284,10 +284,10 @@ class Transfers:
                           wire.END, wire.FINISH, wire.CANCEL})
     TO_RECEIVER = frozenset({wire.OFFER, wire.CHUNK, wire.END, wire.CANCEL})
 
-    def __init__(self, peer, send, say, downloads, stream=lambda: False):
+    def __init__(self, peer, send, say, downloads, over_stream=lambda: False):
         self.peer = peer
         self.send = send
-        self.stream = stream
+        self.over_stream = over_stream
         self.say = say
         self.downloads = downloads
         self.outgoing = {}          # transfer id -> Sending
@@ -299,7 +299,7 @@ class Transfers:
     def offer(self, path, now):
         """/send PATH: offer a file to the peer."""
         try:
-            sending = Sending(self.send, self.next_id, path, now, self.stream)
+            sending = Sending(self.send, self.next_id, path, now, self.over_stream)
         except OSError as error:
             self.say(f'cannot send {path!r}: {error.strerror}')
             return

@@ -944,7 +944,7 @@ def test_lossy_bulk_transfer_with_congestion_and_sack():
 
 def test_on_a_stream_nothing_times_out_and_the_whole_window_is_used():
     """TCP repairing a loss for seconds is not our loss: no resend, no backoff."""
-    sender, wire = make_channel(window=64, congestion=True, stream=lambda: True,
+    sender, wire = make_channel(window=64, congestion=True, over_stream=lambda: True,
                                 stream_window=512)
     for i in range(600):
         sender.send(i, 0.0)
@@ -958,7 +958,7 @@ def test_on_a_stream_nothing_times_out_and_the_whole_window_is_used():
 
 def test_when_the_stream_dies_what_it_did_not_deliver_is_resent_on_the_next_path():
     on_tcp = [True]
-    sender, wire = make_channel(congestion=True, stream=lambda: on_tcp[0])
+    sender, wire = make_channel(congestion=True, over_stream=lambda: on_tcp[0])
     for i in range(10):
         sender.send(i, 0.0)
     sender.acknowledge(4, 0.1)

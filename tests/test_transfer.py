@@ -14,6 +14,7 @@ import random
 import pytest
 
 import p2pcommon as wire
+import reliable
 import transfer
 from transfer import (CHUNK_SIZE, PROGRESS_EVERY, REPEAT, Progress, Receiving, TransferError,
                       Transfers, check_file_name, human, unused_name)
@@ -732,3 +733,18 @@ def test_finish_text_from_the_peer_is_escaped(tmp_path, link):
     assert not any(c in line for c in '\x1b\r\n')
     assert '\\x1b[2J' in line
     assert not link.alice.transfers.busy
+
+
+@pytest.mark.parametrize('on_tcp, in_flight', [(False, reliable.INITIAL_CWND),
+                                               (True, transfer.STREAM_WINDOW)])
+def test_over_tcp_the_whole_stream_window_goes_out_at_once(tmp_path, on_tcp, in_flight):
+    """Over UDP a transfer starts with a small congestion window; over TCP, TCP paces."""
+    path = tmp_path / 'big.bin'
+    path.write_bytes(bytes((transfer.STREAM_WINDOW + 10) * CHUNK_SIZE))
+    sent = collections.Counter()
+    sending = transfer.Sending(lambda type, **fields: sent.update([type]), 1, str(path), 0.0,
+                               over_stream=lambda: on_tcp)
+    sending.answered(True, 0.0)
+    sending.tick(0.0)
+    assert sent[wire.CHUNK] == in_flight
+    sending.close()
