@@ -37,6 +37,7 @@ log = logging.getLogger('rendezvous')
 MAX_REQUEST = 2048              # the largest control message a peer may send
 MAX_SESSIONS = 64               # introductions one peer may hold open at once
 UDP_BURST = 64                  # datagrams read per wake-up, before others get a turn
+ADDRESS_CACHE = 4096            # source addresses whose reply bytes we keep ready
 
 # A UDP socket bound to the wildcard address sends from whichever address
 # the kernel prefers, and on a host with several that is not always the
@@ -48,7 +49,6 @@ IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)    # Linux's number: Python 3.11 h
 ASK_PKTINFO = {socket.AF_INET6: (socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO),
                socket.AF_INET: (socket.IPPROTO_IP, IP_PKTINFO)}
 PKTINFO_SPACE = socket.CMSG_SPACE(20)           # struct in6_pktinfo, the larger of the two
-ADDRESS_CACHE = 4096            # source addresses whose reply bytes we keep ready
 
 # A well-formed MAPPING request has exactly this size and header, so the
 # hot path checks bytes instead of decoding the message field by field;
