@@ -362,6 +362,11 @@ class TcpPunch:
 
     ``on_locked(stream)`` is called with that FramedStream, whose further
     messages go to ``on_message(stream, message)``.
+
+    Chat typed before any stream is proven (``send_early``) follows our
+    PUNCH on the stream we connected to the peer's public endpoint, the
+    first target, and on no other: as over UDP, a private address may be a
+    stranger's.
     """
 
     def __init__(self, selector, local, targets, session, now, on_locked, on_message,
@@ -370,6 +375,9 @@ class TcpPunch:
         self.local = local
         self.family = socket.AF_INET6 if ':' in local[0] else socket.AF_INET
         self.targets = [t for t in targets if (':' in t[0]) == (self.family == socket.AF_INET6)]
+        self.public = targets[0] if targets and targets[0] in self.targets else None
+        self.early = []             # encoded messages for the stream to the public endpoint
+        self.to_public = None       # that stream, once connected
         self.session = session
         self.deadline = now + timeout
         self.on_locked = on_locked
@@ -413,11 +421,15 @@ class TcpPunch:
     def connected(self, sock, mask):
         """A connect finished: a stream, or an error to retry after a while."""
         self.selector.unregister(sock)
-        del self.connecting[sock]
+        target = self.connecting.pop(sock)
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             sock.close()
             return
-        self.start_stream(sock)
+        stream = self.start_stream(sock)
+        if target == self.public and self.locked is None:
+            self.to_public = stream
+            for data in self.early:
+                stream.send(data)
 
     def accept(self, listener, mask):
         """The peer's connect reached our listener."""
@@ -435,6 +447,13 @@ class TcpPunch:
                                    lambda why: self.dropped(stream))
         self.streams.append(stream)
         stream.send(wire.encode(wire.PUNCH, session=self.session))
+        return stream
+
+    def send_early(self, data):
+        """A chat message before the lock: to the public endpoint's stream, now or once made."""
+        self.early.append(data)
+        if self.to_public is not None and self.to_public.open:
+            self.to_public.send(data)
 
     def received(self, stream, message):
         """A message on one of our streams: the first proof locks it in."""
@@ -444,6 +463,7 @@ class TcpPunch:
             return
         if self.locked is None:
             self.locked = stream
+            self.early = []             # the channel resends them on the lock
             self.stop_trying()
             self.on_locked(stream)
         if message.type not in (wire.PUNCH, wire.PUNCH_ACK):

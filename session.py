@@ -91,6 +91,8 @@ class Session:
             # has already opened its NAT, the line arrives a round trip
             # sooner; if not, the reliable layer resends it on the lock.
             self.client.send_udp(data, self.targets[0])
+        elif self.trying_tcp and type == wire.DATA:
+            self.tcp.send_early(data)   # the same over TCP: after our PUNCH, to its public end
 
     def transmit_data(self, seq, text):
         """The reliable layer's way out: one DATA."""

@@ -178,3 +178,27 @@ def test_tcp_punch_locks_on_the_peer_and_closes_on_a_stranger():
         assert drive(selector, lambda: locked)
         assert attempt.locked is locked[0] and attempt.listener is None
     attempt.close()
+
+
+def test_tcp_punch_sends_early_chat_to_the_public_endpoint_only():
+    """A line typed before the lock follows our PUNCH to the peer's public end, nowhere else."""
+    selector = selectors.DefaultSelector()
+    with socket.create_server(('127.0.0.1', 0)) as public, \
+            socket.create_server(('127.0.0.1', 0)) as private:
+        attempt = punch.TcpPunch(selector, ('127.0.0.1', 0),
+                                 [public.getsockname(), private.getsockname()], SESSION,
+                                 time.monotonic(), lambda stream: None,
+                                 lambda stream, message: None)
+        line = wire.encode(wire.DATA, session=SESSION, seq=0, oldest=0, text='early words')
+        attempt.send_early(line)
+        attempt.tick(time.monotonic())
+        ends = [public.accept()[0], private.accept()[0]]
+        assert drive(selector, lambda: len(attempt.streams) == 2)
+        attempt.close()                             # all it sent, then the end of each stream
+        heard = []
+        for end in ends:
+            end.settimeout(5)
+            with end:
+                heard.append(b''.join(iter(lambda: end.recv(4096), b'')))
+    punch_bytes = wire.encode(wire.PUNCH, session=SESSION)
+    assert heard == [punch_bytes + line, punch_bytes]
