@@ -225,20 +225,21 @@ def test_a_connection_that_never_registers_is_closed(server):
 @pytest.mark.server_args('--max-output', '65536')
 def test_a_peer_that_never_reads_is_dropped_and_others_go_on(server):
     port = server[1]
-    with RawPeer(port) as eve, RawPeer(port, 'bob') as bob, RawPeer(port, 'alice') as alice:
-        eve.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        eve.register('eve')
+    with RawPeer(port, 'eve', receive_buffer=4096) as eve, RawPeer(port, 'bob') as bob, \
+            RawPeer(port, 'alice') as alice:
         bob.send(wire.CONNECT, target='eve')
         assert bob.receive().type == wire.INTRODUCE
         eve.tcp.setblocking(False)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:          # LIST after LIST, never reading a reply
+        deadline = time.monotonic() + 60
+        closed = False
+        while not closed and time.monotonic() < deadline:   # LIST after LIST, never reading
             try:
                 eve.tcp.send(wire.encode(wire.LIST) * 100)
             except BlockingIOError:
                 pass
             except OSError:
-                break                               # the server closed the connection
+                closed = True                       # the server closed the connection
+        assert closed, 'the server still writes to a peer that never reads'
         told = bob.receive()                        # eve's partner is told she left
         assert told.type == wire.RELAY and wire.decode(told.message).type == wire.BYE
         alice.send(wire.LIST)
