@@ -232,14 +232,19 @@ def test_ipv6_firewall(lab_ok, cgn):
 # Link impairments
 
 
+def rtts_to_server(lab, count, interval):
+    """An echo on the server host, and a1's round trips to it: (a1's socket, ms each)."""
+    srv = lab.agent('server')
+    s, _ = srv.bind(7, SERVER_ADDRS[0])
+    srv.echo(s)
+    a, _ = lab.agent('a1').bind(40000)
+    return a, lab.agent('a1').rtt(a, (SERVER_ADDRS[0], 7), count=count, interval=interval)
+
+
 def test_delay(lab_ok):
     """delay_ms on every WAN link: a1<->server crosses one link, a1<->b1 two."""
     with Lab('port-restricted', 'full-cone', delay_ms=50) as lab:
-        srv = lab.agent('server')
-        s, _ = srv.bind(7, SERVER_ADDRS[0])
-        srv.echo(s)
-        a, _ = lab.agent('a1').bind(40000)
-        rtts = lab.agent('a1').rtt(a, (SERVER_ADDRS[0], 7), count=5, interval=0.02)
+        a, rtts = rtts_to_server(lab, count=5, interval=0.02)
         assert None not in rtts
         assert min(rtts) >= 100 * 0.98, rtts
         assert statistics.median(rtts) < 100 + 80, rtts
@@ -254,11 +259,7 @@ def test_delay(lab_ok):
 
 def test_jitter(lab_ok):
     with Lab(delay_ms=30, jitter_ms=20) as lab:
-        srv = lab.agent('server')
-        s, _ = srv.bind(7, SERVER_ADDRS[0])
-        srv.echo(s)
-        a, _ = lab.agent('a1').bind(40000)
-        rtts = lab.agent('a1').rtt(a, (SERVER_ADDRS[0], 7), count=20, interval=0.01)
+        _, rtts = rtts_to_server(lab, count=20, interval=0.01)
         assert None not in rtts
         # each direction 10..50 ms: RTT 20..100 ms (the median has no outliers
         # from a busy machine, so it can be held to the range)

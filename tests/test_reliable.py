@@ -601,12 +601,12 @@ def test_sack_gives_rtt_samples():
 # Fast retransmit of the holes the bitmap shows.
 
 
-def measured_channel():
-    """A channel with SRTT 0.1 s, RTTVAR 0.05 s, and seqs 1-6 sent at t=1.0."""
+def measured_channel(last=6):
+    """A channel with SRTT 0.1 s, RTTVAR 0.05 s, and seqs 1 to last sent at t=1.0."""
     sender, wire = make_channel()
     sender.send('m0', 0.0)
     sender.acknowledge(1, 0.1)
-    for i in range(1, 7):
+    for i in range(1, last + 1):
         sender.send(f'm{i}', 1.0)
     wire.take()
     return sender, wire
@@ -661,12 +661,7 @@ def test_fast_retransmit_then_no_rtt_sample():
 
 def test_fast_retransmit_only_holes_with_three_later_sacked():
     """Of holes 1 and 4-10 with 2, 3 and 11 SACKed, only 1 has three later messages in."""
-    sender, wire = make_channel()
-    sender.send('m0', 0.0)
-    sender.acknowledge(1, 0.1)
-    for i in range(1, 12):
-        sender.send(f'm{i}', 1.0)
-    wire.take()
+    sender, wire = measured_channel(last=11)
     sack = sack_of(1, 2, 3, 11)
     sender.acknowledge(1, 1.1, sack)
     now = 1.0 + sender.srtt + 4 * sender.rttvar + 0.001
