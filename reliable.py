@@ -69,10 +69,10 @@ class ReliableChannel:
     caller sends ACKs itself with what ``receive`` and ``selective`` return.
     With ``congestion`` on, at most a congestion window of messages is in
     flight (never more than ``window``); without it, always ``window``.
-    ``over_stream()`` says whether the path is, right now, a TCP connection:
-    then there are no timeouts and no congestion window, and up to
-    ``stream_window`` messages (default: ``window``) may wait in TCP's
-    buffers for their acknowledgement.
+    ``over_stream()`` says whether the path is, right now, a TCP connection
+    (or a TCP punch that will be one): then there are no timeouts and no
+    congestion window, and up to ``stream_window`` messages (default:
+    ``window``) may wait in TCP's buffers for their acknowledgement.
     """
 
     def __init__(self, transmit, window=WINDOW, congestion=False, over_stream=lambda: False,
@@ -243,7 +243,8 @@ class ReliableChannel:
     # -- inside --------------------------------------------------------------
 
     def _fill_window(self, now):
-        while self.waiting and len(self.in_flight) < self.window:
+        window = self.window
+        while self.waiting and len(self.in_flight) < window:
             out = Outgoing(self.next_seq, self.waiting.popleft())
             out.rto = self.rto
             self.next_seq += 1

@@ -54,8 +54,13 @@ class Session:
         return self.tcp is not None and self.tcp.locked is not None and self.tcp.locked.open
 
     def over_stream(self):
-        """The reliable layer asks: does TCP resend and pace for us now?"""
-        return self.on_tcp
+        """The reliable layer asks: does TCP resend and pace for us now?
+
+        Also while TCP is being punched: a message that goes nowhere yet is
+        sent on the lock (hurry), and resending it into no path would only
+        count tries, and repeat it behind the PUNCH of TcpPunch.send_early.
+        """
+        return self.on_tcp or self.trying_tcp
 
     @property
     def trying_tcp(self):
