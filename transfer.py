@@ -276,8 +276,9 @@ class Transfers:
     """The files going each way between us and one peer.
 
     ``send(type, **fields)`` sends along the session's path, direct or
-    relayed; ``say(text)`` prints a status line; ``over_stream()`` is True while
-    that path is a TCP connection, or is being punched (see reliable.ReliableChannel).
+    relayed; ``say(text)`` prints a status line; ``over_stream()`` is True
+    while that path is a TCP connection, or is being punched (see
+    reliable.ReliableChannel).
     """
 
     MESSAGES = frozenset({wire.OFFER, wire.ANSWER, wire.CHUNK, wire.CHUNK_ACK,
