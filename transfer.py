@@ -116,7 +116,8 @@ class Sending:
             self.next_repeat = now + REPEAT
         if self.state != 'sending':
             return None
-        while not self.channel.waiting and self.channel.unacknowledged < self.channel.window:
+        window = self.channel.window        # sending does not change it; acknowledgements do
+        while not self.channel.waiting and self.channel.unacknowledged < window:
             piece = self.stream.read(min(CHUNK_SIZE, self.size - self.stream.tell()))
             if not piece:
                 break
