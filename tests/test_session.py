@@ -61,3 +61,27 @@ def test_nothing_but_chat_goes_out_before_the_path_is_proven():
     session.send(wire.OFFER, transfer=1, size=5, sha256=bytes(32), name='a.txt')
     session.send(wire.KEEPALIVE)
     assert client.sent == []
+
+
+class FakeTcpPunch:
+    """A TCP punch that has not locked yet; records the early messages it is given."""
+
+    locked = None
+
+    def __init__(self):
+        self.early = []
+
+    def send_early(self, data):
+        """Record one early message."""
+        self.early.append(wire.decode(data).text)
+
+
+def test_while_tcp_is_punched_an_early_line_goes_to_it_once_however_long_it_takes():
+    client = FakeClient()
+    session = Session(client, link=None, name='bob', token=SESSION,
+                      targets=[PUBLIC, PRIVATE], now=0.0, started=0.0)
+    session.tcp = FakeTcpPunch()
+    session.channel.send('early words', 0.0)
+    assert session.channel.retransmit(2.9) == []    # TCP has 3 s: nothing resent meanwhile
+    assert session.tcp.early == ['early words']
+    assert client.sent == []                        # and nothing over UDP
