@@ -29,7 +29,7 @@ import socket
 import struct
 
 MAGIC = 0x5032          # "P2"
-VERSION = 2              # 2: the SACK bitmap grew to 512 messages, as long as a file's window
+VERSION = 3             # 3: peer messages carry a MAC, not the session token
 DEFAULT_PORT = 7777     # TCP and UDP; the server probes mappings on PORT + 1
 
 HEADER = struct.Struct('!HBBBxH')
@@ -46,6 +46,11 @@ MAX_PEERS_LISTED = 1000
 
 TOKEN_SIZE = 16         # session and registration tokens, from secrets
 NO_SESSION = bytes(TOKEN_SIZE)
+PROOF_SIZE = 16         # proof of a name's secret, in REGISTER (identity.py)
+SESSION_ID_SIZE = 8     # names a session on the peer path; derived from its token
+MAC_SIZE = 8            # the last bytes of every peer message (identity.py)
+NO_MAC = bytes(MAC_SIZE)
+NONCE_SIZE = 16         # a TCP punch's challenge
 
 # Flags (article point 8).
 FLAG_REPLY = 0x01       # sent by the server in answer to a peer
@@ -64,6 +69,9 @@ CONNECT = 7
 INTRODUCE = 8
 RELAY = 9
 BYE = 10
+ASK = 11
+DECLINE = 12
+ALIVE = 13
 PUNCH = 16
 PUNCH_ACK = 17
 DATA = 18
@@ -76,6 +84,8 @@ CHUNK_ACK = 24
 END = 25
 FINISH = 26
 CANCEL = 27
+CHALLENGE = 28
+GOODBYE = 29
 
 # ERROR codes.
 E_BAD_MESSAGE = 1
@@ -86,6 +96,8 @@ E_ALREADY_REGISTERED = 5
 E_NOT_INTRODUCED = 6
 E_TOO_MANY = 7
 E_RATE_LIMITED = 8
+E_DECLINED = 9
+E_NO_ANSWER = 10
 
 # Addresses inside payloads are XORed with this key, as STUN's
 # XOR-MAPPED-ADDRESS does: some NATs "helpfully" rewrite any four bytes
@@ -230,9 +242,26 @@ NAME, TEXT, BLOB, ENDPOINT = Name(), Text(), Blob(), Endpoint()
 ENDPOINTS = ListOf(ENDPOINT, 'B', MAX_ENDPOINTS, 'endpoints')
 NAMES = ListOf(NAME, 'H', MAX_PEERS_LISTED, 'names')
 TOKEN = f'{TOKEN_SIZE}s'
+PROOF = f'{PROOF_SIZE}s'
+SESSION_ID = f'{SESSION_ID_SIZE}s'
+MAC = f'{MAC_SIZE}s'
+NONCE = f'{NONCE_SIZE}s'
 SACK_BYTES = 64         # bitmap of the 512 messages after the cumulative ACK
 SACK = f'{SACK_BYTES}s'
 SHA256 = '32s'
+
+
+def peer_layout(*fields):
+    """A peer message: which session, the sender's count, the fields, the MAC.
+
+    The session token itself never travels between the peers: the session
+    id is derived from it, and the MAC (keyed from it, identity.py) proves
+    that the sender holds it.  The counter grows with every message a peer
+    sends, so a copy replayed from elsewhere is never newer than the last
+    one accepted.
+    """
+    return [('session', SESSION_ID), ('counter', 'Q'), *fields, ('mac', MAC)]
+
 
 # ---------------------------------------------------------------------------
 # The wire diagram: one table per message type, field name next to format.
@@ -240,59 +269,74 @@ SHA256 = '32s'
 LAYOUTS = {
     # Control connection, peer -> server (article points 2 and 4).
     REGISTER:   [('name', NAME), ('private', ENDPOINTS),
-                 ('tcp_port', 'H')],             # our end of this connection: TCP punching
+                 ('tcp_port', 'H'),              # our end of this connection: TCP punching
+                 ('proof', PROOF)],              # that we hold the name's secret
     LIST:       [],
-    CONNECT:    [('target', NAME)],
+    CONNECT:    [('target', NAME)],              # "introduce us", or yes to an ASK
+    DECLINE:    [('target', NAME)],              # no to an ASK
     # Control connection, server -> peer.
     REGISTERED: [('token', TOKEN)],   # ties our UDP MAPPING to this registration
     ERROR:      [('code', 'H'), ('text', TEXT)],
     PEERS:      [('names', NAMES)],
+    ASK:        [('name', NAME)],                # NAME asks to connect: CONNECT or DECLINE
     INTRODUCE:  [('name', NAME),                 # who the other peer is
-                 ('session', TOKEN),             # proves the pair to each other
+                 ('session', TOKEN),             # the pair's secret: keys the MACs
+                 ('role', 'B'),                  # 0: we asked first, 1: we answered
                  ('public', ENDPOINT),           # as the server saw it (point 3)
                  ('port_delta', 'h'),            # mapping change, for prediction (point 6)
                  ('private', ENDPOINTS),         # as the peer reported them (point 10)
                  ('tcp_public', ENDPOINT),       # its control connection, as the server saw it
                  ('tcp_port', 'H')],             # and that connection's local port
     # Either way on the control connection: peer traffic the server relays
-    # between the two peers of a session (point 11), and goodbye.
+    # between the two peers of a session (point 11), goodbye, and a
+    # keepalive that the server answers (FLAG_REPLY), which keeps the NAT's
+    # TCP mapping alive and tells the client that the server still hears it.
+    # A RELAY with an empty message, from the server, says that the other
+    # peer's control connection closed: the relay of that session is gone
+    # (a direct path is not: only the peer's own GOODBYE ends it).
     RELAY:      [('session', TOKEN), ('message', BLOB)],
-    BYE:        [('session', TOKEN)],   # to the server: zeros, "I am leaving"
+    BYE:        [],                  # to the server: "I am leaving"
+    ALIVE:      [],
     # UDP, peer -> server and back (point 3).  The request carries 19 zero
     # bytes so that the reply, which fills them with the peer's public
     # endpoint, is never larger than the request: no amplification.
     MAPPING:    [('token', TOKEN), ('public', ENDPOINT)],
-    # UDP, peer <-> peer, each with the pair's session token (points 5, 8, 9).
-    PUNCH:      [('session', TOKEN)],
-    PUNCH_ACK:  [('session', TOKEN)],
-    DATA:       [('session', TOKEN), ('seq', 'I'), ('oldest', 'I'), ('text', TEXT)],
-    ACK:        [('session', TOKEN), ('seq', 'I'), ('sack', SACK)],
-    KEEPALIVE:  [('session', TOKEN)],
+    # Peer <-> peer, over UDP, a punched TCP connection or the relay
+    # (points 5, 8, 9), each sealed with the session's MAC.  A PUNCH over
+    # TCP answers the other side's CHALLENGE by echoing its nonce.
+    CHALLENGE:  [('nonce', NONCE)],
+    PUNCH:      peer_layout(('nonce', NONCE)),
+    PUNCH_ACK:  peer_layout(),
+    DATA:       peer_layout(('seq', 'I'), ('oldest', 'I'), ('text', TEXT)),
+    ACK:        peer_layout(('seq', 'I'), ('sack', SACK)),
+    KEEPALIVE:  peer_layout(),
+    GOODBYE:    peer_layout(),              # the peer leaves the session
     # File transfer, peer <-> peer (the article's future work).  OFFER and
     # END are repeated until ANSWER and FINISH come back; chunks ride the
     # same reliable layer as chat, with a congestion window.
-    OFFER:      [('session', TOKEN), ('transfer', 'I'), ('size', 'Q'),
-                 ('sha256', SHA256), ('name', TEXT)],
-    ANSWER:     [('session', TOKEN), ('transfer', 'I'), ('accept', 'B')],
-    CHUNK:      [('session', TOKEN), ('transfer', 'I'), ('seq', 'I'), ('oldest', 'I'),
-                 ('data', BLOB)],
-    CHUNK_ACK:  [('session', TOKEN), ('transfer', 'I'), ('seq', 'I'), ('sack', SACK)],
-    END:        [('session', TOKEN), ('transfer', 'I')],    # all chunks acknowledged
-    FINISH:     [('session', TOKEN), ('transfer', 'I'), ('ok', 'B'), ('text', TEXT)],
-    CANCEL:     [('session', TOKEN), ('transfer', 'I'), ('text', TEXT)],   # the sender stops
+    OFFER:      peer_layout(('transfer', 'I'), ('size', 'Q'), ('sha256', SHA256),
+                            ('name', TEXT)),
+    ANSWER:     peer_layout(('transfer', 'I'), ('accept', 'B')),
+    CHUNK:      peer_layout(('transfer', 'I'), ('seq', 'I'), ('oldest', 'I'), ('data', BLOB)),
+    CHUNK_ACK:  peer_layout(('transfer', 'I'), ('seq', 'I'), ('sack', SACK)),
+    END:        peer_layout(('transfer', 'I')),             # all chunks acknowledged
+    FINISH:     peer_layout(('transfer', 'I'), ('ok', 'B'), ('text', TEXT)),
+    CANCEL:     peer_layout(('transfer', 'I'), ('text', TEXT)),   # the sender stops
 }
 
 TYPE_NAMES = {
     REGISTER: 'REGISTER', REGISTERED: 'REGISTERED', ERROR: 'ERROR',
     MAPPING: 'MAPPING', LIST: 'LIST', PEERS: 'PEERS', CONNECT: 'CONNECT',
-    INTRODUCE: 'INTRODUCE', RELAY: 'RELAY', BYE: 'BYE', PUNCH: 'PUNCH',
-    PUNCH_ACK: 'PUNCH_ACK', DATA: 'DATA', ACK: 'ACK', KEEPALIVE: 'KEEPALIVE',
-    OFFER: 'OFFER', ANSWER: 'ANSWER', CHUNK: 'CHUNK', CHUNK_ACK: 'CHUNK_ACK', END: 'END',
-    FINISH: 'FINISH', CANCEL: 'CANCEL',
+    INTRODUCE: 'INTRODUCE', RELAY: 'RELAY', BYE: 'BYE', ASK: 'ASK', DECLINE: 'DECLINE',
+    ALIVE: 'ALIVE', PUNCH: 'PUNCH', PUNCH_ACK: 'PUNCH_ACK', DATA: 'DATA', ACK: 'ACK',
+    KEEPALIVE: 'KEEPALIVE', OFFER: 'OFFER', ANSWER: 'ANSWER', CHUNK: 'CHUNK',
+    CHUNK_ACK: 'CHUNK_ACK', END: 'END', FINISH: 'FINISH', CANCEL: 'CANCEL',
+    CHALLENGE: 'CHALLENGE', GOODBYE: 'GOODBYE',
 }
 
-# Messages that travel between two peers and are checked against a session.
-PEER_TYPES = frozenset({PUNCH, PUNCH_ACK, DATA, ACK, KEEPALIVE, BYE,
+# Messages that travel between two peers, sealed with a session's MAC
+# (every layout made by peer_layout).
+PEER_TYPES = frozenset({PUNCH, PUNCH_ACK, DATA, ACK, KEEPALIVE, GOODBYE,
                         OFFER, ANSWER, CHUNK, CHUNK_ACK, END, FINISH, CANCEL})
 # Hole punching traffic, which the receiver bounces back as PUNCH_ACK
 # (point 8).  A KEEPALIVE is a punch too: its bounce refreshes the mapping
@@ -348,7 +392,9 @@ def decode(data):
     if len(data) != HEADER_SIZE + length:
         raise ProtocolError(
             f'length: header says {length} payload bytes, got {len(data) - HEADER_SIZE}')
-    return decode_payload(type, flags, memoryview(data)[HEADER_SIZE:])
+    message = decode_payload(type, flags, memoryview(data)[HEADER_SIZE:])
+    message.raw = bytes(data)       # what a peer message's MAC covers
+    return message
 
 
 def parse_header(data):
