@@ -7,6 +7,7 @@ the server goes away: direct chat does not need it meanwhile (point 7).
 import collections
 import time
 
+import identity
 import p2pcommon as wire
 import punch
 
@@ -14,6 +15,7 @@ CONNECT_TIMEOUT = 5.0       # seconds to reach the rendezvous server
 REGISTER_TIMEOUT = 20.0     # seconds for its answer: TCP on a lossy path backs off for long
 RECONNECT_FIRST = 1.0       # seconds before the first reconnect; doubles each try
 RECONNECT_MAX = 30.0
+SILENT_AFTER = 3            # keepalive intervals without a word: the server is gone
 
 
 class Fatal(Exception):
@@ -40,6 +42,7 @@ class ServerLink:
         self.backoff = RECONNECT_FIRST
         self.retry_at = None            # when to reconnect, while lost
         self.next_refresh = 0.0
+        self.last_heard = 0.0           # when the server last sent us anything
 
     def __str__(self):
         return wire.format_endpoint(self.address)
@@ -59,8 +62,9 @@ class ServerLink:
         self.token = None
         route = wire.plain(self.sock.getsockname())[0]
         private = [(host, self.client.udp.port) for host in punch.private_addresses(route)]
+        proof = identity.name_proof(self.client.key, self.client.name, str(self))
         self.sock.sendall(wire.encode(wire.REGISTER, name=self.client.name, private=private,
-                                      tcp_port=self.local[1]))
+                                      tcp_port=self.local[1], proof=proof))
 
     @property
     def local(self):
@@ -92,9 +96,11 @@ class ServerLink:
         """Hand the connected socket to the client's loop."""
         self.stream = wire.FramedStream(self.sock, selector, self.message, self.lost,
                                         self.reader)
+        self.last_heard = time.monotonic()
 
     def message(self, message):
         """A message from the server: the client acts on it."""
+        self.last_heard = time.monotonic()
         self.client.handle_control(self, message)
 
     def send(self, type, **fields):
@@ -123,8 +129,16 @@ class ServerLink:
         """Reconnect when due; refresh the server's view of our mapping."""
         if self.sock is None and self.retry_at is not None and now >= self.retry_at:
             self.reconnect(now)
-        if self.token is not None and now >= self.next_refresh:
+        if self.token is not None and now - self.last_heard > SILENT_AFTER * self.interval:
+            self.lost(f'no answer for {SILENT_AFTER * self.interval:.0f} s')
+        elif self.token is not None and now >= self.next_refresh:
             self.refresh_mapping(now)
+
+    @property
+    def interval(self):
+        """Seconds between keepalives to the server: the client's, never off."""
+        interval = self.client.keepalive_interval
+        return interval if interval > 0 else punch.KEEPALIVE_INTERVAL
 
     def reconnect(self, now):
         """Try the server again; on failure wait twice as long (up to a limit)."""
@@ -141,19 +155,22 @@ class ServerLink:
     def registered(self, token, now):
         """REGISTERED after a reconnect: tell the server our mapping again."""
         self.token = token
+        self.last_heard = now
         self.backoff = RECONNECT_FIRST
         self.client.say(f'registered as {self.client.name} with {self} again')
         self.refresh_mapping(now)
 
     def refresh_mapping(self, now):
-        """Send MAPPING to both server ports (points 3, 6, 9).
+        """Send MAPPING to both server ports, and ALIVE on TCP (points 3, 6, 9).
 
-        Keeps our NAT's mapping toward the server alive and the server's
-        record of it right, so that it introduces us with an endpoint that
-        still works.
+        Keeps our NAT's mappings toward the server alive, UDP and TCP (a
+        home router may forget an idle TCP connection within minutes, and
+        then nobody can reach us), and the server's record of our UDP
+        mapping right, so that it introduces us with an endpoint that still
+        works.  The server answers ALIVE: its silence tells us it is gone.
         """
         request = punch.mapping_request(self.token)
         self.client.send_udp(request, self.udp)
         self.client.send_udp(request, self.probe)
-        interval = self.client.keepalive_interval
-        self.next_refresh = now + (interval if interval > 0 else punch.KEEPALIVE_INTERVAL)
+        self.send(wire.ALIVE)
+        self.next_refresh = now + self.interval

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 
 import p2pcommon as wire
 
@@ -28,8 +29,8 @@ KEY_SIZE = 32
 
 def default_key_path():
     """~/.config/p2pnat/key, or under $XDG_CONFIG_HOME where that is set."""
-    config = os.environ.get('XDG_CONFIG_HOME') or os.path.join(os.path.expanduser('~'),
-                                                              '.config')
+    home_config = os.path.join(os.path.expanduser('~'), '.config')
+    config = os.environ.get('XDG_CONFIG_HOME') or home_config
     return os.path.join(config, 'p2pnat', 'key')
 
 
@@ -42,7 +43,10 @@ def load_key(path):
         with open(path) as stream:
             text = stream.read().strip()
     except FileNotFoundError:
-        return create_key(path)
+        try:
+            return create_key(path)
+        except FileExistsError:     # another client of ours made it just now
+            return load_key(path)
     try:
         key = bytes.fromhex(text)
     except ValueError:
@@ -53,12 +57,22 @@ def load_key(path):
 
 
 def create_key(path):
-    """A new random key, written where only its owner can read it."""
-    os.makedirs(os.path.dirname(path) or '.', mode=0o700, exist_ok=True)
+    """A new random key, written where only its owner can read it.
+
+    Written whole to a temporary file first and then linked into place,
+    so that two clients starting at once never read half a key: the
+    second link fails (FileExistsError) and that client reads the first's.
+    """
+    folder = os.path.dirname(path) or '.'
+    os.makedirs(folder, mode=0o700, exist_ok=True)
     key = secrets.token_bytes(KEY_SIZE)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, 'w') as stream:
-        stream.write(key.hex() + '\n')
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix='.key-')   # mode 0600
+    try:
+        with os.fdopen(descriptor, 'w') as stream:
+            stream.write(key.hex() + '\n')
+        os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
     return key
 
 

@@ -6,7 +6,8 @@ It registers a name with the rendezvous server over a TCP control
 connection (article point 2), learns its public UDP endpoint (point 3),
 and then, in one loop over stdin, the control socket and the UDP socket:
 
-* ``/connect bob`` asks the server to introduce us (point 4);
+* ``/connect bob`` asks the server to introduce us (point 4); the server
+  asks bob, and bob's ``/connect alice`` is his consent;
 * on INTRODUCE both peers punch (point 5) and lock onto the first endpoint
   that proves the peer, public or private (points 6 and 10);
 * chat then goes straight to the peer (point 7), over a small reliable
@@ -20,23 +21,31 @@ import selectors
 import sys
 import time
 
+import identity
 import p2pcommon as wire
 import punch
 from control import Fatal, ServerLink
 from session import Session
 
 MAX_LINE = 64 * 1024        # an endless stdin line is cut here
-# The ERRORs that answer a CONNECT instead of an INTRODUCE.
-CONNECT_REFUSALS = frozenset({wire.E_UNKNOWN_PEER, wire.E_NOT_REGISTERED, wire.E_RATE_LIMITED})
+# The ERRORs that answer a CONNECT instead of an INTRODUCE or an ASK.
+CONNECT_REFUSALS = frozenset({wire.E_UNKNOWN_PEER, wire.E_NOT_REGISTERED, wire.E_RATE_LIMITED,
+                              wire.E_TOO_MANY})
+MAX_SESSIONS = 32           # peers at once: each costs sockets, and a server could flood us
+MAX_TCP_PUNCHES = 4         # TCP punches at once (a listener and a socket per target each)
+MAX_ASKS = 16               # requests to connect shown and waiting for an answer
+REPUNCH_EVERY = 5.0         # seconds between punch rounds a peer may ask of us over the relay
 HELP = """commands:
-  /connect PEER   ask the rendezvous server to introduce PEER, then punch
+  /connect PEER   ask PEER to connect (or say yes to PEER's request), then punch
+  /reject PEER    say no to PEER's request to connect
+  /to PEER        send what you type to PEER, one of the peers you are connected to
   /list           the names registered with the server
-  /send PATH      offer a file to the peer you connected to last
+  /send PATH      offer a file to the peer you type to
   /accept         accept the file a peer offers (/reject: refuse it)
   /quit           say goodbye and exit (so does end of input)
   /help           this text
-anything else is a chat message to the peer you connected to last
-(before the first, to the peer of your /connect: it goes with the punches)"""
+anything else is a chat message to the peer you chose last with /connect or /to
+(until it is connected it waits, and then goes with the punches)"""
 
 
 class Client:
@@ -44,8 +53,10 @@ class Client:
 
     def __init__(self, name, servers, udp_port=0, keepalive=punch.KEEPALIVE_INTERVAL,
                  punch_timeout=punch.PUNCH_TIMEOUT, downloads='.', transport='both',
-                 out=sys.stdout):
+                 out=sys.stdout, key=b'', allow=()):
         self.name = name
+        self.key = key              # our secret: REGISTER proves it (identity.py)
+        self.allow = set(allow)     # peers whose requests we accept unasked; '*': anyone
         self.downloads = downloads
         self.transport = transport  # 'both' (TCP first, then UDP), 'tcp' or 'udp'
         self.links = [ServerLink(self, server) for server in servers]
@@ -53,14 +64,15 @@ class Client:
         self.keepalive_interval = keepalive
         self.punch_timeout = punch_timeout
         self.out = out
-        self.sessions = {}          # session token -> Session
-        self.current = None         # the Session that chat lines go to
+        self.sessions = {}          # session id -> Session
+        self.chosen = None          # the peer name typed lines go to (/connect, /to)
         self.asked = {}             # peer name -> when we sent CONNECT
-        self.connecting = None      # the peer of our last /connect, until it is connected
-        self.held = []              # chat typed for it before the server introduced it
+        self.held = []              # lines typed for the chosen peer before its session
+        self.asks = {}              # peer name -> the link whose server says it asks us
         self.early_punches = []     # (message, source) before their INTRODUCE
         self.udp = None
         self.mapping = None
+        self.networks = []          # ours: where a peer's private address may be punched
         self.stdin = None
         self.selector = selectors.DefaultSelector()
         self.running = True
@@ -82,6 +94,7 @@ class Client:
     def start(self):
         """Register with every server we can reach, then learn our mapping."""
         self.open_udp()
+        self.networks = punch.our_networks()
         reached = []
         for link in self.links:
             try:
@@ -192,7 +205,7 @@ class Client:
         session.start_punch(now)
         session.keepalive.heard(now)
         session.link.send(wire.RELAY, session=session.token,
-                          message=wire.encode(wire.PUNCH, session=session.token))
+                          message=session.key.seal(wire.PUNCH, nonce=punch.NO_NONCE))
 
     # -- stdin: commands and chat -------------------------------------------
 
@@ -206,12 +219,16 @@ class Client:
             self.quit()
 
     def command(self, line):
-        """Act on one line: a /command, or chat to the current peer."""
+        """Act on one line: a /command, or chat to the chosen peer."""
         words = line.split()
         if not line.startswith('/'):
             self.chat(line)
         elif words[0] == '/connect' and len(words) == 2:
             self.connect(words[1])
+        elif words[0] == '/to' and len(words) == 2:
+            self.choose(words[1])
+        elif words[0] == '/reject' and len(words) == 2:
+            self.decline(words[1])
         elif words[0] == '/list' and len(words) == 1:
             self.ask_server(wire.LIST)
         elif words[0] == '/send' and len(words) > 1:
@@ -236,39 +253,78 @@ class Client:
         return None
 
     def connect(self, name):
-        """Ask a server to introduce us to name (point 4)."""
+        """Ask a server to introduce us to name (point 4); typed lines go to it now.
+
+        To the server this is a request to name, or, when name asked us
+        first, our consent: both having asked, it introduces us.
+        """
         try:
             wire.check_name(name)
         except wire.ProtocolError as error:
             self.say(f'bad peer name: {error}')
             return
-        link = self.ask_server(wire.CONNECT, target=name)
-        if link:
-            link.connects.append(name)
-            self.asked[name] = time.monotonic()
-            self.connecting = name
-            self.say(f'asking the rendezvous server to introduce {name}')
+        if name == self.name:
+            self.say('that is you: /connect another peer')
+            return
+        link = self.asks.pop(name, None) or self.registered_link()
+        if link is None:
+            self.say('not registered with any rendezvous server yet; still trying')
+            return
+        self.choose(name, quiet=True)
+        link.send(wire.CONNECT, target=name)
+        link.connects.append(name)
+        self.asked[name] = time.monotonic()
+        self.say(f'asking the rendezvous server to introduce {name}; '
+                 f'what you type goes to {name}')
+
+    def choose(self, name, quiet=False):
+        """/to NAME: typed lines go to name from now on, and nowhere else."""
+        if name != self.chosen:
+            self.drop_held()
+        if not quiet and self.session_named(name) is None:
+            self.say(f'not connected to {wire.safe(name)}: /connect {wire.safe(name)} first')
+            return
+        self.chosen = name
+        if not quiet:
+            self.say(f'what you type goes to {name}')
+
+    def decline(self, name):
+        """/reject NAME: no to name's request to connect."""
+        link = self.asks.pop(name, None)
+        if link is None:
+            self.say(f'{wire.safe(name)} has not asked to connect')
+            return
+        link.send(wire.DECLINE, name=name, why=wire.DECLINED)
+        self.say(f'declined {name}')
+
+    def registered_link(self):
+        """The first server we are registered with, or None."""
+        return next((link for link in self.links if link.token is not None), None)
 
     def chat(self, line):
-        """Send a chat line to the current peer, in pieces that fit a datagram.
+        """Send a chat line to the chosen peer, in pieces that fit a datagram.
 
-        Before any peer is connected, what is typed after /connect is for
-        the peer being connected: held until the server introduces it, then
-        sent along with the punches (early data, see Session.send), so the
-        first line needs no round trip of its own.
+        Lines go only to the peer the user chose (with /connect or /to),
+        never to whoever connected last.  Until that peer's session exists
+        they are held; once the server has introduced it they go along
+        with the punches (early data, see Session.send), so the first line
+        needs no round trip of its own.
         """
         if not line:
             return
+        if self.chosen is None:
+            self.say('not connected: /connect PEER first')
+            return
         pieces = split_utf8(line, wire.MAX_TEXT)
-        session = self.current or self.session_named(self.connecting)
+        session = self.session_named(self.chosen)
         if session is not None:
             now = time.monotonic()
             for piece in pieces:
                 session.channel.send(piece, now)
-        elif self.connecting is not None:
+        elif self.chosen in self.asked:
             self.held += pieces
         else:
-            self.say('not connected: /connect PEER first')
+            self.say(f'not connected to {self.chosen}: /connect {self.chosen} first')
 
     def session_named(self, name):
         """The newest session with the peer called name, or None."""
@@ -278,11 +334,12 @@ class Client:
         return None
 
     def send_file(self, path):
-        """/send PATH: offer a file to the current peer."""
-        if self.current is None:
+        """/send PATH: offer a file to the chosen peer."""
+        session = self.session_named(self.chosen)
+        if session is None:
             self.say('not connected: /connect PEER first')
             return
-        self.current.transfers.offer(path, time.monotonic())
+        session.transfers.offer(path, time.monotonic())
 
     def answer_offer(self, accept):
         """/accept or /reject: answer the oldest file offer still open."""
@@ -296,20 +353,32 @@ class Client:
     def quit(self):
         """Say BYE to every peer and to the servers, then stop the loop."""
         for session in self.sessions.values():
-            session.send(wire.BYE)
+            session.send(wire.GOODBYE)
             session.transfers.abort('we left')
         for link in self.links:
-            link.send(wire.BYE, session=wire.NO_SESSION)
+            link.send(wire.BYE)
         self.running = False
 
     # -- messages from a server ---------------------------------------------
 
     def handle_control(self, link, message):
-        """Act on one message from a server."""
+        """Act on one message from a server.
+
+        The header's reply flag (point 8) tells an ASK or DECLINE about
+        another peer's request from the server's answer to our own.
+        """
+        reply = message.flags & wire.FLAG_REPLY
         if message.type == wire.INTRODUCE:
-            if link.connects and link.connects[0] == message.name:
-                link.connects.popleft()
+            if message.name in link.connects:
+                link.connects.remove(message.name)
             self.introduced(link, message)
+        elif message.type == wire.ASK and reply:
+            self.answered(link, message.name)
+            self.say(f'asked {message.name}; waiting for their answer')
+        elif message.type == wire.ASK:
+            self.asked_by(link, message.name)
+        elif message.type == wire.DECLINE and reply:
+            self.refused(message)
         elif message.type == wire.RELAY:
             self.relayed(message)
         elif message.type == wire.PEERS:
@@ -319,6 +388,36 @@ class Client:
             link.registered(message.token, time.monotonic())
         elif message.type == wire.ERROR:
             self.server_error(link, message)
+
+    @staticmethod
+    def answered(link, name):
+        """The server answered our CONNECT to name: the next answer is another's."""
+        if name in link.connects:
+            link.connects.remove(name)
+
+    def asked_by(self, link, name):
+        """NAME asks to connect: accept it by --allow, else ask our user.
+
+        Nothing goes toward the asker until the user says yes: the server
+        sends its addresses only when both have asked.
+        """
+        if name in self.allow or '*' in self.allow:
+            self.say(f'{name} asks to connect; accepted (--allow)')
+            link.send(wire.CONNECT, target=name)
+            return
+        if name not in self.asks and len(self.asks) >= MAX_ASKS:
+            return      # the server caps asks too: a flood of them is not shown
+        self.asks[name] = link
+        self.say(f'{name} asks to connect: /connect {name} to accept, /reject {name} to decline')
+
+    def refused(self, message):
+        """Our request to connect to a peer ended without an introduction."""
+        name = message.name
+        self.asked.pop(name, None)
+        self.say(f'{name} declined' if message.why == wire.DECLINED
+                 else f'{name} did not answer')
+        if name == self.chosen and self.session_named(name) is None:
+            self.drop_held()
 
     def server_error(self, link, message):
         """An ERROR: try the next server for an unknown peer, else show it.
@@ -335,8 +434,9 @@ class Client:
             if message.code == wire.E_UNKNOWN_PEER and self.ask_next_server(link, refused):
                 return
         self.say(f'error from the rendezvous server: {wire.safe(message.text)}')
-        if refused is not None and refused == self.connecting:
-            self.drop_held(refused)
+        if refused is not None and refused == self.chosen and self.session_named(refused) is None:
+            self.asked.pop(refused, None)
+            self.drop_held()
 
     def ask_next_server(self, link, name):
         """Ask the servers after link to introduce name; False if none is left."""
@@ -347,21 +447,30 @@ class Client:
                 return True
         return False
 
-    def drop_held(self, name):
-        """The peer we held chat for cannot be reached: say what is lost."""
+    def drop_held(self):
+        """The lines held for the chosen peer will not go: say what is lost."""
         for piece in self.held:
-            self.say(f'not delivered to {name}: {wire.safe(piece)}')
+            self.say(f'not delivered to {self.chosen}: {wire.safe(piece)}')
         self.held = []
-        self.connecting = None
 
     def introduced(self, link, message):
         """A server introduced a peer: start punching toward it (points 4, 5)."""
         now = time.monotonic()
+        if len(self.sessions) >= MAX_SESSIONS and self.session_named(message.name) is None:
+            self.say(f'introduced to {message.name}, but {MAX_SESSIONS} sessions are open: '
+                     f'ignored')
+            return
+        old = self.session_named(message.name)
+        if old is not None:         # a new introduction replaces the old session
+            self.end_session(old, f'{message.name} was introduced again')
         started = self.asked.pop(message.name, now)
-        targets = punch.candidates(message)
-        session = Session(self, link, message.name, message.session, targets, now, started)
-        self.sessions[message.session] = session
-        if self.transport != 'udp' and message.tcp_port:
+        targets = punch.candidates(message, self.mapping.public if self.mapping else None,
+                                   self.networks)
+        session = Session(self, link, message.name, message.session, message.role, targets,
+                          now, started)
+        self.sessions[session.key.id] = session
+        tcp_punches = sum(1 for s in self.sessions.values() if s.trying_tcp)
+        if self.transport != 'udp' and message.tcp_port and tcp_punches < MAX_TCP_PUNCHES:
             self.start_tcp(session, link, message, now)
         else:
             self.say(f'introduced to {message.name}; punching to '
@@ -370,21 +479,22 @@ class Client:
         early, self.early_punches = self.early_punches, []
         for early_message, source in early:
             self.peer_message(early_message, source)
-        if message.name == self.connecting:
+        if message.name == self.chosen:
             held, self.held = self.held, []
             for piece in held:
                 session.channel.send(piece, now)
 
     def start_tcp(self, session, link, message, now):
         """TCP hole punching from our control connection's port (future work)."""
-        targets = [message.tcp_public] + [(host, message.tcp_port)
-                                          for host, _ in message.private]
+        private = [(host, message.tcp_port) for host, _ in message.private]
+        targets = [message.tcp_public] + [endpoint for endpoint in private
+                                          if endpoint[0] in {t[0] for t in session.targets}]
         targets = list(dict.fromkeys(targets))
         self.say(f'introduced to {message.name}; punching TCP to '
                  f'{" ".join(map(wire.format_endpoint, targets))}')
         try:
             session.tcp = punch.TcpPunch(
-                self.selector, link.local, targets, session.token, now,
+                self.selector, link.local, targets, session.key, now,
                 lambda stream: self.tcp_locked(session, stream),
                 lambda stream, inner: self.session_message(session, inner, None))
         except OSError as error:        # the port cannot be shared here
@@ -413,22 +523,44 @@ class Client:
                 self.end_session(session, 'the relay went away')
 
     def relayed(self, message):
-        """Peer traffic that came through the server's relay (point 11)."""
+        """Peer traffic that came through the server's relay (point 11).
+
+        An empty message is the server's word that the peer's control
+        connection closed: a relayed session ends with it, a direct one
+        goes on (point 7: the server is not on the direct path).
+        """
+        session = self.sessions.get(identity.session_id(message.session))
+        if session is None:
+            return
+        if not message.message:
+            if session.relayed:
+                self.say(f'{session.name} lost the rendezvous server, and with it the '
+                         f'relay; /connect {session.name} to reach them again')
+                self.end_session(session, 'the relay went away')
+            return
         try:
             inner = wire.decode(message.message)
         except wire.ProtocolError:
             return
-        session = self.sessions.get(message.session)
-        if session is None or inner.type not in wire.PEER_TYPES:
+        if inner.type not in wire.PEER_TYPES or not session.key.check(inner):
             return
         if inner.type == wire.PUNCH:
-            # The peer lost its path to us and punches again: so must we.
-            if not session.punching:
-                self.say(f'{session.name} lost the direct path; punching again')
-                session.started = time.monotonic()
-                session.start_punch(session.started)
+            self.punch_requested(session)
             return
         self.session_message(session, inner, source=None)
+
+    def punch_requested(self, session):
+        """The peer lost its path to us and punches again: so must we, now and then.
+
+        A relayed PUNCH costs the peer a few bytes and us a punch round:
+        one per REPUNCH_EVERY seconds at the most.
+        """
+        now = time.monotonic()
+        if session.punching or now - session.started < REPUNCH_EVERY:
+            return
+        self.say(f'{session.name} lost the direct path; punching again')
+        session.started = now
+        session.start_punch(now)
 
     # -- UDP: mapping refreshes and peer traffic -----------------------------
 
@@ -468,21 +600,37 @@ class Client:
                 return
 
     def peer_message(self, message, source):
-        """A datagram from a peer: accepted only with a session token we hold."""
+        """A datagram from a peer: taken only with the MAC of a session we hold."""
         session = self.sessions.get(message.session)
         if session is None:
             if message.type == wire.PUNCH and len(self.early_punches) < 16:
                 # The peer's INTRODUCE reached it before ours reached us:
-                # keep its punch until ours arrives, then answer it.
+                # keep its punch until ours arrives, then check and answer it.
                 self.early_punches.append((message, source))
             return
+        if not session.key.check(message):
+            return          # not the peer: forged, or for another session
+        newer = session.key.newer(message)
+        if session.endpoint is not None and not wire.same_endpoint(source, session.endpoint):
+            if not newer or message.flags & wire.FLAG_PUNCHING or message.type == wire.PUNCH_ACK:
+                return      # an old copy replayed from elsewhere, or a late punch
+            self.moved(session, source)
         self.session_message(session, message, source)
 
+    def moved(self, session, source):
+        """The peer's regular traffic now comes from elsewhere: its NAT remapped it.
+
+        Only a message newer than any before moves the path, so a copy of
+        an old one, replayed by someone who saw it, cannot.
+        """
+        session.punch.locked = source
+        self.say(f'{session.name} now reaches us from {wire.format_endpoint(source)}')
+
     def session_message(self, session, message, source):
-        """Act on a valid peer message; source is None when it was relayed."""
+        """Act on a proven peer message; source is None when it came over TCP or the relay."""
         now = time.monotonic()
         session.keepalive.heard(now)
-        if source is not None and message.type != wire.BYE:
+        if source is not None and message.type != wire.GOODBYE:
             self.punched(session, message, source, now)
         if message.type == wire.DATA:
             ready, ack = session.channel.receive(message.seq, message.text, message.oldest)
@@ -493,7 +641,7 @@ class Client:
             session.channel.acknowledge(message.seq, now, message.sack)
         elif message.type in session.transfers.MESSAGES:
             session.transfers.handle(message, now)
-        elif message.type == wire.BYE:
+        elif message.type == wire.GOODBYE:
             self.say(f'{session.name} left')
             self.end_session(session, f'{session.name} left')
 
@@ -501,9 +649,7 @@ class Client:
         """Forget a session: its transfers stop (why says why), chat goes nowhere."""
         session.transfers.abort(why)
         session.stop_tcp()
-        del self.sessions[session.token]
-        if self.current is session:
-            self.current = None
+        del self.sessions[session.key.id]
 
     def punched(self, session, message, source, now):
         """A datagram of this session straight from the peer: proof of a path.
@@ -525,11 +671,12 @@ class Client:
                        f' at {wire.format_endpoint(session.endpoint)}')
 
     def connected(self, session, now, how, where=''):
-        """Say how we reach the peer; chat goes to it from now on."""
+        """Say how we reach the peer, and where typed lines go."""
         self.say(f'connected to {session.name}{where} ({how})')
-        self.current = session
-        if session.name == self.connecting:
-            self.connecting = None
+        if self.chosen is None:
+            self.chosen = session.name      # the first peer: nobody else was chosen
+        if self.chosen != session.name:
+            self.say(f'what you type still goes to {self.chosen}; /to {session.name} to change')
         session.channel.hurry(now)
 
 
@@ -652,6 +799,12 @@ def parse_args(argv):
                         metavar='SECONDS',
                         help=f'give up punching and relay after this long '
                              f'(default: {punch.PUNCH_TIMEOUT:.0f})')
+    parser.add_argument('--allow', action='append', default=[], metavar='PEER',
+                        help="accept PEER's requests to connect without asking; may be "
+                             "given several times; '*' accepts anyone (for scripts and demos)")
+    parser.add_argument('--key', metavar='FILE',
+                        help=f'the secret that keeps your name yours, created on first use '
+                             f'(default: {identity.default_key_path()})')
     parser.add_argument('--raw', action='store_true',
                         help='plain-text UDP with --peer, as netcat does: no rendezvous, '
                              'no header, one datagram per line')
@@ -679,8 +832,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.raw:
         return run_raw(args)
+    try:
+        key = identity.load_key(args.key or identity.default_key_path())
+    except (OSError, ValueError) as error:
+        print(f'* cannot use the key file: {error}')
+        return 1
     client = Client(args.name, args.server, args.port, args.keepalive, args.punch_timeout,
-                    args.downloads, args.transport)
+                    args.downloads, args.transport, key=key, allow=args.allow)
     try:
         client.start()
         if args.connect:

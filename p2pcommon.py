@@ -96,8 +96,10 @@ E_ALREADY_REGISTERED = 5
 E_NOT_INTRODUCED = 6
 E_TOO_MANY = 7
 E_RATE_LIMITED = 8
-E_DECLINED = 9
-E_NO_ANSWER = 10
+
+# DECLINE's why.
+DECLINED = 0
+NO_ANSWER = 1
 
 # Addresses inside payloads are XORed with this key, as STUN's
 # XOR-MAPPED-ADDRESS does: some NATs "helpfully" rewrite any four bytes
@@ -273,12 +275,16 @@ LAYOUTS = {
                  ('proof', PROOF)],              # that we hold the name's secret
     LIST:       [],
     CONNECT:    [('target', NAME)],              # "introduce us", or yes to an ASK
-    DECLINE:    [('target', NAME)],              # no to an ASK
+    # No to NAME's ASK; as a reply (FLAG_REPLY), the end of our own CONNECT
+    # to NAME, which NAME declined or left unanswered ('why' says which).
+    DECLINE:    [('name', NAME), ('why', 'B')],
     # Control connection, server -> peer.
     REGISTERED: [('token', TOKEN)],   # ties our UDP MAPPING to this registration
     ERROR:      [('code', 'H'), ('text', TEXT)],
     PEERS:      [('names', NAMES)],
-    ASK:        [('name', NAME)],                # NAME asks to connect: CONNECT or DECLINE
+    # NAME asks to connect to us: we answer CONNECT (yes) or DECLINE.  As a
+    # reply (FLAG_REPLY), the answer to our own CONNECT: NAME was asked.
+    ASK:        [('name', NAME)],
     INTRODUCE:  [('name', NAME),                 # who the other peer is
                  ('session', TOKEN),             # the pair's secret: keys the MACs
                  ('role', 'B'),                  # 0: we asked first, 1: we answered

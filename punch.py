@@ -18,6 +18,7 @@ calling their methods when a datagram arrives or a timer is due.
 
 import ipaddress
 import os
+import secrets
 import select
 import selectors
 import socket
@@ -36,6 +37,10 @@ import p2pcommon as wire
 # the mapping that the peer's own punch has opened by then.
 PUNCH_INTERVAL = 0.1
 PUNCH_TIMEOUT = 5.0
+# Every candidate of a full introduction (16) for the whole timeout, and
+# then no more: about 20 KB of punches per introduction at the most.
+PUNCH_BUDGET = 400
+NO_NONCE = bytes(wire.NONCE_SIZE)   # a UDP punch answers no challenge
 
 # Linux conntrack forgets an unanswered UDP mapping after 30 s, and Ford et
 # al. saw NATs that forget after 20 s; the article says "around 60".  A
@@ -48,6 +53,7 @@ DEAD_AFTER = 3          # intervals of silence before a path counts as dead
 PREDICTION_STEPS = 8
 
 SIOCGIFADDR = 0x8915     # Linux: get an interface's IPv4 address
+SIOCGIFNETMASK = 0x891b  # and its netmask
 
 MAPPING_TRIES = 8       # at 20% loss each way, all 8 fail once in 3,000 starts
 MAPPING_WAIT = 0.5
@@ -168,25 +174,37 @@ def _ipv6_addresses():
 
 def _ipv4_addresses():
     """Each interface's IPv4 address, by the SIOCGIFADDR ioctl."""
+    return [address for address, _ in _ipv4_interfaces()]
+
+
+def _ipv4_interfaces():
+    """(address, netmask) of each interface with IPv4, by SIOCGIFADDR and SIOCGIFNETMASK."""
     found = []
     for _, name in socket.if_nameindex():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             request = struct.pack('256s', name.encode()[:15])
             try:
-                reply = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)
+                address = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)[20:24]
+                mask = fcntl.ioctl(sock.fileno(), SIOCGIFNETMASK, request)[20:24]
             except OSError:
                 continue            # no IPv4 address on this one
-            found.append(socket.inet_ntoa(reply[20:24]))
+            found.append((socket.inet_ntoa(address), socket.inet_ntoa(mask)))
     return found
 
 
-def candidates(introduction):
+def candidates(introduction, our_public=None, networks=()):
     """Every endpoint where the peer might be reached, best guess first.
 
     Its public endpoint as the server saw it (point 3); when its NAT gave
     the server's two ports two different mappings, the ports it will
     probably use next (point 6); and the private endpoints it reported,
     which work when we are behind the same NAT (point 10).
+
+    A private endpoint is only what the peer *says*, and whoever we punch
+    gets our datagrams: so we punch one only where it can be the peer's
+    machine on a network of ours, inside one of our ``networks``, or
+    behind the same NAT (its public address is ``our_public``'s).  Never
+    more than MAX_ENDPOINTS in all.
     """
     public = introduction.public
     found = [public]
@@ -195,30 +213,62 @@ def candidates(introduction):
             port = public[1] + step * introduction.port_delta
             if 0 < port < 65536:
                 found.append((public[0], port))
-    found += introduction.private
-    unique = []
-    for endpoint in found:
-        if endpoint not in unique:
-            unique.append(endpoint)
-    return unique
+    same_nat = our_public is not None and our_public[0] == public[0]
+    found += [endpoint for endpoint in introduction.private
+              if same_nat or reachable(endpoint[0], networks)]
+    return list(dict.fromkeys(found))[:wire.MAX_ENDPOINTS]
+
+
+def reachable(host, networks):
+    """True when host is inside one of networks (ip_network objects)."""
+    address = ipaddress.ip_address(host)
+    return any(address in network for network in networks)
+
+
+def our_networks():
+    """The networks our interfaces are on, loopback included (point 10's "same LAN").
+
+    Linux only, like interface_addresses: IPv6 prefixes from
+    /proc/net/if_inet6, IPv4 netmasks from the SIOCGIFNETMASK ioctl.
+    Elsewhere, loopback alone.
+    """
+    networks = [ipaddress.ip_network('127.0.0.0/8'), ipaddress.ip_network('::1/128')]
+    if fcntl is None or not os.path.exists('/proc/net/if_inet6'):
+        return networks
+    with open('/proc/net/if_inet6') as table:
+        for line in table:
+            hex_address, _, prefix, scope = line.split()[:4]
+            if scope == '00':
+                address = ipaddress.IPv6Address(bytes.fromhex(hex_address))
+                networks.append(ipaddress.ip_network(f'{address}/{int(prefix, 16)}',
+                                                     strict=False))
+    for address, mask in _ipv4_interfaces():
+        networks.append(ipaddress.ip_network(f'{address}/{mask}', strict=False))
+    return networks
 
 
 class Punch:
     """One hole punching attempt toward one peer (article point 5).
 
-    ``send(data, endpoint)`` puts a datagram on our UDP socket.  The client
-    calls ``tick`` from its loop and ``receive`` for every PUNCH or
-    PUNCH_ACK that carries this pair's session token.
+    ``send(data, endpoint)`` puts a datagram on our UDP socket and
+    ``seal(type, **fields)`` encodes a peer message with the session's MAC.
+    The client calls ``tick`` from its loop and ``receive`` for every
+    message that passed the session's MAC check.
+
+    A punch sends at most PUNCH_BUDGET datagrams, whatever the number of
+    candidates: an introduction must not become a way to make us send a
+    flood to someone else's addresses.
     """
 
-    def __init__(self, send, session, targets, now, timeout=PUNCH_TIMEOUT):
+    def __init__(self, send, seal, targets, now, timeout=PUNCH_TIMEOUT):
         self.send = send
-        self.session = session
+        self.seal = seal
         self.targets = list(targets)
         self.started = now
         self.deadline = now + timeout
         self.next_round = now
         self.rounds = 0
+        self.budget = PUNCH_BUDGET
         self.locked = None
 
     def tick(self, now):
@@ -230,10 +280,12 @@ class Punch:
         way (the reader's question in the article's comments).
         """
         if self.locked is None and now >= self.next_round:
-            punch = wire.encode(wire.PUNCH, session=self.session)
             ipv6 = [target for target in self.targets if ':' in target[0]]
             for target in (ipv6 if self.rounds == 0 and ipv6 else self.targets):
-                self.send(punch, target)
+                if self.budget <= 0:
+                    break
+                self.budget -= 1
+                self.send(self.seal(wire.PUNCH, nonce=NO_NONCE), target)
             self.rounds += 1
             self.next_round = now + PUNCH_INTERVAL
 
@@ -242,19 +294,19 @@ class Punch:
         return self.locked is None and now >= self.deadline
 
     def receive(self, message, source):
-        """Take a datagram of this session from source; return the locked endpoint.
+        """Take a proven message of this session from source; return the locked endpoint.
 
         Hole punching traffic (PUNCH, KEEPALIVE: the header's punching flag)
         is bounced back as PUNCH_ACK (point 8), always: the peer may still
-        be punching after we have locked.  Any datagram carrying the
-        session token proves that the peer (only it and the server know
-        the token: point 10) reaches us from ``source`` and that our NAT
-        lets it in; its NAT lets our replies back to that same endpoint.
-        So the first proof locks in, even if it came from an address we
-        never punched, as from a symmetric NAT.
+        be punching after we have locked.  Any message with the session's
+        MAC proves that the peer (only it and the server know the token:
+        point 10) reaches us from ``source`` and that our NAT lets it in;
+        its NAT lets our replies back to that same endpoint.  So the first
+        proof locks in, even if it came from an address we never punched,
+        as from a symmetric NAT.
         """
         if message.flags & wire.FLAG_PUNCHING:
-            self.send(wire.encode(wire.PUNCH_ACK, session=self.session), source)
+            self.send(self.seal(wire.PUNCH_ACK), source)
         if self.locked is None:
             self.locked = source
         return self.locked
@@ -356,35 +408,36 @@ class TcpPunch:
     and private.  Each side's SYN opens its own NAT for the other's; the
     two SYNs may even cross, and the kernel then makes one connection out
     of both (a simultaneous open).  A connect that fails (RST from the
-    other NAT, which had no mapping yet) is tried again.  The first stream
-    on which the peer proves the session token wins, whether it came from
-    connect() or from accept().
+    other NAT, which had no mapping yet) is tried again.
+
+    Whoever is at the other end of a stream may be a stranger (a private
+    address is someone's on every LAN), so a stream starts with a
+    challenge-response and nothing else: each side sends a random nonce
+    (CHALLENGE) and answers the other's with a PUNCH that echoes it under
+    the session's MAC.  The first stream whose PUNCH answers our nonce
+    wins, whether it came from connect() or from accept(); before that, a
+    stranger has learnt nothing about the session it could use.
 
     ``on_locked(stream)`` is called with that FramedStream, whose further
-    messages go to ``on_message(stream, message)``.
-
-    Chat typed before any stream is proven (``send_early``) follows our
-    PUNCH on the stream we connected to the peer's public endpoint, the
-    first target, and on no other: as over UDP, a private address may be a
-    stranger's.
+    messages go to ``on_message(stream, message)`` once they pass the MAC
+    check; anything else closes the stream.
     """
 
-    def __init__(self, selector, local, targets, session, now, on_locked, on_message,
+    def __init__(self, selector, local, targets, key, now, on_locked, on_message,
                  timeout=TCP_PUNCH_TIMEOUT):
         self.selector = selector
         self.local = local
         self.family = socket.AF_INET6 if ':' in local[0] else socket.AF_INET
         self.targets = [t for t in targets if (':' in t[0]) == (self.family == socket.AF_INET6)]
-        self.public = targets[0] if targets and targets[0] in self.targets else None
-        self.early = []             # encoded messages for the stream to the public endpoint
-        self.to_public = None       # that stream, once connected
-        self.session = session
+        self.key = key
         self.deadline = now + timeout
         self.on_locked = on_locked
         self.on_message = on_message
         self.connecting = {}        # socket -> (target, when to try again)
         self.retry_at = {target: now for target in self.targets}
         self.streams = []           # established, proving or proven
+        self.nonces = {}            # stream -> the challenge we sent on it
+        self.proven = set()         # streams whose PUNCH answered our challenge
         self.locked = None
         self.listener = shared_socket(self.family, local)
         self.listener.listen(8)
@@ -421,15 +474,11 @@ class TcpPunch:
     def connected(self, sock, mask):
         """A connect finished: a stream, or an error to retry after a while."""
         self.selector.unregister(sock)
-        target = self.connecting.pop(sock)
+        del self.connecting[sock]
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             sock.close()
             return
-        stream = self.start_stream(sock)
-        if target == self.public and self.locked is None:
-            self.to_public = stream
-            for data in self.early:
-                stream.send(data)
+        self.start_stream(sock)
 
     def accept(self, listener, mask):
         """The peer's connect reached our listener."""
@@ -440,39 +489,45 @@ class TcpPunch:
         self.start_stream(sock)
 
     def start_stream(self, sock):
-        """Prove ourselves on a new stream: PUNCH with the session token."""
+        """Challenge whoever is at the other end: a random nonce, nothing of the session."""
         keep_tcp_alive(sock)
         stream = wire.FramedStream(sock, self.selector,
                                    lambda message: self.received(stream, message),
                                    lambda why: self.dropped(stream))
         self.streams.append(stream)
-        stream.send(wire.encode(wire.PUNCH, session=self.session))
+        self.nonces[stream] = secrets.token_bytes(wire.NONCE_SIZE)
+        stream.send(wire.encode(wire.CHALLENGE, nonce=self.nonces[stream]))
         return stream
 
-    def send_early(self, data):
-        """A chat message before the lock: to the public endpoint's stream, now or once made."""
-        self.early.append(data)
-        if self.to_public is not None and self.to_public.open:
-            self.to_public.send(data)
-
     def received(self, stream, message):
-        """A message on one of our streams: the first proof locks it in."""
-        if message.type not in wire.PEER_TYPES or message.session != self.session:
-            stream.close()              # not our peer: nobody else gets a stream
-            self.dropped(stream)
-            return
-        if self.locked is None:
-            self.locked = stream
-            self.early = []             # the channel resends them on the lock
-            self.stop_trying()
-            self.on_locked(stream)
-        if message.type not in (wire.PUNCH, wire.PUNCH_ACK):
-            self.on_message(stream, message)
+        """A message on one of our streams: answer challenges, lock on the first proof."""
+        if message.type == wire.CHALLENGE:
+            stream.send(self.key.seal(wire.PUNCH, nonce=message.nonce))
+        elif message.type not in wire.PEER_TYPES or not self.key.check(message):
+            self.reject(stream)             # not our peer: nobody else gets a stream
+        elif stream in self.proven:
+            if message.type not in (wire.PUNCH, wire.PUNCH_ACK):
+                self.on_message(stream, message)
+        elif message.type == wire.PUNCH and message.nonce == self.nonces[stream]:
+            self.proven.add(stream)
+            if self.locked is None:
+                self.locked = stream
+                self.stop_trying()
+                self.on_locked(stream)
+        else:
+            self.reject(stream)             # a proof that answers no challenge of ours
+
+    def reject(self, stream):
+        """Close a stream whose other end did not prove the session."""
+        stream.close()
+        self.dropped(stream)
 
     def dropped(self, stream):
         """A stream closed; forget it."""
         if stream in self.streams:
             self.streams.remove(stream)
+        self.nonces.pop(stream, None)
+        self.proven.discard(stream)
 
     def stop_trying(self):
         """No more connects, no more listening; proven streams stay open.

@@ -11,6 +11,7 @@ import time
 
 import p2pcommon as wire
 import punch
+from identity import SessionKey
 from reliable import ReliableChannel
 from transfer import Transfers
 
@@ -18,18 +19,20 @@ from transfer import Transfers
 class Session:
     """One introduced peer: the punch, then a direct path or the relay."""
 
-    def __init__(self, client, link, name, token, targets, now, started):
+    def __init__(self, client, link, name, token, role, targets, now, started):
         self.client = client
         self.link = link            # the server that introduced us: it relays
         self.name = name
-        self.token = token
+        self.token = token          # the session's secret: never leaves the control connection
+        self.key = SessionKey(token, role)
         self.targets = targets
         self.started = started
         self.relayed = False        # punching failed: chat goes through the server
         self.tcp = None             # TCP hole punching, tried first
         # Made now, so that a UDP proof from the peer is taken even while
         # we still try TCP; it sends nothing until start_punch.
-        self.punch = punch.Punch(client.send_udp, token, targets, now, client.punch_timeout)
+        self.punch = punch.Punch(client.send_udp, self.key.seal, targets, now,
+                                 client.punch_timeout)
         self.keepalive = punch.Keepalive(client.keepalive_interval, now)
         self.channel = ReliableChannel(self.transmit_data, over_stream=self.over_stream)
         self.transfers = Transfers(name, self.send, client.say, client.downloads,
@@ -39,7 +42,7 @@ class Session:
         """Punch toward every candidate endpoint (point 5)."""
         previous = self.endpoint
         targets = self.targets + ([previous] if previous and previous not in self.targets else [])
-        self.punch = punch.Punch(self.client.send_udp, self.token, targets, now,
+        self.punch = punch.Punch(self.client.send_udp, self.key.seal, targets, now,
                                  self.client.punch_timeout)
         self.punch.tick(now)
 
@@ -58,7 +61,7 @@ class Session:
 
         Also while TCP is being punched: a message that goes nowhere yet is
         sent on the lock (hurry), and resending it into no path would only
-        count tries, and repeat it behind the PUNCH of TcpPunch.send_early.
+        count tries.
         """
         return self.on_tcp or self.trying_tcp
 
@@ -80,7 +83,7 @@ class Session:
 
     def send(self, type, **fields):
         """Send a peer message along the current path: TCP, UDP or relayed."""
-        data = wire.encode(type, session=self.token, **fields)
+        data = self.key.seal(type, **fields)
         if self.on_tcp:
             self.tcp.locked.send(data)
         elif self.endpoint is not None:
@@ -96,8 +99,6 @@ class Session:
             # has already opened its NAT, the line arrives a round trip
             # sooner; if not, the reliable layer resends it on the lock.
             self.client.send_udp(data, self.targets[0])
-        elif self.trying_tcp and type == wire.DATA:
-            self.tcp.send_early(data)   # the same over TCP: after our PUNCH, to its public end
 
     def transmit_data(self, seq, text):
         """The reliable layer's way out: one DATA."""
