@@ -162,8 +162,7 @@ class Client:
         elif session.punching:
             session.punch.tick(now)
             if session.punch.expired(now):
-                session.relayed = True
-                self.connected(session, now, 'relayed through the rendezvous server')
+                self.relay(session, now)
         for text in session.channel.retransmit(now):
             self.say(f'not delivered to {session.name}: {wire.safe(text)}')
         session.transfers.tick(now)
@@ -192,11 +191,24 @@ class Client:
         """TCP gave up: punch UDP next or, with --tcp-only, relay."""
         if self.transport == 'tcp':
             self.say(why)
-            session.relayed = True
-            self.connected(session, now, 'relayed through the rendezvous server')
+            self.relay(session, now)
         else:
             self.say(f'{why}; punching UDP')
             session.start_punch(now)
+
+    def relay(self, session, now):
+        """No direct path: chat goes through the server (point 11), if it still relays.
+
+        It does not once the peer's control connection has closed (the
+        server said so): a peer we can neither punch nor relay to is gone.
+        """
+        if session.relay_gone:
+            self.say(f'lost {session.name}: no direct path, and the server no longer '
+                     f'relays to them')
+            self.end_session(session, f'{session.name} is gone')
+            return
+        session.relayed = True
+        self.connected(session, now, 'relayed through the rendezvous server')
 
     def punch_again(self, session, now):
         """The direct path died: punch again, and ask the peer to, via the relay."""
@@ -533,6 +545,7 @@ class Client:
         if session is None:
             return
         if not message.message:
+            session.relay_gone = True
             if session.relayed:
                 self.say(f'{session.name} lost the rendezvous server, and with it the '
                          f'relay; /connect {session.name} to reach them again')

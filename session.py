@@ -28,6 +28,7 @@ class Session:
         self.targets = targets
         self.started = started
         self.relayed = False        # punching failed: chat goes through the server
+        self.relay_gone = False     # the server said the peer's control connection closed
         self.tcp = None             # TCP hole punching, tried first
         # Made now, so that a UDP proof from the peer is taken even while
         # we still try TCP; it sends nothing until start_punch.

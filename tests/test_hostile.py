@@ -36,6 +36,8 @@ def pair(server):
     for proc in procs:
         proc.expect(r'^\* registered as ')
     alice.send('/connect bob')
+    bob.expect(r'^\* alice asks to connect')
+    bob.send('/connect alice')
     alice.expect(CONNECTED.format('bob'))
     bob.expect(CONNECTED.format('alice'))
     yield alice, bob
@@ -316,6 +318,8 @@ def test_silent_partial_and_deaf_connections_do_not_slow_anyone(server):
             for proc in procs:
                 proc.expect(r'^\* registered as ', timeout=5)
             procs[0].send('/connect bob')
+            procs[1].expect(r'^\* alice asks to connect', timeout=5)
+            procs[1].send('/connect alice')
             procs[0].expect(CONNECTED.format('bob'), timeout=5)
             chat(procs[0], procs[1], 'nobody slowed us down')
         finally:
@@ -326,12 +330,16 @@ def test_silent_partial_and_deaf_connections_do_not_slow_anyone(server):
             sock.close()
 
 
-def test_kill_9_frees_the_name_and_tells_the_peer(server, pair):
+def test_kill_9_keeps_the_name_for_its_owner(server, pair):
     alice, bob = pair
     bob.popen.kill()
-    alice.expect(r'^\* bob left$', timeout=15)         # well within the keepalive timeout
-    with RawPeer(server[1], 'bob'):                     # and the name is free
-        pass
+    with pytest.raises(AssertionError, match='taken'):
+        RawPeer(server[1], 'bob')                       # a stranger cannot take it
+    again = start(command('p2pclient.py', 'bob', '--server', f'127.0.0.1:{server[1]}'), 'bob')
+    try:
+        again.expect(r'^\* registered as bob ')        # bob, with his key, takes it back
+    finally:
+        again.stop()
 
 
 @pytest.mark.parametrize('family, padding', [(5, bytes(12)), (4, b'\1' * 12)])

@@ -43,10 +43,18 @@ def clients(server):
 
 
 def connect(alice, bob):
-    """alice connects to bob; both say how (direct, on loopback)."""
-    alice.send('/connect bob')
-    alice.expect(CONNECTED.format('bob'))
-    bob.expect(CONNECTED.format('alice'))
+    """alice asks bob, bob says yes; both say how they are connected (direct, on loopback)."""
+    alice.send(f'/connect {bob.label}')
+    consent(alice, bob)
+    alice.expect(CONNECTED.format(bob.label))
+    bob.expect(CONNECTED.format(alice.label))
+
+
+def consent(alice, bob):
+    """bob is asked about alice's request and says yes."""
+    bob.expect(rf'^\* {alice.label} asks to connect: /connect {alice.label} to accept, '
+               rf'/reject {alice.label} to decline$')
+    bob.send(f'/connect {alice.label}')
 
 
 def test_connect_by_name_and_chat_both_ways(clients):
@@ -59,8 +67,9 @@ def test_connect_by_name_and_chat_both_ways(clients):
 
 
 def test_connect_on_the_command_line(clients):
-    clients('bob')
+    bob = clients('bob')
     alice = clients('alice', '--connect', 'bob')
+    consent(alice, bob)
     alice.expect(CONNECTED.format('bob'))
 
 
@@ -71,9 +80,9 @@ def test_list_shows_registered_names(clients):
     alice.expect(r'^\* peers: alice, bob$')
 
 
-def test_name_taken_is_one_clear_line_and_exit_1(clients):
+def test_name_taken_is_one_clear_line_and_exit_1(clients, tmp_path):
     clients('alice')
-    second = clients('alice', register=False)
+    second = clients('alice', '--key', tmp_path / 'another-key', register=False)
     second.expect(r"^\* name 'alice' is taken$")
     assert second.wait() == 1
 
@@ -187,6 +196,7 @@ def test_lines_typed_right_after_connect_go_to_that_peer_once(clients, transport
     alice.send('/connect bob')
     alice.send('first words')
     alice.send('and more')
+    consent(alice, bob)
     bob.expect(r'^<alice> first words$')
     bob.expect(r'^<alice> and more$')
     alice.expect(CONNECTED.format('bob'))
@@ -202,7 +212,7 @@ def test_lines_held_for_an_unknown_peer_are_reported_lost(clients):
     alice.expect(r"^\* error from the rendezvous server: no peer named 'carol'$")
     alice.expect(r'^\* not delivered to carol: are you there\?$')
     alice.send('still nobody?')
-    alice.expect(r'^\* not connected: /connect PEER first$')
+    alice.expect(r'^\* not connected to carol: /connect carol first$')
 
 
 def test_unknown_command_is_reported(clients):
@@ -283,8 +293,7 @@ def test_chat_goes_on_without_the_server_and_it_reregisters_on_return():
         names['carol'] = start(command('p2pclient.py', 'carol', '--server',
                                        f'127.0.0.1:{port}'), 'carol')
         names['carol'].expect(r'^\* registered as')
-        names['carol'].send('/connect alice')
-        alice.expect(CONNECTED.format('carol'))
+        connect(names['carol'], alice)
     finally:
         server.stop()
         for proc in names.values():
@@ -401,6 +410,7 @@ def test_send_without_a_file_says_why(clients, folders):
 def test_udp_only_and_tcp_only(clients, option, how):
     alice, bob = clients('alice', option), clients('bob', option)
     alice.send('/connect bob')
+    consent(alice, bob)
     alice.expect(rf'^\* connected to bob at 127\.0\.0\.1:\d+ \({how}\)$')
     bob.expect(rf'^\* connected to alice at 127\.0\.0\.1:\d+ \({how}\)$')
     alice.send('hello over one transport')
