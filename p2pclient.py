@@ -35,6 +35,10 @@ MAX_SESSIONS = 32           # peers at once: each costs sockets, and a server co
 MAX_TCP_PUNCHES = 4         # TCP punches at once (a listener and a socket per target each)
 MAX_ASKS = 16               # requests to connect shown and waiting for an answer
 REPUNCH_EVERY = 5.0         # seconds between punch rounds a peer may ask of us over the relay
+# When the server says a peer's control connection closed, the peer may be
+# gone (killed, off the network) or only its TCP mapping: a KEEPALIVE a
+# second, each bounced by a live peer, tells which within DOUBT_WAIT.
+DOUBT_WAIT = 3.0
 HELP = """commands:
   /connect PEER   ask PEER to connect (or say yes to PEER's request), then punch
   /reject PEER    say no to PEER's request to connect
@@ -168,10 +172,22 @@ class Client:
         session.transfers.tick(now)
         if session.endpoint is None:
             return
-        if session.keepalive.due(now):
+        if session.doubted is not None:
+            self.check_doubt(session, now)
+        elif session.keepalive.due(now):
             session.send(wire.KEEPALIVE)
         if session.keepalive.dead(now) or session.channel.stalled:
             self.punch_again(session, now)
+
+    def check_doubt(self, session, now):
+        """Is the peer whose control connection closed still there?  Ask it, once a second."""
+        if session.keepalive.last_heard > session.doubted:
+            session.doubted = None              # it answered: only its server link died
+        elif now - session.doubted > DOUBT_WAIT:
+            self.say(f'lost {session.name}: it left the server and stopped answering')
+            self.end_session(session, f'{session.name} is gone')
+        elif now - session.keepalive.last_sent >= 1.0:
+            session.send(wire.KEEPALIVE)
 
     def check_tcp(self, session, now):
         """TCP first: on a timeout, or when its connection dies, go on with UDP."""
@@ -546,6 +562,9 @@ class Client:
             return
         if not message.message:
             session.relay_gone = True
+            if session.endpoint is not None:    # direct over UDP: is the peer still there?
+                session.doubted = time.monotonic()
+                session.send(wire.KEEPALIVE)
             if session.relayed:
                 self.say(f'{session.name} lost the rendezvous server, and with it the '
                          f'relay; /connect {session.name} to reach them again')

@@ -29,6 +29,7 @@ class Session:
         self.started = started
         self.relayed = False        # punching failed: chat goes through the server
         self.relay_gone = False     # the server said the peer's control connection closed
+        self.doubted = None         # since then: when we began asking whether it is there
         self.tcp = None             # TCP hole punching, tried first
         # Made now, so that a UDP proof from the peer is taken even while
         # we still try TCP; it sends nothing until start_punch.

@@ -391,7 +391,8 @@ def test_an_interrupted_transfer_leaves_no_file(clients, folders):
     bob.send('/accept')
     bob.expect(r'^\* receiving big\.iso from alice: \d+%', timeout=30)
     alice.popen.kill()
-    bob.expect(r'^\* transfer of big\.iso with alice stopped: alice left$', timeout=30)
+    bob.expect(r'^\* lost alice: it left the server and stopped answering$', timeout=30)
+    bob.expect(r'^\* transfer of big\.iso with alice stopped: alice is gone$')
     assert os.listdir(downloads) == []
 
 
