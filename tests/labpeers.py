@@ -63,12 +63,19 @@ class LabRun:
 
 
 def connect(alice, bob, timeout=20):
-    """alice connects to bob; return how each side says it is connected.
+    """alice asks bob, bob says yes; return how each side says it is connected.
 
     Each is ('direct', endpoint, ms) or ('relayed', None, None).
     """
-    alice.send('/connect bob')
-    return how(alice, 'bob', timeout), how(bob, 'alice', timeout)
+    alice.send(f'/connect {bob.label}')
+    consent(alice, bob, timeout)
+    return how(alice, bob.label, timeout), how(bob, alice.label, timeout)
+
+
+def consent(alice, bob, timeout=20):
+    """bob is asked about alice's /connect and says yes."""
+    bob.expect(rf'^\* {alice.label} asks to connect', timeout)
+    bob.send(f'/connect {alice.label}')
 
 
 def how(proc, peer, timeout=20):

@@ -24,8 +24,8 @@ def attempt(lab, host_a='a1', host_b='b1', server=None, names=('alice', 'bob'),
         try:
             a = run.client(host_a, names[0], '--punch-timeout', PUNCH_TIMEOUT, server=address,
                            transport=transport)
-            b = run.client(host_b, names[1], '--punch-timeout', PUNCH_TIMEOUT, server=address,
-                           transport=transport)
+            b = run.client(host_b, names[1], '--punch-timeout', PUNCH_TIMEOUT,
+                           '--allow', names[0], server=address, transport=transport)
         except AssertionError:
             return 'FAILED to register'
         return connect_and_chat(a, b, names)
