@@ -156,16 +156,18 @@ def test_idle_pairs_keep_talking_after_the_nats_forget_them():
 STRANGER = '''
 import os, socket, sys
 sys.path.insert(0, {root!r})
+import identity
 import p2pcommon as wire
 host, port = {target!r}
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-guess = os.urandom(wire.TOKEN_SIZE)
-packets = [wire.encode(wire.PUNCH, session=guess),
-           wire.encode(wire.PUNCH_ACK, session=guess),
-           wire.encode(wire.KEEPALIVE, session=guess),
-           wire.encode(wire.BYE, session=guess),
-           wire.encode(wire.DATA, session=guess, seq=0, oldest=0, text='* connected to you'),
-           wire.encode(wire.DATA, session=wire.NO_SESSION, seq=0, oldest=0, text='hi'),
+guess = identity.SessionKey(os.urandom(wire.TOKEN_SIZE), 0)
+unsealed = dict(session=guess.id, counter=1, mac=wire.NO_MAC)
+packets = [guess.seal(wire.PUNCH, nonce=bytes(16)),
+           guess.seal(wire.PUNCH_ACK),
+           guess.seal(wire.KEEPALIVE),
+           guess.seal(wire.GOODBYE),
+           guess.seal(wire.DATA, seq=0, oldest=0, text='* connected to you'),
+           wire.encode(wire.DATA, seq=0, oldest=0, text='hi', **unsealed),
            wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.DATA, 0, 0),
            b'random junk']
 for _ in range(20):
