@@ -19,6 +19,13 @@ from p2pcommon import FramingError, ProtocolError
 
 TOKEN_A = bytes(range(0xa0, 0xb0))
 TOKEN_B = b'\x5a' * wire.TOKEN_SIZE
+SID_A = bytes(range(0xc0, 0xc8))            # session ids: 8 bytes, derived from a token
+SID_B = b'\x3c' * wire.SESSION_ID_SIZE
+MAC_A = bytes(range(0xe0, 0xe8))
+MAC_B = b'\xff' * wire.MAC_SIZE
+PROOF_A = bytes(range(0x10, 0x20))
+NONCE_A = bytes(range(0x30, 0x40))
+COUNTERS = [0, 1, 2**64 - 1]
 
 V4 = [('203.0.113.7', 40000), ('198.51.100.23', 1), ('198.18.0.1', 65535),
       ('198.19.255.254', 7777)]
@@ -31,15 +38,31 @@ NAME_32 = '日' * 10 + 'ab'          # exactly 32 bytes of UTF-8
 NAMES = ['alice', 'zoë', '日本', 'a' * wire.MAX_NAME, NAME_32, 'Ωμέγα-1']
 
 
+def peer(session=SID_A, counter=1, mac=MAC_A, **fields):
+    """The fields of a peer message: session id, counter, the type's own fields, MAC."""
+    return dict(session=session, counter=counter, **fields, mac=mac)
+
+
+def peers(*field_sets):
+    """Peer samples that go through every counter, session id and MAC of the table."""
+    macs = [MAC_A, MAC_B, wire.NO_MAC]
+    return [peer(SID_A if i % 2 == 0 else SID_B, COUNTERS[i % 3], macs[i % 3], **fields)
+            for i, fields in enumerate(field_sets)]
+
+
 def _samples():
     """Field sets for every message type: the round trip table."""
-    inner = wire.encode(wire.DATA, session=TOKEN_A, seq=3, oldest=0, text='hi')
+    inner = wire.encode(wire.DATA, **peer(seq=3, oldest=0, text='hi'))
     return {
-        wire.REGISTER: [dict(name=n, private=p, tcp_port=t) for n, p, t in [
-            ('alice', [], 0), ('zoë', V4[:1], 1), ('日本', V6[:1], 40000),
-            (NAME_32, V4 + V6, 65535), ('bob', MAX_LIST, 7777)]],
+        wire.REGISTER: [dict(name=n, private=p, tcp_port=t, proof=r) for n, p, t, r in [
+            ('alice', [], 0, PROOF_A), ('zoë', V4[:1], 1, bytes(wire.PROOF_SIZE)),
+            ('日本', V6[:1], 40000, b'\xff' * wire.PROOF_SIZE),
+            (NAME_32, V4 + V6, 65535, PROOF_A), ('bob', MAX_LIST, 7777, PROOF_A)]],
         wire.LIST: [{}],
         wire.CONNECT: [dict(target=n) for n in NAMES],
+        wire.DECLINE: [dict(name='zoë', why=wire.DECLINED),
+                       dict(name=NAME_32, why=wire.NO_ANSWER),
+                       dict(name='bob', why=255)],
         wire.REGISTERED: [dict(token=TOKEN_A), dict(token=wire.NO_SESSION)],
         wire.ERROR: [dict(code=wire.E_NAME_TAKEN, text='name taken: zoë'),
                      dict(code=0, text=''),
@@ -47,45 +70,48 @@ def _samples():
                      dict(code=wire.E_BAD_MESSAGE, text='line one\nline two\t日本')],
         wire.PEERS: [dict(names=[]), dict(names=NAMES),
                      dict(names=[f'p{i}' for i in range(wire.MAX_PEERS_LISTED)])],
+        wire.ASK: [dict(name=n) for n in NAMES],
         wire.INTRODUCE: [
-            dict(name='zoë', session=TOKEN_A, public=V4[0], port_delta=0, private=[],
+            dict(name='zoë', session=TOKEN_A, role=0, public=V4[0], port_delta=0, private=[],
                  tcp_public=V4[1], tcp_port=50000),
-            dict(name='日本', session=TOKEN_B, public=V6[0], port_delta=-32768,
+            dict(name='日本', session=TOKEN_B, role=1, public=V6[0], port_delta=-32768,
                  private=V4[1:2] + V6[1:2], tcp_public=V6[1], tcp_port=65535),
-            dict(name='a' * 32, session=TOKEN_A, public=V4[2], port_delta=32767,
+            dict(name='a' * 32, session=TOKEN_A, role=0, public=V4[2], port_delta=32767,
                  private=MAX_LIST, tcp_public=V4[3], tcp_port=1),
-            dict(name='bob', session=TOKEN_B, public=V6[2], port_delta=2, private=V6,
+            dict(name='bob', session=TOKEN_B, role=1, public=V6[2], port_delta=2, private=V6,
                  tcp_public=('0.0.0.0', 0), tcp_port=0),   # no TCP endpoint known
-            dict(name='eve', session=TOKEN_A, public=V4[0], port_delta=-1, private=V4,
-                 tcp_public=('::', 0), tcp_port=0),
+            dict(name='eve', session=TOKEN_A, role=255, public=V4[0], port_delta=-1,
+                 private=V4, tcp_public=('::', 0), tcp_port=0),
         ],
         wire.RELAY: [dict(session=TOKEN_A, message=inner), dict(session=TOKEN_B, message=b'')],
-        wire.BYE: [dict(session=TOKEN_A), dict(session=wire.NO_SESSION)],
+        wire.BYE: [{}],
+        wire.ALIVE: [{}],
         wire.MAPPING: [dict(token=TOKEN_A, public=('0.0.0.0', 0)),
                        dict(token=TOKEN_A, public=('::', 0)),
                        *[dict(token=TOKEN_B, public=e) for e in V4 + V6]],
-        wire.PUNCH: [dict(session=TOKEN_A)],
-        wire.PUNCH_ACK: [dict(session=TOKEN_B)],
-        wire.DATA: [dict(session=TOKEN_A, seq=0, oldest=0, text=''),
-                    dict(session=TOKEN_A, seq=2**32 - 1, oldest=2**32 - 1,
-                         text='zoë 日本 ' * 10),
-                    dict(session=TOKEN_B, seq=7, oldest=5, text='x' * wire.MAX_TEXT)],
-        wire.ACK: [dict(session=TOKEN_A, seq=0, sack=bytes(wire.SACK_BYTES)),
-                   dict(session=TOKEN_B, seq=2**32 - 1, sack=b'\xff' * wire.SACK_BYTES)],
-        wire.OFFER: [dict(session=TOKEN_A, transfer=1, size=0, sha256=bytes(32), name='a'),
-                     dict(session=TOKEN_B, transfer=2**32 - 1, size=2**64 - 1,
-                          sha256=b'\x5a' * 32, name='report 日本.pdf')],
-        wire.ANSWER: [dict(session=TOKEN_A, transfer=1, accept=1),
-                      dict(session=TOKEN_B, transfer=7, accept=0)],
-        wire.CHUNK: [dict(session=TOKEN_A, transfer=1, seq=0, oldest=0, data=b''),
-                     dict(session=TOKEN_B, transfer=3, seq=9, oldest=4, data=b'\0' * 1024)],
-        wire.CHUNK_ACK: [dict(session=TOKEN_A, transfer=1, seq=5,
-                              sack=b'\x80' + bytes(wire.SACK_BYTES - 1))],
-        wire.END: [dict(session=TOKEN_A, transfer=1)],
-        wire.FINISH: [dict(session=TOKEN_A, transfer=1, ok=1, text='saved'),
-                      dict(session=TOKEN_B, transfer=2, ok=0, text='SHA-256 mismatch')],
-        wire.CANCEL: [dict(session=TOKEN_A, transfer=3, text='the file shrank')],
-        wire.KEEPALIVE: [dict(session=TOKEN_A)],
+        wire.CHALLENGE: [dict(nonce=NONCE_A), dict(nonce=bytes(wire.NONCE_SIZE)),
+                         dict(nonce=b'\xff' * wire.NONCE_SIZE)],
+        wire.PUNCH: peers(dict(nonce=bytes(wire.NONCE_SIZE)), dict(nonce=NONCE_A),
+                          dict(nonce=b'\xff' * wire.NONCE_SIZE)),
+        wire.PUNCH_ACK: peers({}, {}, {}),
+        wire.DATA: peers(dict(seq=0, oldest=0, text=''),
+                         dict(seq=2**32 - 1, oldest=2**32 - 1, text='zoë 日本 ' * 10),
+                         dict(seq=7, oldest=5, text='x' * wire.MAX_TEXT)),
+        wire.ACK: peers(dict(seq=0, sack=bytes(wire.SACK_BYTES)),
+                        dict(seq=2**32 - 1, sack=b'\xff' * wire.SACK_BYTES)),
+        wire.OFFER: peers(dict(transfer=1, size=0, sha256=bytes(32), name='a'),
+                          dict(transfer=2**32 - 1, size=2**64 - 1, sha256=b'\x5a' * 32,
+                               name='report 日本.pdf')),
+        wire.ANSWER: peers(dict(transfer=1, accept=1), dict(transfer=7, accept=0)),
+        wire.CHUNK: peers(dict(transfer=1, seq=0, oldest=0, data=b''),
+                          dict(transfer=3, seq=9, oldest=4, data=b'\0' * 1024)),
+        wire.CHUNK_ACK: peers(dict(transfer=1, seq=5, sack=b'\x80' + bytes(wire.SACK_BYTES - 1))),
+        wire.END: peers(dict(transfer=1), dict(transfer=2**32 - 1), dict(transfer=0)),
+        wire.FINISH: peers(dict(transfer=1, ok=1, text='saved'),
+                           dict(transfer=2, ok=0, text='SHA-256 mismatch')),
+        wire.CANCEL: peers(dict(transfer=3, text='the file shrank')),
+        wire.KEEPALIVE: peers({}, {}, {}),
+        wire.GOODBYE: peers({}, {}, {}),
     }
 
 
@@ -109,6 +135,11 @@ def frame(type, payload, flags=0, magic=wire.MAGIC, version=wire.VERSION, length
 def pack_name(data):
     """A raw Name field: count byte + bytes."""
     return bytes([len(data)]) + data
+
+
+def prefix(session=SID_A, counter=1):
+    """The raw start of every peer payload: session id, then the 8-byte counter."""
+    return session + struct.pack('!Q', counter)
 
 
 def field_spans(type, fields):
@@ -162,22 +193,44 @@ def test_round_trip_reply(type, fields):
 
 
 def test_round_trip_relay_carries_inner_message():
-    """A message inside RELAY decodes to the original message."""
-    inner = wire.encode(wire.PUNCH, session=TOKEN_B)
+    """A message inside RELAY decodes to the original message, MAC and all."""
+    fields = peer(SID_B, 2**64 - 1, MAC_B, nonce=NONCE_A)
+    inner = wire.encode(wire.PUNCH, **fields)
     outer = wire.decode(wire.encode(wire.RELAY, session=TOKEN_A, message=inner))
     assert outer.message == inner
-    assert wire.decode(outer.message) == wire.Message(wire.PUNCH, wire.FLAG_PUNCHING,
-                                                      session=TOKEN_B)
+    decoded = wire.decode(outer.message)
+    assert decoded == wire.Message(wire.PUNCH, wire.FLAG_PUNCHING, **fields)
+    assert decoded.raw == inner
+
+
+@pytest.mark.parametrize('type,fields', CASES, ids=CASE_IDS)
+def test_raw_is_the_decoded_bytes(type, fields):
+    """message.raw holds exactly the bytes decode() was given: what a MAC covers."""
+    data = wire.reply(type, **fields)
+    message = wire.decode(data)
+    assert message.raw == data
+    assert isinstance(message.raw, bytes)
+    assert wire.decode(bytearray(data)).raw == data
+    assert wire.decode(memoryview(data)).raw == data
+
+
+def test_raw_is_not_a_field():
+    """raw is kept beside the fields: it does not make two equal messages differ."""
+    data = wire.encode(wire.KEEPALIVE, **peer())
+    message = wire.decode(data)
+    assert 'raw' not in message.fields
+    assert message == wire.Message(wire.KEEPALIVE, wire.FLAG_PUNCHING, **peer())
+    assert wire.encode(message.type, message.flags, **message.fields) == message.raw
 
 
 def test_endpoints_decode_as_tuples_of_canonical_strings():
     """Endpoints come back as (str, int) tuples, IPv6 in canonical form."""
     message = wire.decode(wire.encode(wire.REGISTER, name='zoë',
                                       private=[('2001:DB8:0:0::5', 9), ('198.51.100.5', 10)],
-                                      tcp_port=11))
+                                      tcp_port=11, proof=PROOF_A))
     assert message.private == [('2001:db8::5', 9), ('198.51.100.5', 10)]
     assert all(isinstance(e, tuple) for e in message.private)
-    message = wire.decode(wire.encode(wire.INTRODUCE, name='zoë', session=TOKEN_A,
+    message = wire.decode(wire.encode(wire.INTRODUCE, name='zoë', session=TOKEN_A, role=0,
                                       public=('2001:DB8::1', 5), port_delta=0, private=[],
                                       tcp_public=('2001:0db8:0000::0007', 6), tcp_port=7))
     assert message.public == ('2001:db8::1', 5)
@@ -226,60 +279,128 @@ def test_reply_sets_reply_flag(type):
 
 def test_header_layout():
     """The header is magic, version, type, flags, a zero byte, length, big endian."""
-    data = wire.encode(wire.ACK, session=TOKEN_A, seq=0x01020304, sack=b'\xaa' * 64)
+    data = wire.encode(wire.ACK, **peer(SID_A, 0x0102030405060708, MAC_A, seq=0x01020304,
+                                        sack=b'\xaa' * 64))
     assert wire.HEADER_SIZE == 8
-    assert data[:8] == b'\x50\x32\x02\x13\x00\x00\x00\x54'
-    assert data[8:24] == TOKEN_A
+    assert data[:8] == b'\x50\x32\x03\x13\x00\x00\x00\x5c'
+    assert data[8:16] == SID_A
+    assert data[16:24] == bytes(range(1, 9))
     assert data[24:28] == b'\x01\x02\x03\x04'
-    assert data[28:] == b'\xaa' * 64
+    assert data[28:92] == b'\xaa' * 64
+    assert data[92:] == MAC_A
 
 
 def test_register_layout():
-    """REGISTER is name, private endpoints, then our TCP port: 2 bytes, big endian, last."""
-    assert [n for n, _ in wire.LAYOUTS[wire.REGISTER]] == ['name', 'private', 'tcp_port']
-    data = wire.encode(wire.REGISTER, name='alice', private=[V4[0]], tcp_port=0x1234)
+    """REGISTER is name, private endpoints, our TCP port (2 bytes), then the 16-byte proof."""
+    names = [n for n, _ in wire.LAYOUTS[wire.REGISTER]]
+    assert names == ['name', 'private', 'tcp_port', 'proof']
+    data = wire.encode(wire.REGISTER, name='alice', private=[V4[0]], tcp_port=0x1234,
+                       proof=PROOF_A)
     assert data[wire.HEADER_SIZE:] == (pack_name(b'alice') + b'\x01' + wire.ENDPOINT.pack(V4[0])
-                                       + b'\x12\x34')
+                                       + b'\x12\x34' + PROOF_A)
+    assert wire.PROOF_SIZE == 16
 
 
 def test_introduce_layout():
-    """INTRODUCE ends with the peer's TCP endpoint as the server saw it and its local port."""
+    """INTRODUCE: the token, then our role (1 byte), and the peer's endpoints and TCP port."""
     assert [n for n, _ in wire.LAYOUTS[wire.INTRODUCE]] == [
-        'name', 'session', 'public', 'port_delta', 'private', 'tcp_public', 'tcp_port']
-    data = wire.encode(wire.INTRODUCE, name='bob', session=TOKEN_A, public=V4[0],
+        'name', 'session', 'role', 'public', 'port_delta', 'private', 'tcp_public', 'tcp_port']
+    data = wire.encode(wire.INTRODUCE, name='bob', session=TOKEN_A, role=1, public=V4[0],
                        port_delta=-2, private=[], tcp_public=V6[0], tcp_port=50000)
-    assert data[wire.HEADER_SIZE:] == (pack_name(b'bob') + TOKEN_A + wire.ENDPOINT.pack(V4[0])
+    assert data[wire.HEADER_SIZE:] == (pack_name(b'bob') + TOKEN_A + b'\x01'
+                                       + wire.ENDPOINT.pack(V4[0])
                                        + struct.pack('!h', -2) + b'\x00'
                                        + wire.ENDPOINT.pack(V6[0]) + struct.pack('!H', 50000))
 
 
+def test_consent_and_liveness_layouts():
+    """ASK is a name; DECLINE a name and one 'why' byte; BYE and ALIVE are a bare header."""
+    assert wire.encode(wire.ASK, name='zoë')[wire.HEADER_SIZE:] == pack_name('zoë'.encode())
+    data = wire.encode(wire.DECLINE, name='bob', why=wire.NO_ANSWER)
+    assert data[wire.HEADER_SIZE:] == pack_name(b'bob') + bytes([wire.NO_ANSWER])
+    assert (wire.DECLINED, wire.NO_ANSWER) == (0, 1)
+    for type in (wire.BYE, wire.ALIVE, wire.LIST):
+        assert wire.LAYOUTS[type] == []
+        assert len(wire.encode(type)) == wire.HEADER_SIZE
+
+
+def test_challenge_layout():
+    """CHALLENGE is 16 bytes of nonce and nothing else: no session id, no MAC."""
+    data = wire.encode(wire.CHALLENGE, nonce=NONCE_A)
+    assert data == frame(wire.CHALLENGE, NONCE_A)
+    assert wire.CHALLENGE not in wire.PEER_TYPES
+
+
 @pytest.mark.parametrize('type,names', [
-    (wire.DATA, ['session', 'seq', 'oldest', 'text']),
-    (wire.ACK, ['session', 'seq', 'sack']),
-    (wire.OFFER, ['session', 'transfer', 'size', 'sha256', 'name']),
-    (wire.ANSWER, ['session', 'transfer', 'accept']),
-    (wire.CHUNK, ['session', 'transfer', 'seq', 'oldest', 'data']),
-    (wire.CHUNK_ACK, ['session', 'transfer', 'seq', 'sack']),
-    (wire.END, ['session', 'transfer']),
-    (wire.FINISH, ['session', 'transfer', 'ok', 'text']),
+    (wire.PUNCH, ['nonce']),
+    (wire.PUNCH_ACK, []),
+    (wire.KEEPALIVE, []),
+    (wire.GOODBYE, []),
+    (wire.DATA, ['seq', 'oldest', 'text']),
+    (wire.ACK, ['seq', 'sack']),
+    (wire.OFFER, ['transfer', 'size', 'sha256', 'name']),
+    (wire.ANSWER, ['transfer', 'accept']),
+    (wire.CHUNK, ['transfer', 'seq', 'oldest', 'data']),
+    (wire.CHUNK_ACK, ['transfer', 'seq', 'sack']),
+    (wire.END, ['transfer']),
+    (wire.FINISH, ['transfer', 'ok', 'text']),
+    (wire.CANCEL, ['transfer', 'text']),
 ], ids=lambda v: wire.TYPE_NAMES[v] if isinstance(v, int) else '')
 def test_peer_layouts(type, names):
-    """Peer messages start with the session token; the field order is pinned."""
-    assert [n for n, _ in wire.LAYOUTS[type]] == names
+    """Peer messages: session id, counter, their own fields in a pinned order, MAC."""
+    assert [n for n, _ in wire.LAYOUTS[type]] == ['session', 'counter', *names, 'mac']
     assert type in wire.PEER_TYPES
-    assert type not in wire.PUNCHING_TYPES
+
+
+def test_every_peer_layout_starts_with_session_and_counter_and_ends_with_mac():
+    """Exactly the peer types are sealed: 8-byte session id, 8-byte counter, ..., 8-byte MAC."""
+    sealed = {t for t, layout in wire.LAYOUTS.items()
+              if layout[:2] == [('session', wire.SESSION_ID), ('counter', 'Q')]
+              and layout[-1] == ('mac', wire.MAC)}
+    assert sealed == wire.PEER_TYPES
+    assert struct.calcsize('!' + wire.SESSION_ID) == wire.SESSION_ID_SIZE == 8
+    assert struct.calcsize('!Q') == 8
+    assert struct.calcsize('!' + wire.MAC) == wire.MAC_SIZE == 8
+    for type, fields in CASES:
+        if type in wire.PEER_TYPES:
+            payload = wire.encode(type, **fields)[wire.HEADER_SIZE:]
+            assert payload[:16] == prefix(fields['session'], fields['counter'])
+            assert payload[-8:] == fields['mac']
+
+
+def test_no_token_field_on_the_peer_path():
+    """Peer messages name their session by its 8-byte id; only the server's carry the token."""
+    for type in wire.PEER_TYPES:
+        layout = dict(wire.LAYOUTS[type])
+        assert layout['session'] == wire.SESSION_ID != wire.TOKEN
+        assert 'token' not in layout
+    assert dict(wire.LAYOUTS[wire.INTRODUCE])['session'] == wire.TOKEN
+    assert dict(wire.LAYOUTS[wire.RELAY])['session'] == wire.TOKEN
+    assert wire.PUNCHING_TYPES <= wire.PEER_TYPES
 
 
 def test_data_and_chunk_layout():
-    """DATA: token, seq, oldest, counted text; CHUNK: token, transfer, seq, oldest, blob."""
-    data = wire.encode(wire.DATA, session=TOKEN_A, seq=7, oldest=5, text='hé')
-    assert data[wire.HEADER_SIZE:] == TOKEN_A + struct.pack('!IIH', 7, 5, 3) + 'hé'.encode()
-    data = wire.encode(wire.CHUNK, session=TOKEN_B, transfer=9, seq=7, oldest=5, data=b'xyz')
-    assert data[wire.HEADER_SIZE:] == TOKEN_B + struct.pack('!IIIH', 9, 7, 5, 3) + b'xyz'
-    data = wire.encode(wire.OFFER, session=TOKEN_A, transfer=1, size=2**40, sha256=b'\x11' * 32,
-                       name='a.txt')
-    assert data[wire.HEADER_SIZE:] == (TOKEN_A + struct.pack('!IQ', 1, 2**40) + b'\x11' * 32
-                                       + struct.pack('!H', 5) + b'a.txt')
+    """DATA: session id, counter, seq, oldest, counted text, MAC; CHUNK and OFFER alike."""
+    data = wire.encode(wire.DATA, **peer(SID_A, 2, MAC_A, seq=7, oldest=5, text='hé'))
+    assert data[wire.HEADER_SIZE:] == (SID_A + struct.pack('!QIIH', 2, 7, 5, 3) + 'hé'.encode()
+                                       + MAC_A)
+    data = wire.encode(wire.CHUNK, **peer(SID_B, 2**64 - 1, MAC_B, transfer=9, seq=7, oldest=5,
+                                          data=b'xyz'))
+    assert data[wire.HEADER_SIZE:] == (SID_B + struct.pack('!QIIIH', 2**64 - 1, 9, 7, 5, 3)
+                                       + b'xyz' + MAC_B)
+    data = wire.encode(wire.OFFER, **peer(SID_A, 0, wire.NO_MAC, transfer=1, size=2**40,
+                                          sha256=b'\x11' * 32, name='a.txt'))
+    assert data[wire.HEADER_SIZE:] == (SID_A + struct.pack('!QIQ', 0, 1, 2**40) + b'\x11' * 32
+                                       + struct.pack('!H', 5) + b'a.txt' + wire.NO_MAC)
+
+
+def test_punch_layout():
+    """PUNCH: session id, counter, the 16-byte nonce it echoes (zeros over UDP), MAC."""
+    data = wire.encode(wire.PUNCH, **peer(SID_B, 1, MAC_B, nonce=NONCE_A))
+    assert data == frame(wire.PUNCH, prefix(SID_B, 1) + NONCE_A + MAC_B,
+                         flags=wire.FLAG_PUNCHING)
+    data = wire.encode(wire.GOODBYE, **peer(SID_A, 5, MAC_A))
+    assert data == frame(wire.GOODBYE, prefix(SID_A, 5) + MAC_A)
 
 
 def test_file_transfer_types_are_peer_types():
@@ -293,12 +414,27 @@ def test_file_transfer_types_are_peer_types():
     assert set(wire.TYPE_NAMES) == set(wire.LAYOUTS)
 
 
+def test_version_3_types_are_numbered_and_placed():
+    """ASK, DECLINE and ALIVE are control types (under 16); CHALLENGE and GOODBYE are not."""
+    control = [wire.ASK, wire.DECLINE, wire.ALIVE]
+    assert control == [11, 12, 13]
+    assert [wire.CHALLENGE, wire.GOODBYE] == [28, 29]
+    assert [wire.TYPE_NAMES[t] for t in control + [wire.CHALLENGE, wire.GOODBYE]] == [
+        'ASK', 'DECLINE', 'ALIVE', 'CHALLENGE', 'GOODBYE']
+    assert not set(control) & wire.PEER_TYPES
+    assert wire.GOODBYE in wire.PEER_TYPES and wire.BYE not in wire.PEER_TYPES
+    assert wire.VERSION == 3
+
+
 def test_previous_register_format_refused():
-    """A REGISTER from before tcp_port (name and endpoints only) names 'tcp_port'."""
+    """A REGISTER without tcp_port names 'tcp_port'; one without its proof names 'proof'."""
     old = pack_name(b'alice') + b'\x01' + wire.ENDPOINT.pack(V4[0])
     raises_naming('tcp_port', frame(wire.REGISTER, old))
     raises_naming('tcp_port', frame(wire.REGISTER, old + b'\x1e'))
-    assert wire.decode(frame(wire.REGISTER, old + b'\x1e\x61')).tcp_port == 7777
+    raises_naming('proof', frame(wire.REGISTER, old + b'\x1e\x61'))          # version 2
+    raises_naming('proof', frame(wire.REGISTER, old + b'\x1e\x61' + PROOF_A[:15]))
+    message = wire.decode(frame(wire.REGISTER, old + b'\x1e\x61' + PROOF_A))
+    assert (message.tcp_port, message.proof) == (7777, PROOF_A)
 
 
 def test_previous_introduce_format_refused():
@@ -314,10 +450,32 @@ def test_previous_introduce_format_refused():
 
 def test_previous_ack_and_data_formats_refused():
     """An ACK without its SACK bitmap, or a short bitmap, names 'sack'; an old DATA is refused."""
-    raises_naming('sack', frame(wire.ACK, TOKEN_A + struct.pack('!I', 3)))
-    raises_naming('sack', frame(wire.ACK, TOKEN_A + struct.pack('!I', 3) + bytes(31)))
+    raises_naming('sack', frame(wire.ACK, prefix() + struct.pack('!I', 3)))
+    raises_naming('sack', frame(wire.ACK, prefix() + struct.pack('!I', 3) + bytes(31)))
     with pytest.raises(ProtocolError):
-        wire.decode(frame(wire.DATA, TOKEN_A + struct.pack('!IH', 3, 2) + b'hi'))
+        wire.decode(frame(wire.DATA, prefix() + struct.pack('!IH', 3, 2) + b'hi' + MAC_A))
+
+
+@pytest.mark.parametrize('type,v2_fields', [
+    (wire.PUNCH, b''), (wire.PUNCH_ACK, b''), (wire.KEEPALIVE, b''),
+    (wire.DATA, struct.pack('!IIH', 1, 0, 2) + b'hi'),
+    (wire.ACK, struct.pack('!I', 3) + bytes(wire.SACK_BYTES)),
+    (wire.END, struct.pack('!I', 1)),
+], ids=lambda v: wire.TYPE_NAMES[v] if isinstance(v, int) else '')
+def test_version_2_peer_payloads_refused(type, v2_fields):
+    """A peer payload of version 2 (the token, the fields, no counter, no MAC) is refused."""
+    flags = wire.FLAG_PUNCHING if type in wire.PUNCHING_TYPES else 0
+    with pytest.raises(ProtocolError):
+        wire.decode(frame(type, TOKEN_A + v2_fields, flags=flags))
+
+
+@pytest.mark.parametrize('type,fields', [c for c in CASES if c[0] in wire.PEER_TYPES],
+                         ids=[i for i, c in zip(CASE_IDS, CASES) if c[0] in wire.PEER_TYPES])
+def test_peer_message_without_its_mac_names_mac(type, fields):
+    """A peer message cut anywhere in its last 8 bytes names 'mac'."""
+    data = wire.encode(type, **fields)
+    for missing in range(1, wire.MAC_SIZE + 1):
+        raises_naming('mac', frame(type, data[wire.HEADER_SIZE:-missing], flags=data[4]))
 
 
 # ---------------------------------------------------------------------------
@@ -328,7 +486,7 @@ def test_previous_ack_and_data_formats_refused():
 def test_addresses_obfuscated_in_introduce(host):
     """The raw address bytes appear nowhere in an encoded INTRODUCE."""
     packed = ipaddress.ip_address(host).packed
-    data = wire.encode(wire.INTRODUCE, name='zoë', session=TOKEN_B, public=(host, 5000),
+    data = wire.encode(wire.INTRODUCE, name='zoë', session=TOKEN_B, role=0, public=(host, 5000),
                        port_delta=1, private=[(host, 5001)], tcp_public=(host, 5002),
                        tcp_port=5003)
     assert packed not in data
@@ -341,7 +499,7 @@ def test_addresses_obfuscated_in_introduce(host):
 def test_tcp_public_alone_obfuscated_in_introduce(host):
     """tcp_public is obfuscated too, when it is the only place the address appears."""
     packed = ipaddress.ip_address(host).packed
-    data = wire.encode(wire.INTRODUCE, name='zoë', session=TOKEN_B, public=('::', 0),
+    data = wire.encode(wire.INTRODUCE, name='zoë', session=TOKEN_B, role=1, public=('::', 0),
                        port_delta=0, private=[], tcp_public=(host, 5002), tcp_port=5003)
     assert packed not in data
     assert wire.decode(data).tcp_public == (host, 5002)
@@ -357,7 +515,8 @@ def test_addresses_obfuscated_in_mapping(host):
 
 def test_addresses_obfuscated_in_register():
     """Private endpoints in REGISTER are obfuscated too."""
-    data = wire.encode(wire.REGISTER, name='alice', private=V4 + V6, tcp_port=7777)
+    data = wire.encode(wire.REGISTER, name='alice', private=V4 + V6, tcp_port=7777,
+                       proof=PROOF_A)
     for host, _ in V4 + V6:
         assert ipaddress.ip_address(host).packed not in data
 
@@ -394,14 +553,14 @@ def test_wrong_magic(magic):
     assert isinstance(raises_naming('magic', frame(wire.LIST, b'', magic=magic)), FramingError)
 
 
-@pytest.mark.parametrize('version', [0, 1, 255])
+@pytest.mark.parametrize('version', [0, 1, 2, 4, 255])
 def test_wrong_version(version):
-    """Another version is a FramingError naming 'version'."""
+    """Another version (2 too: its peers sent the token) is a FramingError naming 'version'."""
     error = raises_naming('version', frame(wire.LIST, b'', version=version))
     assert isinstance(error, FramingError)
 
 
-@pytest.mark.parametrize('type', [0, 11, 12, 15, 28, 99, 255])
+@pytest.mark.parametrize('type', [0, 14, 15, 30, 99, 255])
 def test_unknown_type(type):
     """A type not in LAYOUTS names 'type'."""
     raises_naming('type', frame(type, b''))
@@ -422,14 +581,14 @@ def test_known_flags_accepted():
 @pytest.mark.parametrize('delta', [-3, -1, 1, 100])
 def test_header_length_does_not_match_datagram(delta):
     """A header length that is not the datagram's payload size names 'length'."""
-    good = wire.encode(wire.ACK, session=TOKEN_A, seq=1, sack=bytes(wire.SACK_BYTES))
+    good = wire.encode(wire.ACK, **peer(seq=1, sack=bytes(wire.SACK_BYTES)))
     length = len(good) - wire.HEADER_SIZE + delta
     raises_naming('length', frame(wire.ACK, good[wire.HEADER_SIZE:], length=length))
 
 
 def test_datagram_longer_than_header_says():
     """Extra bytes after a complete message (header not updated) name 'length'."""
-    raises_naming('length', wire.encode(wire.PUNCH, session=TOKEN_A) + b'\0')
+    raises_naming('length', wire.encode(wire.PUNCH, **peer(nonce=NONCE_A)) + b'\0')
 
 
 @pytest.mark.parametrize('type,fields', CASES, ids=CASE_IDS)
@@ -474,11 +633,13 @@ def test_truncated_fields(type, fields):
     b'\xc0\xaf',                # overlong encoding
 ], ids=repr)
 def test_bad_name_rejected_on_decode(raw):
-    """REGISTER, CONNECT, INTRODUCE and PEERS reject a bad name, naming the field."""
+    """REGISTER, CONNECT, ASK, DECLINE, INTRODUCE and PEERS reject a bad name, naming the field."""
     raw = raw.encode('utf-8') if isinstance(raw, str) else raw
     name = pack_name(raw)
-    raises_naming('name', frame(wire.REGISTER, name + b'\0' + struct.pack('!H', 7777)))
+    raises_naming('name', frame(wire.REGISTER, name + b'\0' + struct.pack('!H', 7777) + PROOF_A))
     raises_naming('target', frame(wire.CONNECT, name))
+    raises_naming('name', frame(wire.ASK, name))
+    raises_naming('name', frame(wire.DECLINE, name + bytes([wire.DECLINED])))
     introduce = wire.encode(wire.INTRODUCE, **SAMPLES[wire.INTRODUCE][0])
     name_end = field_spans(wire.INTRODUCE, SAMPLES[wire.INTRODUCE][0])['name'][1]
     raises_naming('name', frame(wire.INTRODUCE, name + introduce[wire.HEADER_SIZE + name_end:]))
@@ -491,9 +652,11 @@ def test_bad_name_rejected_on_decode(raw):
 def test_bad_name_rejected_on_encode(name):
     """encode() refuses a name that decode() would refuse."""
     with pytest.raises(ProtocolError, match='^name'):
-        wire.encode(wire.REGISTER, name=name, private=[], tcp_port=1)
+        wire.encode(wire.REGISTER, name=name, private=[], tcp_port=1, proof=PROOF_A)
     with pytest.raises(ProtocolError, match='^name'):
         wire.encode(wire.PEERS, names=['alice', name])
+    with pytest.raises(ProtocolError, match='^name'):
+        wire.encode(wire.DECLINE, name=name, why=wire.DECLINED)
 
 
 def _with_family(type, fields, field, family, index=None):
@@ -534,7 +697,8 @@ def test_too_many_endpoints_on_decode():
     """A count over MAX_ENDPOINTS names the endpoint list."""
     endpoint = wire.ENDPOINT.pack(V4[0])
     count = wire.MAX_ENDPOINTS + 1
-    payload = pack_name(b'alice') + bytes([count]) + endpoint * count + struct.pack('!H', 1)
+    payload = (pack_name(b'alice') + bytes([count]) + endpoint * count + struct.pack('!H', 1)
+               + PROOF_A)
     raises_naming('private', frame(wire.REGISTER, payload))
     raises_naming('private', frame(wire.REGISTER, pack_name(b'alice') + b'\xff'))
 
@@ -542,12 +706,13 @@ def test_too_many_endpoints_on_decode():
 def test_too_many_endpoints_on_encode():
     """encode() refuses more than MAX_ENDPOINTS endpoints."""
     with pytest.raises(ProtocolError, match='endpoints'):
-        wire.encode(wire.REGISTER, name='alice', private=MAX_LIST + [V4[0]], tcp_port=1)
+        wire.encode(wire.REGISTER, name='alice', private=MAX_LIST + [V4[0]], tcp_port=1,
+                    proof=PROOF_A)
 
 
 def test_endpoint_count_lying():
     """A count larger than the endpoints present names the missing one."""
-    port = struct.pack('!H', 7777)
+    port = struct.pack('!H', 7777) + PROOF_A
     payload = pack_name(b'alice') + bytes([3]) + wire.ENDPOINT.pack(V4[0]) * 2 + port
     raises_naming('private[2]', frame(wire.REGISTER, payload))
     payload = pack_name(b'alice') + bytes([1]) + wire.ENDPOINT.pack(V4[0]) * 2 + port
@@ -559,7 +724,7 @@ def test_oversize_text_on_decode():
     text = b'x' * (wire.MAX_TEXT + 1)
     counted = struct.pack('!H', len(text)) + text
     raises_naming('text', frame(wire.ERROR, struct.pack('!H', 1) + counted))
-    raises_naming('text', frame(wire.DATA, TOKEN_A + struct.pack('!II', 1, 0) + counted))
+    raises_naming('text', frame(wire.DATA, prefix() + struct.pack('!II', 1, 0) + counted + MAC_A))
 
 
 def test_oversize_text_on_encode():
@@ -567,14 +732,13 @@ def test_oversize_text_on_encode():
     with pytest.raises(ProtocolError, match='text'):
         wire.encode(wire.ERROR, code=1, text='x' * (wire.MAX_TEXT + 1))
     with pytest.raises(ProtocolError, match='text'):
-        wire.encode(wire.DATA, session=TOKEN_A, seq=1, oldest=0,
-                    text='é' * (wire.MAX_TEXT // 2 + 1))
+        wire.encode(wire.DATA, **peer(seq=1, oldest=0, text='é' * (wire.MAX_TEXT // 2 + 1)))
 
 
 def test_text_not_utf8():
     """Text that is not UTF-8 names the text field."""
     bad = b'\xff\xfe'
-    raises_naming('text', frame(wire.DATA, TOKEN_A + struct.pack('!IIH', 1, 0, 2) + bad))
+    raises_naming('text', frame(wire.DATA, prefix() + struct.pack('!IIH', 1, 0, 2) + bad + MAC_A))
 
 
 def test_names_count_lying():
@@ -602,17 +766,26 @@ def test_oversize_payload_on_encode():
 def test_struct_field_out_of_range_on_encode():
     """An integer field out of range is a ProtocolError, not struct.error."""
     with pytest.raises(ProtocolError):
-        wire.encode(wire.ACK, session=TOKEN_A, seq=2**32, sack=bytes(wire.SACK_BYTES))
+        wire.encode(wire.ACK, **peer(seq=2**32, sack=bytes(wire.SACK_BYTES)))
     with pytest.raises(ProtocolError):
-        wire.encode(wire.INTRODUCE, name='a', session=TOKEN_A, public=V4[0],
+        wire.encode(wire.ACK, **peer(counter=2**64, seq=1, sack=bytes(wire.SACK_BYTES)))
+    with pytest.raises(ProtocolError):
+        wire.encode(wire.KEEPALIVE, **peer(counter=-1))
+    with pytest.raises(ProtocolError):
+        wire.encode(wire.INTRODUCE, name='a', session=TOKEN_A, role=0, public=V4[0],
                     port_delta=40000, private=[], tcp_public=V4[1], tcp_port=1)
     with pytest.raises(ProtocolError):
-        wire.encode(wire.INTRODUCE, name='a', session=TOKEN_A, public=V4[0],
+        wire.encode(wire.INTRODUCE, name='a', session=TOKEN_A, role=0, public=V4[0],
                     port_delta=0, private=[], tcp_public=V4[1], tcp_port=65536)
     with pytest.raises(ProtocolError):
-        wire.encode(wire.REGISTER, name='a', private=[], tcp_port=-1)
+        wire.encode(wire.INTRODUCE, name='a', session=TOKEN_A, role=256, public=V4[0],
+                    port_delta=0, private=[], tcp_public=V4[1], tcp_port=1)
     with pytest.raises(ProtocolError):
-        wire.encode(wire.INTRODUCE, name='a', session=TOKEN_A, public=V4[0],
+        wire.encode(wire.REGISTER, name='a', private=[], tcp_port=-1, proof=PROOF_A)
+    with pytest.raises(ProtocolError):
+        wire.encode(wire.DECLINE, name='a', why=256)
+    with pytest.raises(ProtocolError):
+        wire.encode(wire.INTRODUCE, name='a', session=TOKEN_A, role=0, public=V4[0],
                     port_delta=0, private=[], tcp_public=('203.0.113.1', 65536), tcp_port=1)
 
 
@@ -1242,7 +1415,7 @@ def test_framed_stream_length_over_reader_limit():
     with selectors.DefaultSelector() as selector:
         stream = wire.FramedStream(left, selector, messages.append, closed.append,
                                    reader=wire.FrameReader(max_length=10))
-        right.send(wire.encode(wire.LIST) + wire.encode(wire.PUNCH, session=TOKEN_A))
+        right.send(wire.encode(wire.LIST) + wire.encode(wire.PUNCH, **peer(nonce=NONCE_A)))
         pump(selector)
         assert messages == [wire.Message(wire.LIST)]
         assert len(closed) == 1 and 'length' in closed[0]
