@@ -37,9 +37,10 @@ import p2pcommon as wire
 # the mapping that the peer's own punch has opened by then.
 PUNCH_INTERVAL = 0.1
 PUNCH_TIMEOUT = 5.0
-# Every candidate of a full introduction (16) for the whole timeout, and
-# then no more: about 20 KB of punches per introduction at the most.
-PUNCH_BUDGET = 400
+# Every candidate of a full introduction (16), a round every PUNCH_INTERVAL
+# for the whole timeout, and then no more: 800 PUNCHes of 48 bytes, about
+# 38 KB per introduction at the most, wherever its addresses point.
+PUNCH_BUDGET = 800
 NO_NONCE = bytes(wire.NONCE_SIZE)   # a UDP punch answers no challenge
 
 # Linux conntrack forgets an unanswered UDP mapping after 30 s, and Ford et
@@ -203,8 +204,10 @@ def candidates(introduction, our_public=None, networks=()):
     A private endpoint is only what the peer *says*, and whoever we punch
     gets our datagrams: so we punch one only where it can be the peer's
     machine on a network of ours, inside one of our ``networks``, or
-    behind the same NAT (its public address is ``our_public``'s).  Never
-    more than MAX_ENDPOINTS in all.
+    behind the same NAT (its public address is ``our_public``'s).  An
+    IPv6 address is not private: with no NAT in the way it is the peer's
+    own, which we punch when we have IPv6 too (the article's reader's
+    question).  Never more than MAX_ENDPOINTS in all.
     """
     public = introduction.public
     found = [public]
@@ -220,8 +223,11 @@ def candidates(introduction, our_public=None, networks=()):
 
 
 def reachable(host, networks):
-    """True when host is inside one of networks (ip_network objects)."""
+    """True when host is inside one of networks (ip_network objects), or routed IPv6 is ours."""
     address = ipaddress.ip_address(host)
+    if address.version == 6 and not (address.is_link_local or address.is_loopback
+                                     or address.is_multicast or address.is_unspecified):
+        return any(network.version == 6 and not network.is_loopback for network in networks)
     return any(address in network for network in networks)
 
 
