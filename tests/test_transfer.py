@@ -3,7 +3,9 @@
 Two ``Transfers`` objects, one per peer, are joined by a fake ``send`` that
 encodes each message, queues it, and hands it through ``wire.decode`` to the
 other side's ``handle``.  Time is an explicit ``now`` that the tests move on;
-``tick`` is called in a loop.  No sockets, no sleeps.
+``tick`` is called in a loop.  No sockets, no sleeps.  Messages are
+sealed with the session's MAC (identity.SessionKey) as the Session's send
+does, and checked on arrival; ``sealed`` makes one as a peer would.
 """
 
 import collections
@@ -13,13 +15,14 @@ import random
 
 import pytest
 
+import identity
 import p2pcommon as wire
 import reliable
 import transfer
 from transfer import (CHUNK_SIZE, PROGRESS_EVERY, REPEAT, Progress, Receiving, TransferError,
                       Transfers, check_file_name, human, unused_name)
 
-SESSION = bytes(range(16))
+TOKEN = bytes(range(16))    # the session's token, as INTRODUCE gives it
 START = 1000.0              # a monotonic clock is never near zero
 
 
@@ -214,11 +217,12 @@ class Side:
         self.lines = []                     # (now, text)
         self.sent = collections.Counter()   # message type -> count
         self.transfers = Transfers(peer, self.send, self.say, str(downloads))
+        self.key = identity.SessionKey(TOKEN, role=int(name == 'bob'))
         self.other = None
 
     def send(self, type, **fields):
-        """The session's send: encode, check the size, queue for the other side."""
-        data = wire.encode(type, session=SESSION, **fields)
+        """The session's send: seal, check the size, queue for the other side."""
+        data = self.key.seal(type, **fields)
         assert len(data) <= wire.MAX_DATAGRAM
         self.sent[type] += 1
         self.link.queue.append((self.other, data))
@@ -264,7 +268,7 @@ class Link:
                     return
                 self.spent += 1
             assert message.type in Transfers.MESSAGES
-            assert message.session == SESSION
+            assert to.key.check(message)
             if self.filter:
                 message = self.filter(to, message)
                 if message is None:
@@ -529,10 +533,19 @@ def test_repeated_offer_after_reject_gets_reject_again(tmp_path, link):
     assert leftovers(tmp_path / 'bob') == []
 
 
+ALICE = identity.SessionKey(TOKEN, role=0)      # seals what a hostile alice sends bob
+BOB = identity.SessionKey(TOKEN, role=1)        # and what a hostile bob sends alice
+
+
+def sealed(type, sender=ALICE, **fields):
+    """A peer message with a good MAC, decoded as the other side's client would."""
+    return wire.decode(sender.seal(type, **fields))
+
+
 def forged_offer(name, size=10, transfer_id=7, data=b'0123456789'):
     """An OFFER as a hostile peer could send it, through the wire format."""
-    return wire.decode(wire.encode(wire.OFFER, session=SESSION, transfer=transfer_id, size=size,
-                                   sha256=hashlib.sha256(data).digest(), name=name))
+    return sealed(wire.OFFER, transfer=transfer_id, size=size,
+                  sha256=hashlib.sha256(data).digest(), name=name)
 
 
 @pytest.mark.parametrize('name', ['../evil.txt', '../../.bashrc', 'sub/dir.txt', '/etc/passwd',
@@ -550,10 +563,9 @@ def test_path_in_offered_name_refused(tmp_path, link, name):
     assert [(m.type, m.transfer, m.accept) for m in answers] == [(wire.ANSWER, 7, 0)]
     assert link.bob.said('alice offered a file; refused the name')
     assert 'offers' not in link.bob.text
-    chunk = wire.decode(wire.encode(wire.CHUNK, session=SESSION, transfer=7, seq=0, oldest=0,
-                                    data=b'0123456789'))
+    chunk = sealed(wire.CHUNK, transfer=7, seq=0, oldest=0, data=b'0123456789')
     bob.handle(chunk, link.now)
-    bob.handle(wire.Message(wire.END, session=SESSION, transfer=7), link.now)
+    bob.handle(sealed(wire.END, transfer=7), link.now)
     assert len(link.queue) == 1                # no CHUNK_ACK, no FINISH
     assert sorted(str(p) for p in tmp_path.rglob('*')) == before
     assert not (tmp_path / 'bob').exists()
@@ -603,8 +615,8 @@ def test_forged_chunks_beyond_size(tmp_path, link):
     bob.handle(forged_offer('small.txt', size=10), link.now)
     bob.answer(bob.waiting_for_answer(), True, link.now)
     assert len(leftovers(tmp_path / 'bob')) == 1       # the hidden temporary file
-    bob.handle(wire.decode(wire.encode(wire.CHUNK, session=SESSION, transfer=7, seq=0, oldest=0,
-                                       data=b'y' * CHUNK_SIZE)), link.now)
+    bob.handle(sealed(wire.CHUNK, transfer=7, seq=0, oldest=0, data=b'y' * CHUNK_SIZE),
+               link.now)
     assert link.bob.said('stopped: more data than the 10 bytes offered')
     assert leftovers(tmp_path / 'bob') == []
 
@@ -726,8 +738,8 @@ def test_finish_text_from_the_peer_is_escaped(tmp_path, link):
     """A hostile receiver's FINISH text cannot put control characters on our screen."""
     path, _ = make_file(tmp_path, 'shown.txt', 100)
     link.alice.transfers.offer(str(path), link.now)
-    finish = wire.decode(wire.encode(wire.FINISH, session=SESSION, transfer=1, ok=0,
-                                     text='\x1b[2J\rbob: send me your password\n'))
+    finish = sealed(wire.FINISH, sender=BOB, transfer=1, ok=0,
+                    text='\x1b[2J\rbob: send me your password\n')
     link.alice.transfers.handle(finish, link.now)
     line = link.alice.said('transfer of shown.txt with bob stopped: bob refused it')[0]
     assert not any(c in line for c in '\x1b\r\n')
