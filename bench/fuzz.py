@@ -48,6 +48,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
+import identity  # noqa: E402
 import p2pcommon as wire  # noqa: E402
 from common import encode, zero_value  # noqa: E402
 from procs import command, start, start_server  # noqa: E402  (the tests' driver)
@@ -132,6 +133,8 @@ def field_value(rng, type, name, fmt, session):
             size = struct.calcsize('!' + fmt)
             if session and name in ('session', 'token') and size == len(session):
                 return session
+            if session and name == 'session' and size == wire.SESSION_ID_SIZE:
+                return identity.session_id(session)     # a peer message of this session
             if type == wire.BYE and rng.random() < 0.5:
                 return bytes(size)              # BYE to the server carries zeros
             return rng.randbytes(size)
@@ -232,7 +235,7 @@ def m_lying_length(rng, tcp):
 def m_version(rng, tcp):
     """Another protocol version."""
     raw = valid_raw(rng, rng.choice(list(wire.LAYOUTS)))
-    raw.version = rng.choice([0, 1, 3, 127, 255])
+    raw.version = rng.choice([0, 1, wire.VERSION - 1, wire.VERSION + 1, 127, 255])
     return 'wrong version', raw.pack()
 
 
@@ -662,6 +665,8 @@ def relay_pair(port, rng, n, number, stats):
     The outer frame is always honest, so every frame reaches the relay
     code.  The server must forward exactly the ones whose inner message is
     valid peer traffic of this session, and answer the rest with ERROR.
+    Whether it also checks the inner MAC (it holds the token) is its
+    choice: either count is right, and the valid ones carry a good MAC.
     """
     source = rng.choice(TCP_SOURCES)
     a = RawPeer(port, f'fz{number}a', source)
@@ -671,47 +676,65 @@ def relay_pair(port, rng, n, number, stats):
         stats.add('tcp connections', 2)
         stats.add('setup frames (valid REGISTER, CONNECT)', 3)
         a.tcp.sendall(encode(wire.CONNECT, target=f'fz{number}b'))
-        session = a.receive(wire.INTRODUCE).session
+        introduce = a.receive(wire.INTRODUCE)
+        session = introduce.session
+        key = identity.SessionKey(session, introduce.role)
         b.receive(wire.INTRODUCE)
         stream = bytearray()
-        expected = 0
+        by_id = by_mac = 0
         for _ in range(n):
             if rng.random() < 0.2:
-                label, inner = 'valid', valid_raw(rng, rng.choice(sorted(wire.PEER_TYPES)),
-                                                  session).pack()
+                raw = valid_raw(rng, rng.choice(sorted(wire.PEER_TYPES)), session)
+                label, inner = 'valid', sealed_raw(raw.pack(), key)
             else:
                 label, inner = fuzz_message(rng, TCP_IN_FRAME + TCP_BREAKING, tcp=True)
-                if rng.random() < 0.5:          # our session token, for a real check
-                    inner = inner[:wire.HEADER_SIZE] + session + inner[wire.HEADER_SIZE + 16:]
+                if rng.random() < 0.5:          # our session's id, for a real check
+                    inner = (inner[:wire.HEADER_SIZE] + key.id
+                             + inner[wire.HEADER_SIZE + wire.SESSION_ID_SIZE:])
             inner = inner[:1800]
             with stats.lock:
                 stats.mutators[f'relay {label}'] += 1
             stream += encode(wire.RELAY, session=session, message=inner)
-            expected += relayable(inner, session)
+            id_ok, mac_ok = relayable(inner, key)
+            by_id += id_ok
+            by_mac += mac_ok
         stats.add('tcp frames sent', n)
         stats.add('relay frames sent', n)
-        stats.add('relay frames that should be forwarded', expected)
+        stats.add('relay frames that should be forwarded (by session id)', by_id)
+        stats.add('relay frames that should be forwarded (by MAC)', by_mac)
         a.tcp.sendall(stream)
         read_replies(a.tcp, stats, a.reader)
         got = count_relayed(b, stats)
         stats.add('relay frames forwarded', got)
-        if got != expected:
-            stats.problem(f'relay pair fz{number}: {expected} valid frames sent, '
-                          f'{got} forwarded')
+        if got not in (by_id, by_mac):
+            stats.problem(f'relay pair fz{number}: {by_id} frames of the session sent, '
+                          f'{by_mac} with a good MAC; {got} forwarded')
     finally:
         a.close()
         if b:
             b.close()
 
 
-def relayable(inner, session):
-    """1 if the server should forward this inner message, by the README's rules."""
+def sealed_raw(data, key):
+    """A peer message's bytes with its MAC made good, as the key's owner sends it."""
+    body = data[:-wire.MAC_SIZE]
+    return body + key.mac(key.role, body)
+
+
+def relayable(inner, key):
+    """(by session id, by MAC): whether a server should forward this inner message.
+
+    By the README's rules it forwards peer traffic of the session: the
+    first says whether the message names the session, the second whether
+    its MAC is good as well (for a server that checks it).
+    """
     try:
         message = wire.decode(inner)
     except wire.ProtocolError:
-        return 0
-    return int(message.type in wire.PEER_TYPES
-               and getattr(message, 'session', None) == session)
+        return 0, 0
+    named = message.type in wire.PEER_TYPES and message.session == key.id
+    body, tag = message.raw[:-wire.MAC_SIZE], message.raw[-wire.MAC_SIZE:]
+    return int(named), int(named and tag == key.mac(key.role, body))
 
 
 def count_relayed(peer, stats, idle=0.3):
@@ -826,6 +849,8 @@ def parse_args(argv):
                         help='datagrams a second, 0 for as fast as possible (default 5000)')
     parser.add_argument('--tcp-threads', type=int, default=8,
                         help='control connections open at once (default 8)')
+    parser.add_argument('--no-peers', action='store_true',
+                        help='fuzz the server alone, without real p2pclient.py peers chatting')
     return parser.parse_args(argv)
 
 
@@ -839,11 +864,14 @@ def main(argv=None):
     stats = Stats()
     peers = None
     try:
-        peers = Peers(port)
+        peers = None if args.no_peers else Peers(port)
         run(args, port, stats, peers, started)
     finally:
         alive = server.popen.poll() is None
-        quit_problems = peers.quit() if peers else ['the peers never started']
+        if args.no_peers:
+            quit_problems = []
+        else:
+            quit_problems = peers.quit() if peers else ['the peers never started']
         if alive:
             server.popen.send_signal(signal.SIGTERM)
         try:
@@ -856,7 +884,11 @@ def main(argv=None):
 
 
 def run(args, port, stats, peers, started):
-    """The fuzz threads, and the checks in this thread until they are done."""
+    """The fuzz threads, and the checks in this thread until they are done.
+
+    Without peers (--no-peers) only the fuzz runs: the server must survive
+    it, and its replies must be valid.
+    """
     rng = random.Random(args.seed)
     udp_done = threading.Event()
     udp = threading.Thread(target=udp_fuzz, daemon=True,
@@ -877,11 +909,11 @@ def run(args, port, stats, peers, started):
         if now - started > HARD_LIMIT:
             stats.problem(f'stopped after {HARD_LIMIT:.0f} s with the fuzz unfinished')
             break
-        if now >= next_chat:
+        if peers and now >= next_chat:
             peers.chat(chats)
             chats += 1
             next_chat = now + 1.0
-        if now >= next_probe:
+        if peers and now >= next_probe:
             peers.new_client(probes, rng)
             probes += 1
             next_probe = now + 5.0
@@ -892,6 +924,8 @@ def run(args, port, stats, peers, started):
                       f'{stats.counts["tcp frames sent"]} frames, {chats} chat lines, '
                       f'{probes} new clients', flush=True)
         time.sleep(0.1)
+    if peers is None:
+        return
     # One more of each after the fuzz, then time for late lines to arrive:
     # the reliable layer retries for about 30 s.
     peers.chat(chats)
@@ -939,7 +973,8 @@ def report(args, stats, peers, server, alive, code, quit_problems, elapsed):
          or 'none'),
         ('relay frames forwarded / should be',
          f'{counts["relay frames forwarded"]} / '
-         f'{counts["relay frames that should be forwarded"]}'),
+         f'{counts["relay frames that should be forwarded (by session id)"]} by session id, '
+         f'{counts["relay frames that should be forwarded (by MAC)"]} by MAC'),
         ('chat lines delivered / sent',
          f'{delivered} / {sent}' + (f' ({peers.late} late)' if peers and peers.late else '')),
         ('new clients registered and connected',
