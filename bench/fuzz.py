@@ -32,6 +32,7 @@ lost, or a new client could not register and connect; 0 otherwise.
 
 import argparse
 import collections
+import functools
 import os
 import platform
 import queue
@@ -374,17 +375,162 @@ def m_spliced(rng, tcp):
     return 'spliced', one + two
 
 
+# ---------------------------------------------------------------------------
+# Boundary values: every field of every message at the edges of its format
+# (0, 1, max-1, max, where a sign or a count wraps; lengths one off; counts
+# of 0, the limit and the limit + 1), the rest of the message valid.  The
+# sweep sends each once; m_boundary picks one at random among the mutators.
+
+
+def int_edges(fmt):
+    """A struct integer's edges: 0, 1, max-1, max and the two values where the sign wraps.
+
+    For a signed code the same bit patterns: 0, 1, max, min, -2, -1.
+    """
+    bits = 8 * struct.calcsize('!' + fmt)
+    edges = [0, 1, 2 ** (bits - 1) - 1, 2 ** (bits - 1), 2 ** bits - 2, 2 ** bits - 1]
+    if fmt.islower():
+        edges = [e - 2 ** bits if e >= 2 ** (bits - 1) else e for e in edges]
+    return edges
+
+
+def counted(width, data, count=None):
+    """data behind a count of width bytes, which says count when given (a lie)."""
+    return (len(data) if count is None else count).to_bytes(width, 'big') + data
+
+
+def count_lies(width, data):
+    """data behind counts that are one more, one less, and the largest the width holds."""
+    return [('count one more', counted(width, data, len(data) + 1)),
+            ('count one less', counted(width, data, max(0, len(data) - 1))),
+            ('count max', counted(width, data, 2 ** (8 * width) - 1))]
+
+
+def sized(unit, size):
+    """size bytes of repeated unit (UTF-8), cut to exactly size."""
+    return (unit.encode() * size)[:size]
+
+
+def raw_endpoint(family, port, address):
+    """An endpoint's 19 bytes, family and address as given (XORed as on the wire)."""
+    return struct.pack('!BH', family, port ^ wire.XOR_PORT) + bytes(
+        a ^ b for a, b in zip(address.ljust(16, b'\0'), wire.XOR_ADDRESS))
+
+
+ENDPOINT_EDGES = [
+    ('0.0.0.0:0', raw_endpoint(4, 0, bytes(4))),
+    ('255.255.255.255:65535', raw_endpoint(4, 65535, b'\xff' * 4)),
+    ('[::]:0', raw_endpoint(6, 0, bytes(16))),
+    ('[ffff:...]:65535', raw_endpoint(6, 65535, b'\xff' * 16)),
+    ('family 0', raw_endpoint(0, 1, bytes(4))),
+    ('family 5', raw_endpoint(5, 1, bytes(4))),
+    ('family 255', raw_endpoint(255, 1, bytes(4))),
+    ('IPv4, junk after', raw_endpoint(4, 1, bytes(4) + b'\x01')),
+    ('one short', raw_endpoint(4, 1, bytes(4))[:-1]),
+]
+
+
+def field_edges(fmt):
+    """(label, raw bytes) for one field at the edges of its format."""
+    kind = kind_of(fmt)
+    if kind == 'struct' and fmt.endswith('s'):
+        size = struct.calcsize('!' + fmt)
+        return [('zeros', bytes(size)), ('ones', b'\xff' * size),
+                ('one short', bytes(size - 1)), ('one long', bytes(size + 1))]
+    if kind == 'struct':
+        return [(str(v), struct.pack('!' + fmt, v)) for v in int_edges(fmt)]
+    if kind == 'name':
+        sizes = (0, 1, wire.MAX_NAME - 1, wire.MAX_NAME, wire.MAX_NAME + 1, 255)
+        edges = [(f'{n} bytes', sized('x', n)) for n in sizes]
+        edges += [('32 bytes of é', sized('é', 32)), ('33, é last', b'x' + sized('é', 32)),
+                  ('é cut in half', sized('é', 31))]
+        return [(label, counted(1, data)) for label, data in edges] + count_lies(1, b'xy')
+    if kind == 'text':
+        sizes = (0, 1, wire.MAX_TEXT - 1, wire.MAX_TEXT, wire.MAX_TEXT + 1)
+        edges = [(f'{n} bytes', sized('x', n)) for n in sizes]
+        edges += [('1000 bytes of é', sized('é', wire.MAX_TEXT)),
+                  ('é cut in half', sized('é', wire.MAX_TEXT - 1))]
+        return [(label, counted(2, data)) for label, data in edges] + count_lies(2, b'text')
+    if kind == 'blob':
+        edges = [(f'{n} bytes', bytes(n)) for n in (0, 1, wire.MAX_DATAGRAM - 1, wire.MAX_DATAGRAM,
+                                                    wire.MAX_DATAGRAM + 1)]
+        return [(label, counted(2, data)) for label, data in edges] + count_lies(2, b'blob')
+    if kind == 'endpoint':
+        return ENDPOINT_EDGES
+    if kind == 'endpoints':
+        one = wire.ENDPOINT.pack(V4)
+        edges = [(f'{n} endpoints', counted(1, one * n, n))
+                 for n in (0, 1, wire.MAX_ENDPOINTS, wire.MAX_ENDPOINTS + 1)]
+        return edges + count_lies(1, one)
+    if kind == 'names':
+        one = wire.NAME.pack('x')
+        edges = [(f'{n} names', counted(2, one * n, n))
+                 for n in (0, 1, wire.MAX_PEERS_LISTED, wire.MAX_PEERS_LISTED + 1)]
+        return edges + count_lies(2, one)
+    return []
+
+
+def boundary_raw(rng, type, field, raw_value):
+    """A valid message of type with one field's bytes replaced, the header honest."""
+    raw = valid_raw(rng, type)
+    for entry in raw.fields:
+        if entry[0] == field:
+            entry[2] = raw_value
+    return raw.pack()
+
+
+@functools.lru_cache(maxsize=None)
+def boundary_sweep(seed=0):
+    """(label, bytes) for every field of every message type at each of its edges."""
+    rng = random.Random(seed)
+    sweep = []
+    for type, layout in sorted(wire.LAYOUTS.items()):
+        for field, fmt in layout:
+            for label, raw_value in field_edges(fmt):
+                sweep.append((f'{wire.TYPE_NAMES[type]} {field}: {label}',
+                              boundary_raw(rng, type, field, raw_value)))
+    return sweep
+
+
+def header_sweep(seed=0):
+    """(label, bytes): each message type with its header's length one off, 0 and 65535.
+
+    These break a TCP stream's framing, so they go only in datagrams.
+    """
+    rng = random.Random(seed)
+    sweep = []
+    for type in sorted(wire.LAYOUTS):
+        for lie in (-1, +1, None, 65535):
+            raw = valid_raw(rng, type)
+            true = len(raw.payload())
+            raw.length = 0 if lie is None else lie if lie == 65535 else max(0, true + lie)
+            sweep.append((f'{wire.TYPE_NAMES[type]} header length {raw.length} of {true}',
+                          raw.pack()))
+    return sweep
+
+
+def m_boundary(rng, tcp):
+    """One field of one message at one of its edges (see boundary_sweep)."""
+    type = rng.choice([t for t, layout in wire.LAYOUTS.items() if layout])
+    field, fmt = rng.choice(wire.LAYOUTS[type])
+    edges = field_edges(fmt)
+    if not edges:
+        return m_valid(rng, tcp)
+    return 'boundary', boundary_raw(rng, type, field, rng.choice(edges)[1])
+
+
 UDP_MUTATORS = [m_valid, m_bit_flips, m_truncated, m_trailing, m_lying_length, m_version,
                 m_magic, m_type_flags, m_huge_name, m_bad_name, m_bad_text, m_counted_lies,
                 m_address_family, m_endpoint_count, m_short_token, m_random, m_oversize,
-                m_spliced]
+                m_spliced, m_boundary]
 # Over TCP, breakage inside one honest frame gets an ERROR and the stream
 # stays in step; the rest loses the frame boundaries, and the server closes
 # the connection.  A connection gets in-frame breakage only, then maybe one
 # stream breaker at its end, so that connections with hundreds of frames
 # really deliver hundreds of frames to the handlers.
 TCP_IN_FRAME = [m_valid, m_huge_name, m_bad_name, m_bad_text, m_counted_lies,
-                m_address_family, m_endpoint_count, m_short_token, m_trailing, m_type_flags]
+                m_address_family, m_endpoint_count, m_short_token, m_trailing, m_type_flags,
+                m_boundary]
 TCP_BREAKING = [m_bit_flips, m_truncated, m_lying_length, m_version, m_magic, m_random,
                 m_oversize, m_spliced, m_bye]
 
@@ -439,8 +585,12 @@ def normalise(text):
 
 
 def udp_fuzz(port, count, rate, seed, stats, done):
-    """Send count fuzzed datagrams at about rate a second; count MAPPING replies."""
+    """Send count fuzzed datagrams at about rate a second; count MAPPING replies.
+
+    The boundary sweeps go first, each datagram once; then the mutators.
+    """
     rng = random.Random(f'udp{seed}')
+    sweep = boundary_sweep(seed) + header_sweep(seed)
     socks = []
     for source in UDP_SOURCES:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -451,7 +601,10 @@ def udp_fuzz(port, count, rate, seed, stats, done):
     try:
         for i in range(count):
             try:
-                label, data = fuzz_message(rng, UDP_MUTATORS, tcp=False)
+                if i < len(sweep):
+                    label, data = 'boundary sweep', sweep[i][1]
+                else:
+                    label, data = fuzz_message(rng, UDP_MUTATORS, tcp=False)
             except Exception as error:  # a bug of ours: say so, and go on with the next
                 stats.problem(f'udp fuzz: {type(error).__name__}: {error}')
                 continue
@@ -504,14 +657,24 @@ def drain_replies(socks, stats):
 # TCP: control connections that send fuzzed frames.
 
 
-def plan_connections(rng, frames):
-    """Split the frame budget into connections: (kind, frames, seed) each.
+SWEEP_PER_CONNECTION = 40
 
-    Most connections send a few frames, some tens, a few hundreds; one in
+
+def plan_connections(rng, frames):
+    """Split the frame budget into connections: (kind, frames, seed, number) each.
+
+    First the boundary sweep, SWEEP_PER_CONNECTION frames a connection
+    (kind 'sweep'; seed is where its frames start in the sweep).  Then
+    most connections send a few frames, some tens, a few hundreds; one in
     ten is an introduced pair that fuzzes the relay.
     """
     jobs = []
     left = frames
+    swept = len(boundary_sweep())
+    for first in range(0, min(frames, swept), SWEEP_PER_CONNECTION):
+        n = min(SWEEP_PER_CONNECTION, left, swept - first)
+        jobs.append(('sweep', n, first, len(jobs)))
+        left -= n
     while left > 0:
         roll = rng.random()
         n = (rng.randint(1, 5) if roll < 0.8 else rng.randint(6, 40) if roll < 0.95
@@ -534,6 +697,9 @@ def tcp_worker(port, jobs, stats):
         try:
             if kind == 'relay':
                 relay_pair(port, rng, n, number, stats)
+            elif kind == 'sweep':
+                sweep = boundary_sweep()[seed:seed + n]
+                plain_connection(port, rng, n, number, stats, [data for _, data in sweep])
             else:
                 plain_connection(port, rng, n, number, stats)
         except OSError as error:
@@ -542,8 +708,8 @@ def tcp_worker(port, jobs, stats):
             stats.problem(f'fuzz thread: {type(error).__name__}: {error}')
 
 
-def plain_connection(port, rng, n, number, stats):
-    """One connection: maybe REGISTER first, then n fuzzed frames, then listen."""
+def plain_connection(port, rng, n, number, stats, frames=None):
+    """One connection: maybe REGISTER first, then n fuzzed frames (or these), then listen."""
     sock = socket.create_connection((HOST, port), timeout=5,
                                     source_address=(rng.choice(TCP_SOURCES), 0))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -555,7 +721,10 @@ def plain_connection(port, rng, n, number, stats):
             stats.add('setup frames (valid REGISTER, CONNECT)')
         for i in range(n):
             last = i == n - 1 and rng.random() < 0.5
-            label, data = fuzz_message(rng, TCP_BREAKING if last else TCP_IN_FRAME, tcp=True)
+            if frames:
+                label, data = 'boundary sweep', frames[i]
+            else:
+                label, data = fuzz_message(rng, TCP_BREAKING if last else TCP_IN_FRAME, tcp=True)
             stream += data
             with stats.lock:
                 stats.mutators[f'tcp {label}'] += 1
@@ -640,13 +809,13 @@ class RawPeer:
             except TimeoutError:
                 continue
 
-    def receive(self, type):
-        """The next message from the server, which must be of this type."""
+    def receive(self, *types):
+        """The next message from the server, which must be of one of these types."""
         while True:
             for frame in self.reader.frames():
                 message = wire.decode(frame)
-                if message.type != type:
-                    raise OSError(f'expected {wire.TYPE_NAMES[type]}, got {message!r}')
+                if message.type not in types:
+                    raise OSError(f'expected {wire.TYPE_NAMES[types[0]]}, got {message!r}')
                 return message
             data = self.tcp.recv(65536)
             if not data:
@@ -676,10 +845,13 @@ def relay_pair(port, rng, n, number, stats):
         stats.add('tcp connections', 2)
         stats.add('setup frames (valid REGISTER, CONNECT)', 3)
         a.tcp.sendall(encode(wire.CONNECT, target=f'fz{number}b'))
+        if b.receive(wire.ASK, wire.INTRODUCE).type == wire.ASK:    # the server asks b first
+            b.tcp.sendall(encode(wire.CONNECT, target=f'fz{number}a'))
+            stats.add('setup frames (valid REGISTER, CONNECT)')
+            b.receive(wire.INTRODUCE)
         introduce = a.receive(wire.INTRODUCE)
         session = introduce.session
         key = identity.SessionKey(session, introduce.role)
-        b.receive(wire.INTRODUCE)
         stream = bytearray()
         by_id = by_mac = 0
         for _ in range(n):
@@ -936,6 +1108,18 @@ def run(args, port, stats, peers, started):
         time.sleep(0.5)
 
 
+def command_line(args):
+    """The command that repeats this run, every option spelled out."""
+    options = []
+    for key, value in vars(args).items():
+        flag = '--' + key.replace('_', '-')
+        if value is True:
+            options.append(flag)
+        elif value is not False:
+            options.append(f'{flag} {value}')
+    return 'python bench/fuzz.py ' + ' '.join(options)
+
+
 def report(args, stats, peers, server, alive, code, quit_problems, elapsed):
     """Print the table; return the exit status."""
     log = server.err.lines
@@ -956,8 +1140,7 @@ def report(args, stats, peers, server, alive, code, quit_problems, elapsed):
     rows = [
         ('machine', f'{os.cpu_count()} cpus, Python {platform.python_version()}, '
                     f'{platform.system()} {platform.release()}'),
-        ('command', 'python bench/fuzz.py ' + ' '.join(
-            f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items())),
+        ('command', command_line(args)),
         ('datagrams sent', counts['datagrams sent']),
         ('  answered (valid MAPPING)', counts['mapping replies']),
         ('  dropped, in the server\'s summary', total_dropped),
