@@ -39,11 +39,13 @@ import queue
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -51,8 +53,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 import identity  # noqa: E402
 import p2pcommon as wire  # noqa: E402
+import transfer  # noqa: E402
 from common import encode, zero_value  # noqa: E402
 from procs import command, start, start_server  # noqa: E402  (the tests' driver)
+from reliable import WINDOW, ReliableChannel  # noqa: E402
 
 HOST = '127.0.0.1'
 # Fuzz sources: not the peers' address (see the module docstring).
@@ -1007,6 +1011,259 @@ class Peers:
 
 
 # ---------------------------------------------------------------------------
+# In-process (--client-units): peer messages into the client's own code.
+#
+# What p2pclient.py does with a peer message once its MAC checks out is
+# done here by ClientUnit, on a real ReliableChannel (chat) and a real
+# Transfers (files), with no sockets and no clock: every message is sealed
+# with the session's key (identity.SessionKey), so that it passes the check
+# and reaches the code behind it.  Its fields sit at the edges of their
+# formats, or next to the numbers the receiver holds right now (the seq it
+# expects, the transfer ids it knows), where off-by-one bugs live.
+
+UNIT_TOKEN = bytes(range(16))   # the session's token, as INTRODUCE would give it
+UNIT_RESET = 300                # inputs before a fresh session, so early states get fuzz too
+UNIT_TYPES = sorted({wire.DATA, wire.ACK} | transfer.Transfers.MESSAGES)
+UNIT_TEXTS = ['', 'x', '\x1b[2J\r\n', '../x', '/etc/passwd', '.', 'a/b', 'x' * 201,
+              'é' * (wire.MAX_TEXT // 2), 'x' * wire.MAX_TEXT]
+UNIT_BLOBS = [b'', b'x', bytes(transfer.CHUNK_SIZE), bytes(transfer.CHUNK_SIZE + 1)]
+UNIT_SOURCE_SIZE = 20_000       # bytes of the file we offer the fuzzer at each fresh session
+
+
+class ClientUnit:
+    """One session's worth of the client, in-process: chat channel and file transfers."""
+
+    def __init__(self, folder, source):
+        self.now = 1000.0
+        self.ours = identity.SessionKey(UNIT_TOKEN, role=1)
+        self.peer = identity.SessionKey(UNIT_TOKEN, role=0)    # seals what the fuzzer sends
+        self.chat = ReliableChannel(self.transmit_data)
+        self.downloads = os.path.join(folder, 'downloads')
+        shutil.rmtree(self.downloads, ignore_errors=True)
+        self.transfers = transfer.Transfers('peer', self.send, self.say, self.downloads)
+        self.sent = collections.Counter()       # our replies, by type
+        self.lines = []                          # status lines that are not printable
+        self.said = 0
+        for i in range(3):
+            self.chat.send(f'line {i}', self.now)
+        self.transfers.offer(source, self.now)  # our transfer 1, for ANSWER, CHUNK_ACK, FINISH
+
+    def send(self, type, **fields):
+        """The session's send: every reply is sealed, so each field must fit the wire."""
+        self.ours.seal(type, **fields)
+        self.sent[type] += 1
+
+    def transmit_data(self, seq, text):
+        """The chat channel's way out: one DATA."""
+        self.send(wire.DATA, seq=seq, oldest=self.chat.oldest, text=text)
+
+    def say(self, text):
+        """A status line; one that could move the cursor is noted."""
+        self.said += 1
+        if not text.isprintable():
+            self.lines.append(text)
+
+    def deliver(self, data):
+        """One datagram from the peer, as the client takes it: decode, check, act."""
+        message = wire.decode(data)
+        if not self.ours.check(message):
+            raise AssertionError('the MAC did not check out')
+        if message.type == wire.DATA:
+            ready, ack = self.chat.receive(message.seq, message.text, message.oldest)
+            self.send(wire.ACK, seq=ack, sack=self.chat.selective())
+        elif message.type == wire.ACK:
+            self.chat.acknowledge(message.seq, self.now, message.sack)
+        else:
+            self.transfers.handle(message, self.now)
+
+    def tick(self, rng):
+        """Time passes (a little, or past every timeout); the user answers; we send more."""
+        self.now += rng.choice([0.001, 0.05, 0.5, 5.0, transfer.OFFER_TIMEOUT])
+        asked = self.transfers.waiting_for_answer()
+        if asked and rng.random() < 0.5:
+            self.transfers.answer(asked, rng.random() < 0.7, self.now)
+        if rng.random() < 0.3:
+            self.chat.send('more', self.now)
+        self.chat.retransmit(self.now)
+        self.transfers.tick(self.now)
+
+    def near(self, rng, type, field):
+        """A number next to what this side holds now, for seq, oldest and transfer fields."""
+        if field == 'transfer':
+            known = [1, *self.transfers.incoming, *self.transfers.outgoing]
+            return clamp(rng.choice(known) + rng.choice([-1, 0, 0, 0, 1]))
+        if type == wire.DATA:
+            base = self.chat.expected + rng.choice([-1, 0, 1, 4 * WINDOW - 1, 4 * WINDOW])
+        elif type == wire.ACK:
+            base = self.chat.next_seq + rng.choice([-1, 0, 1, -len(self.chat.in_flight)])
+        elif type == wire.CHUNK:
+            channels = [r.channel for r in self.transfers.incoming.values()] or [self.chat]
+            base = rng.choice(channels).expected + rng.choice([-1, 0, 1, 2])
+        else:
+            channels = [s.channel for s in self.transfers.outgoing.values()] or [self.chat]
+            base = rng.choice(channels).next_seq + rng.choice([-1, 0, 1])
+        return clamp(base)
+
+
+def clamp(number):
+    """number inside a 32-bit field."""
+    return min(max(number, 0), 0xFFFFFFFF)
+
+
+def unit_value(rng, unit, type, field, fmt):
+    """One field of a peer message: at an edge of its format, near the state, or random."""
+    kind = kind_of(fmt)
+    if field in ('seq', 'oldest', 'transfer') and rng.random() < 0.5:
+        return unit.near(rng, type, field)
+    if kind == 'text':
+        return rng.choice(UNIT_TEXTS)
+    if kind == 'blob':
+        return rng.choice(UNIT_BLOBS + [rng.randbytes(rng.randrange(100))])
+    size = struct.calcsize('!' + fmt)
+    if fmt.endswith('s'):
+        return rng.choice([bytes(size), b'\xff' * size, rng.randbytes(size),
+                           b'\x80' + bytes(size - 1), bytes(size - 1) + b'\x01'])
+    if rng.random() < 0.8:
+        return rng.choice(int_edges(fmt))
+    return rng.randrange(2 ** (8 * size))
+
+
+def unit_fields(rng, unit, type):
+    """The payload fields of one peer message (the session, counter and MAC come from seal)."""
+    return {field: unit_value(rng, unit, type, field, fmt) for field, fmt in wire.LAYOUTS[type]
+            if field not in ('session', 'counter', 'mac')}
+
+
+def replay(unit, step):
+    """One step of a session's history: a peer message (type, fields), or (None, seed) a tick."""
+    type, fields = step
+    if type is None:
+        unit.tick(random.Random(fields))
+    else:
+        unit.deliver(unit.peer.seal(type, **fields))
+
+
+def crash_key(where, error):
+    """What tells one crash from another: where, the exception's class, its text."""
+    return where, error.__class__.__name__, str(error)[:100]
+
+
+def raises(steps, key, folder, source):
+    """True if these steps, replayed on a fresh session, end in the same crash."""
+    unit = ClientUnit(folder, source)
+    for step in steps:
+        try:
+            replay(unit, step)
+        except Exception as error:  # noqa: BLE001  (compared below)
+            return crash_key('deliver' if step[0] else 'tick', error) == key
+    return False
+
+
+def shrink(history, key, folder, source):
+    """The fewest of a session's steps that still end in this crash on a fresh one; or None.
+
+    A crash often needs the state that earlier steps made: the last step
+    alone, then the last 2, 3, 5 ... are tried, and then steps are dropped
+    one by one while the same crash still comes.
+    """
+    for n in (1, 2, 3, 5, 10, 20, 50, 200, len(history)):
+        tail = history[-n:]
+        if raises(tail, key, folder, source):
+            i = 0
+            while i < len(tail) - 1:                # the last one, which raised, stays
+                shorter = tail[:i] + tail[i + 1:]
+                if raises(shorter, key, folder, source):
+                    tail = shorter
+                else:
+                    i += 1
+            return tail
+    return None
+
+
+class UnitStats:
+    """What the in-process fuzz counts: inputs by type, replies, crashes with an example."""
+
+    def __init__(self):
+        self.inputs = collections.Counter()
+        self.replies = collections.Counter()
+        self.crashes = collections.Counter()    # (where, exception, text) -> count
+        self.examples = {}                      # the same key -> the shortest inputs that raise
+        self.unsafe = []                        # status lines that were not printable
+        self.said = 0
+
+    def crash(self, where, error, history, folder, source):
+        """Count one exception; for the first of its kind, keep the steps that make it."""
+        key = crash_key(where, error)
+        self.crashes[key] += 1
+        if key not in self.examples:
+            self.examples[key] = shrink(history, key, folder, source) or history[-1:]
+
+    def finish(self, unit):
+        """Add up a session's replies and lines before it is replaced."""
+        self.replies.update(unit.sent)
+        self.unsafe += unit.lines[:10]
+        self.said += unit.said
+
+
+def client_units(count, seed):
+    """Feed count peer messages to the client's code in-process; print the table.
+
+    Returns 1 if anything raised or a status line was not printable, else 0.
+    """
+    rng = random.Random(f'client{seed}')
+    stats = UnitStats()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix='p2pnat-fuzz-') as folder:
+        source = os.path.join(folder, 'offered.bin')
+        with open(source, 'wb') as stream:
+            stream.write(rng.randbytes(UNIT_SOURCE_SIZE))
+        unit, history = ClientUnit(folder, source), []
+        for i in range(count):
+            if i and i % UNIT_RESET == 0:
+                stats.finish(unit)
+                unit, history = ClientUnit(folder, source), []
+            type = rng.choice(UNIT_TYPES)
+            fields = unit_fields(rng, unit, type)
+            stats.inputs[type] += 1
+            steps = [(type, fields)] + ([(None, rng.randrange(2 ** 32))] if rng.random() < 0.2
+                                        else [])
+            try:
+                for step in steps:
+                    history.append(step)
+                    replay(unit, step)
+            except Exception as error:  # noqa: BLE001  (what we count: anything at all)
+                where = 'deliver' if history[-1][0] else 'tick'
+                stats.crash(where, error, history, folder, source)
+                stats.finish(unit)
+                unit, history = ClientUnit(folder, source), []  # a crash ends a client
+        stats.finish(unit)
+    unit_report(count, seed, stats, time.monotonic() - started)
+    return 1 if stats.crashes or stats.unsafe else 0
+
+
+def unit_report(count, seed, stats, elapsed):
+    """Print what the in-process fuzz did and found."""
+    print(f'\nin-process client fuzz: python bench/fuzz.py --client-units {count} --seed {seed}')
+    print(f'  peer messages delivered (sealed)  {sum(stats.inputs.values())}')
+    print('    by type                         ' + ', '.join(
+        f'{n} {wire.TYPE_NAMES[t]}' for t, n in sorted(stats.inputs.items())))
+    print('  our replies (sealed)              ' + ', '.join(
+        f'{n} {wire.TYPE_NAMES[t]}' for t, n in sorted(stats.replies.items())))
+    print(f'  status lines                      {stats.said}, '
+          f'{len(stats.unsafe)} not printable')
+    print(f'  exceptions                        {sum(stats.crashes.values())}')
+    print(f'  elapsed                           {elapsed:.1f} s')
+    for key, n in stats.crashes.most_common(20):
+        where, name, text = key
+        print(f'  {n:7d}  in {where}: {name}: {text}; the shortest inputs that raise:')
+        for type, fields in stats.examples[key]:
+            what = f'tick, seed {fields}' if type is None else f'{wire.TYPE_NAMES[type]} {fields!r}'
+            print(f'             {what:.300}')
+    for line in stats.unsafe[:5]:
+        print(f'  not printable: {line!r:.200}')
+
+
+# ---------------------------------------------------------------------------
 
 
 def parse_args(argv):
@@ -1023,12 +1280,28 @@ def parse_args(argv):
                         help='control connections open at once (default 8)')
     parser.add_argument('--no-peers', action='store_true',
                         help='fuzz the server alone, without real p2pclient.py peers chatting')
+    parser.add_argument('--client-units', type=int, default=0, metavar='N',
+                        help='also feed N sealed peer messages to the client\'s chat channel '
+                             'and file transfers, in-process (default 0)')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    """Run the fuzz; print the table; exit 1 on a crash, a loss or a failed check."""
+    """Run the fuzz; print the tables; exit 1 on a crash, a loss or a failed check.
+
+    The in-process client fuzz runs first, if asked for; the server's then
+    runs unless there is nothing for it to do (no datagrams, no frames, no
+    peers).
+    """
     args = parse_args(argv)
+    status = client_units(args.client_units, args.seed) if args.client_units else 0
+    if args.datagrams or args.frames or not args.no_peers:
+        status |= server_fuzz(args)
+    return status
+
+
+def server_fuzz(args):
+    """The real server under fuzz (and real peers chatting, unless --no-peers)."""
     started = time.monotonic()
     server, port = start_server()
     print(f'rendezvous.py pid {server.popen.pid} on {HOST}:{port} (udp {port}, {port + 1})',
