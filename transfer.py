@@ -145,6 +145,8 @@ class Sending:
             self.channel.send(piece, now)
         if self.stream.tell() < self.size and self.channel.idle:
             raise TransferError(f'{self.name} shrank while being sent')
+        if self.channel.exhausted:      # 4 billion chunks: 4.9 TB
+            raise TransferError('too large: the chunks\' sequence numbers ran out')
         if self.channel.retransmit(now):
             raise TransferError('a chunk was not acknowledged after many tries')
         if self.channel.idle and self.stream.tell() == self.size:

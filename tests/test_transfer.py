@@ -940,3 +940,13 @@ def test_chunk_seq_and_oldest_together(tmp_path, seq, oldest):
     link.bob.transfers.handle(chunk, link.now)
     link.bob.transfers.tick(link.now)
     settle(link)
+
+
+def test_a_transfer_whose_sequence_numbers_run_out_stops(tmp_path, link):
+    """After 0xFFFFFFFE chunks (4.9 TB) the numbers are used up: the transfer stops, told so."""
+    path, _ = make_file(tmp_path, 'huge.bin', 10 * CHUNK_SIZE)
+    sending = link.offer(path)
+    sending.channel.next_seq = reliable.LAST_SEQ     # as if 4 billion chunks had gone before
+    link.run(done(sending))
+    assert link.alice.said("stopped: too large: the chunks' sequence numbers ran out")
+    assert leftovers(tmp_path / 'bob') == []
