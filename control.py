@@ -72,7 +72,12 @@ class ServerLink:
         return wire.plain(self.sock.getsockname())
 
     def wait_registered(self):
-        """Block until REGISTERED or ERROR; raise Fatal on an error."""
+        """Block until REGISTERED; raise Fatal, one line, on anything else that ends it.
+
+        A server may be hostile or simply another program: a frame that
+        breaks the wire format ends the registration with a line that says
+        so, not with a traceback.
+        """
         self.sock.settimeout(REGISTER_TIMEOUT)
         while self.token is None:
             try:
@@ -84,13 +89,27 @@ class ServerLink:
             if not data:
                 raise Fatal(f'the rendezvous server at {self} did not register us: {why}')
             self.reader.feed(data)
-            for frame in self.reader.frames():
-                message = wire.decode(frame)
-                if message.type == wire.ERROR:
-                    raise Fatal(message.text)
-                if message.type == wire.REGISTERED:
-                    self.token = message.token
-                    break
+            try:
+                self.take_registration()
+            except wire.ProtocolError as error:
+                raise Fatal(f'the rendezvous server at {self} sent a bad message: '
+                            f'{wire.safe(str(error))}') from None
+
+    def take_registration(self):
+        """Read the frames received so far, up to REGISTERED; raise Fatal on ERROR.
+
+        The ERROR's text goes through wire.safe(): it is the server's, and
+        may hold escape sequences that would clear or rewrite our screen.
+        Frames after REGISTERED stay in the reader, for the loop.
+        """
+        for frame in self.reader.frames():
+            message = wire.decode(frame)
+            if message.type == wire.ERROR:
+                raise Fatal(f'the rendezvous server at {self} refused to register us: '
+                            f'{wire.safe(message.text)}')
+            if message.type == wire.REGISTERED:
+                self.token = message.token
+                return
 
     def attach(self, selector):
         """Hand the connected socket to the client's loop."""

@@ -29,6 +29,13 @@ TCP resends and paces by itself, and timers of ours on top of it would
 fire whenever TCP repairs a loss, resend into the stream and shrink our
 window for nothing.  If the connection dies, the messages it did not
 deliver are resent on the next path.
+
+Sequence numbers are 32 bits on the wire, and they do not wrap: the last
+number a message may carry is LAST_SEQ, one below the largest, so that the
+ACK after it (the next number expected) still fits.  A channel that has
+used them all is ``exhausted``, and its session is over.  Wrapping would
+need serial-number arithmetic (RFC 1982) in every comparison here, for a
+session of 4 billion messages: at 10,000 a second, five days of them.
 """
 
 import collections
@@ -47,6 +54,8 @@ INITIAL_CWND = 4        # congestion window at the start, in messages
 DUPLICATE_THRESHOLD = 3  # this many later messages received: the hole is a loss
 LOSS_TOLERANCE = 0.25   # a round trip losing more than this is congestion
 BACKOFF = 0.7           # the window shrinks to this share on congestion
+MAX_SEQ = 0xFFFFFFFF    # the largest number the 32-bit seq and ack fields hold
+LAST_SEQ = MAX_SEQ - 1  # the last a message may carry: the ACK after it says MAX_SEQ
 
 
 class Outgoing:
@@ -110,11 +119,16 @@ class ReliableChannel:
     def acknowledge(self, ack, now, sack=NO_SACK):
         """Take an ACK: everything below ``ack`` has arrived, and what ``sack`` marks.
 
-        Bit i of ``sack`` stands for message ack + 1 + i.
+        Bit i of ``sack`` stands for message ack + 1 + i.  Only what we
+        have sent can have arrived: an ACK beyond it is a lie (or a
+        confused peer) and is ignored whole, and bits for messages never
+        sent are dropped, so that nothing counts as delivered before it left.
         """
+        if ack > self.next_seq:
+            return
         while self.in_flight and next(iter(self.in_flight)) < ack:
             self._delivered(self.in_flight.popitem(last=False)[1], now)
-        bits = int.from_bytes(sack, 'big')      # bit SACK_BITS-1-i: message ack+1+i
+        bits = self._sent_only(ack, sack)
         # Only the bits this ACK adds: the previous bitmap, moved to this ack
         # number, marks messages taken off in_flight already.
         moved = ack - self.sacked_ack
@@ -130,6 +144,16 @@ class ReliableChannel:
         self._resend_holes(ack, bits, now)
         self._end_round(ack)
         self._fill_window(now)
+
+    def _sent_only(self, ack, sack):
+        """The bitmap as a number, its bits for messages never sent cleared.
+
+        Bit SACK_BITS-1-i of the number stands for message ack+1+i; we have
+        sent messages up to next_seq-1, so only the first next_seq-ack-1
+        bits can be true.
+        """
+        sent = min(max(self.next_seq - ack - 1, 0), SACK_BITS)
+        return int.from_bytes(sack, 'big') & (((1 << sent) - 1) << (SACK_BITS - sent))
 
     def _delivered(self, out, now):
         """One message has arrived: learn the round trip, open the window."""
@@ -185,6 +209,15 @@ class ReliableChannel:
         return next(iter(self.in_flight), self.next_seq)
 
     @property
+    def exhausted(self):
+        """True when either side has used every sequence number: the session is over.
+
+        We send nothing more (messages wait in vain), and the peer cannot.
+        A session needs 4 billion messages for that.
+        """
+        return self.next_seq > LAST_SEQ or self.expected > LAST_SEQ
+
+    @property
     def window(self):
         """How many messages may be in flight now."""
         if self.over_stream():
@@ -219,8 +252,18 @@ class ReliableChannel:
         ``oldest`` is the lowest sequence number the sender still offers:
         when it has given up on a message (and told its user), we stop
         waiting for it, or every later message would wait forever.
+
+        A real sender's ``oldest`` is never above the message that carries
+        it (that message is in flight, and oldest is the lowest in flight):
+        a larger claim is a lie, and ignored.  It is not bounded by our own
+        ``expected``: a sender that gave up on a long outage's worth of
+        messages may rightly be far ahead of us, and refusing its claim
+        would stop the channel for good.  A seq above LAST_SEQ no real
+        sender has (see the module's docstring): ignored.
         """
-        if oldest > self.expected:
+        if seq > LAST_SEQ:
+            return [], self.expected
+        if self.expected < oldest <= seq:
             self.early = {s: p for s, p in self.early.items() if s >= oldest}
             self.expected = oldest
         if 0 <= seq - self.expected < 4 * self.max_window:     # else a stray or a lie
@@ -244,7 +287,7 @@ class ReliableChannel:
 
     def _fill_window(self, now):
         window = self.window
-        while self.waiting and len(self.in_flight) < window:
+        while self.waiting and len(self.in_flight) < window and self.next_seq <= LAST_SEQ:
             out = Outgoing(self.next_seq, self.waiting.popleft())
             out.rto = self.rto
             self.next_seq += 1

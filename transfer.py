@@ -33,6 +33,15 @@ WINDOW = 512                # chunks in flight at most: 576 KiB, 100 Mbit/s at a
 STREAM_WINDOW = 4096
 REPEAT = 1.0                # seconds between repeats of an unanswered OFFER or END
 PROGRESS_EVERY = 1.0        # seconds between progress lines
+# Offers waiting for the user's /accept or /reject.  Each costs a line on
+# the screen and a place in memory, and a peer can make them as fast as it
+# sends: beyond 8 at once they are refused, and none waits more than 10
+# minutes (the sender repeats its OFFER every second until it is answered).
+MAX_OPEN_OFFERS = 8
+OFFER_TIMEOUT = 600.0
+# Linux allows 255 bytes in a file name; the hidden temporary file adds 15
+# ('.' NAME '.' 8 random '.part') and a name already taken gets '-1', '-2'...
+MAX_FILE_NAME = 200         # bytes of UTF-8
 
 
 class TransferError(Exception):
@@ -54,6 +63,18 @@ def check_file_name(name):
             or not name.isprintable()):
         raise TransferError(f'refused the name {name!r}: it must be a plain file name, '
                             f'with no path components')
+    size = len(name.encode('utf-8'))
+    if size > MAX_FILE_NAME:
+        raise TransferError(f'refused a name of {size} bytes: at most {MAX_FILE_NAME} fit '
+                            f'in a file name here')
+
+
+def clip(text):
+    """text cut to MAX_TEXT bytes of UTF-8, the most a message's text field holds.
+
+    Cut by bytes, not characters: 1,000 characters of 'é' are 2,000 bytes.
+    """
+    return text.encode('utf-8')[:wire.MAX_TEXT].decode('utf-8', 'ignore')
 
 
 class Progress:
@@ -124,6 +145,8 @@ class Sending:
             self.channel.send(piece, now)
         if self.stream.tell() < self.size and self.channel.idle:
             raise TransferError(f'{self.name} shrank while being sent')
+        if self.channel.exhausted:      # 4 billion chunks: 4.9 TB
+            raise TransferError('too large: the chunks\' sequence numbers ran out')
         if self.channel.retransmit(now):
             raise TransferError('a chunk was not acknowledged after many tries')
         if self.channel.idle and self.stream.tell() == self.size:
@@ -148,9 +171,13 @@ class Sending:
         return True
 
     def chunk_acked(self, seq, sack, now):
-        """A CHUNK_ACK: chunks below seq, and those the bitmap marks, arrived."""
+        """A CHUNK_ACK: chunks below seq, and those the bitmap marks, arrived.
+
+        Progress counts what the channel took as arrived, not what seq
+        claims: the channel ignores an ACK for chunks never sent.
+        """
         self.channel.acknowledge(seq, now, sack)
-        self.acked = seq * CHUNK_SIZE
+        self.acked = self.channel.oldest * CHUNK_SIZE
 
     def close(self):
         """Done with the file, whatever the outcome."""
@@ -171,6 +198,7 @@ class Receiving:
         self.sha256 = offer.sha256
         self.downloads = downloads
         self.state = 'asked'        # asked -> accepted or rejected -> done
+        self.asked_at = now         # an offer unanswered for OFFER_TIMEOUT is rejected
         self.channel = ReliableChannel(None, window=WINDOW)
         self.digest = hashlib.sha256()
         self.received = 0
@@ -205,9 +233,20 @@ class Receiving:
             self.received += len(piece)
             if self.received > self.size:
                 raise TransferError(f'more data than the {self.size} bytes offered')
-            self.stream.write(piece)
-            self.digest.update(piece)
+            self.write(piece)
         return ack
+
+    def write(self, piece):
+        """Write one piece to the temporary file; a full disk stops the transfer.
+
+        The peer chooses the size (up to 2**64-1 bytes), so the disk may
+        well fill up: that ends this transfer, not the program.
+        """
+        try:
+            self.stream.write(piece)
+        except OSError as error:
+            raise TransferError(f'cannot write {self.name}: {error.strerror}') from None
+        self.digest.update(piece)
 
     def acknowledgement(self):
         """(ack, sack) for a CHUNK_ACK, if chunks came since the last; else None."""
@@ -226,7 +265,12 @@ class Receiving:
         return self.verdict
 
     def _check_and_save(self):
-        self.stream.close()
+        stream, self.stream = self.stream, None
+        try:
+            stream.close()                          # writes what is buffered: may fail too
+        except OSError as error:
+            self.discard()
+            return False, f'cannot write {self.name}: {error.strerror}; deleted'
         if self.received != self.size:
             self.discard()
             return False, f'size mismatch: {self.received} of {self.size} bytes; deleted'
@@ -295,6 +339,7 @@ class Transfers:
         self.outgoing = {}          # transfer id -> Sending
         self.incoming = {}          # transfer id -> Receiving
         self.next_id = 1
+        self.refusing = False       # said that offers beyond MAX_OPEN_OFFERS are refused
 
     # -- the user's commands ------------------------------------------------
 
@@ -312,7 +357,11 @@ class Transfers:
 
     def waiting_for_answer(self):
         """The oldest offer we have not answered yet, or None."""
-        return next((r for r in self.incoming.values() if r.state == 'asked'), None)
+        return next(self.open_offers(), None)
+
+    def open_offers(self):
+        """The offers still waiting for the user's answer, oldest first."""
+        return (r for r in self.incoming.values() if r.state == 'asked')
 
     def answer(self, receiving, accept, now):
         """/accept or /reject the offer."""
@@ -371,7 +420,11 @@ class Transfers:
                 self.say(f'{receiving.name} from {self.peer} failed: {text}')
 
     def offered(self, offer, now):
-        """A new OFFER: ask the user, unless its name is a trick."""
+        """A new OFFER: ask the user, unless its name is a trick or too many wait."""
+        if sum(1 for _ in self.open_offers()) >= MAX_OPEN_OFFERS:
+            self.refuse_beyond_limit(offer)
+            return
+        self.refusing = False
         try:
             receiving = Receiving(offer, self.downloads, now)
         except TransferError as error:
@@ -381,6 +434,14 @@ class Transfers:
         self.incoming[offer.transfer] = receiving
         self.say(f'{self.peer} offers {offer.name} ({human(offer.size)}): '
                  f'/accept or /reject')
+
+    def refuse_beyond_limit(self, offer):
+        """Refuse an offer while MAX_OPEN_OFFERS wait; say so once, not once per offer."""
+        self.send(wire.ANSWER, transfer=offer.transfer, accept=0)
+        if not self.refusing:
+            self.refusing = True
+            self.say(f'{self.peer} offers more files than the {MAX_OPEN_OFFERS} waiting for '
+                     f'your answer; refusing the rest until you /accept or /reject')
 
     def to_sender(self, message, now):
         """ANSWER, CHUNK_ACK and FINISH: we are the sending side."""
@@ -410,6 +471,7 @@ class Transfers:
         CHUNK_ACKs go out once per batch: one per datagram when we keep up,
         fewer (and less work for both sides) when a burst has queued up.
         """
+        self.expire_offers(now)
         for receiving in self.incoming.values():
             acknowledgement = receiving.acknowledgement()
             if acknowledgement:
@@ -426,6 +488,19 @@ class Transfers:
             if line:
                 self.say(f'sending {sending.name} to {self.peer}: {line}')
 
+    def expire_offers(self, now):
+        """Reject the offers nobody answered in OFFER_TIMEOUT, and tell both sides.
+
+        The sender then stops repeating its OFFER; a late copy of it gets
+        the same ANSWER again, as after a /reject.
+        """
+        for receiving in list(self.open_offers()):
+            if now - receiving.asked_at >= OFFER_TIMEOUT:
+                receiving.state = 'rejected'
+                self.send(wire.ANSWER, transfer=receiving.transfer, accept=0)
+                self.say(f'rejected {receiving.name} from {self.peer}: unanswered for '
+                         f'{OFFER_TIMEOUT / 60:.0f} minutes')
+
     def fail(self, table, transfer, why, tell=True):
         """Stop one transfer, leaving no partial file; tell the user, and the peer."""
         item = table.get(transfer)
@@ -434,9 +509,9 @@ class Transfers:
         item.stop()
         self.say(f'transfer of {item.name} with {self.peer} stopped: {why}')
         if tell and table is self.outgoing:
-            self.send(wire.CANCEL, transfer=transfer, text=why[:wire.MAX_TEXT])
+            self.send(wire.CANCEL, transfer=transfer, text=clip(why))
         elif tell:
-            self.send(wire.FINISH, transfer=transfer, ok=0, text=why[:wire.MAX_TEXT])
+            self.send(wire.FINISH, transfer=transfer, ok=0, text=clip(why))
 
     def abort(self, why):
         """The peer is gone: stop everything; nothing partial stays behind."""

@@ -1,23 +1,28 @@
-"""Fuzz the real rendezvous server while real peers chat through it.
+"""Fuzz the real rendezvous server while real peers chat through it; fuzz the client in-process.
 
     python bench/fuzz.py [--datagrams 100000] [--frames 10000] [--seed 1]
+                         [--no-peers] [--client-units N]
 
 Starts ``rendezvous.py`` on a free loopback port pair with its default
 limits, and three real ``p2pclient.py`` peers: ``chat-a`` and ``chat-b``,
 connected to each other, and ``witness``.  Then, at the same time:
 
 * one thread sends fuzzed UDP datagrams to the server's two UDP ports:
-  random bytes, and broken copies of a valid message of every type (bit
-  flips, truncation, lengths that lie, wrong versions, huge names, invalid
-  UTF-8, bad address families, ...);
+  first the boundary sweep (every field of every message type at each edge
+  of its format: integers at 0, 1, max-1, max and where the sign wraps;
+  sizes and counts one off, at 0, at the limit and one over; header
+  lengths one off), then random bytes and broken copies of a valid message
+  of every type (bit flips, truncation, lengths that lie, wrong versions,
+  huge names, invalid UTF-8, bad address families, ...);
 * a few threads send fuzzed TCP frames over many control connections, from
-  one frame to a few hundred per connection; half of them register first,
-  so that the handlers behind registration get garbage too, and some are
-  pairs that the server introduced, whose RELAY frames carry broken peer
-  messages with the right session token;
+  one frame to a few hundred per connection, the boundary sweep first; half
+  of them register first, so that the handlers behind registration get
+  garbage too, and some are pairs that the server introduced, whose RELAY
+  frames carry broken peer messages that name the session;
 * the main thread checks, every second, that a line typed by chat-a
   arrives at chat-b (or back), and every five seconds that a new client
-  can register, connect to witness and talk to it.
+  can register, connect to witness and talk to it.  ``--no-peers`` leaves
+  the peers out: the server alone under fuzz.
 
 All traffic is to and from 127.0.0.0/8.  The fuzz comes from addresses
 127.0.1.x and 127.0.2.x, not from the peers' 127.0.0.1: the server's limits
@@ -28,29 +33,41 @@ At the end the server gets SIGTERM, which makes it log its summary of
 dropped datagrams, and a table of counts is printed.  Exit status 1 if the
 server crashed (a Traceback in its log, or it exited), a chat line was
 lost, or a new client could not register and connect; 0 otherwise.
+
+``--client-units N`` first feeds N peer messages, sealed with the
+session's MAC so that they reach the code behind the check, to the
+client's chat channel and file transfers in-process (see ClientUnit), and
+exits 1 if any of them raised.  With ``--datagrams 0 --frames 0
+--no-peers`` that is all it does: no server, no sockets.
 """
 
 import argparse
 import collections
+import functools
 import os
 import platform
 import queue
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
+import identity  # noqa: E402
 import p2pcommon as wire  # noqa: E402
+import transfer  # noqa: E402
 from common import encode, zero_value  # noqa: E402
 from procs import command, start, start_server  # noqa: E402  (the tests' driver)
+from reliable import WINDOW, ReliableChannel  # noqa: E402
 
 HOST = '127.0.0.1'
 # Fuzz sources: not the peers' address (see the module docstring).
@@ -132,6 +149,8 @@ def field_value(rng, type, name, fmt, session):
             size = struct.calcsize('!' + fmt)
             if session and name in ('session', 'token') and size == len(session):
                 return session
+            if session and name == 'session' and size == wire.SESSION_ID_SIZE:
+                return identity.session_id(session)     # a peer message of this session
             if type == wire.BYE and rng.random() < 0.5:
                 return bytes(size)              # BYE to the server carries zeros
             return rng.randbytes(size)
@@ -232,7 +251,7 @@ def m_lying_length(rng, tcp):
 def m_version(rng, tcp):
     """Another protocol version."""
     raw = valid_raw(rng, rng.choice(list(wire.LAYOUTS)))
-    raw.version = rng.choice([0, 1, 3, 127, 255])
+    raw.version = rng.choice([0, 1, wire.VERSION - 1, wire.VERSION + 1, 127, 255])
     return 'wrong version', raw.pack()
 
 
@@ -371,17 +390,162 @@ def m_spliced(rng, tcp):
     return 'spliced', one + two
 
 
+# ---------------------------------------------------------------------------
+# Boundary values: every field of every message at the edges of its format
+# (0, 1, max-1, max, where a sign or a count wraps; lengths one off; counts
+# of 0, the limit and the limit + 1), the rest of the message valid.  The
+# sweep sends each once; m_boundary picks one at random among the mutators.
+
+
+def int_edges(fmt):
+    """A struct integer's edges: 0, 1, max-1, max and the two values where the sign wraps.
+
+    For a signed code the same bit patterns: 0, 1, max, min, -2, -1.
+    """
+    bits = 8 * struct.calcsize('!' + fmt)
+    edges = [0, 1, 2 ** (bits - 1) - 1, 2 ** (bits - 1), 2 ** bits - 2, 2 ** bits - 1]
+    if fmt.islower():
+        edges = [e - 2 ** bits if e >= 2 ** (bits - 1) else e for e in edges]
+    return edges
+
+
+def counted(width, data, count=None):
+    """data behind a count of width bytes, which says count when given (a lie)."""
+    return (len(data) if count is None else count).to_bytes(width, 'big') + data
+
+
+def count_lies(width, data):
+    """data behind counts that are one more, one less, and the largest the width holds."""
+    return [('count one more', counted(width, data, len(data) + 1)),
+            ('count one less', counted(width, data, max(0, len(data) - 1))),
+            ('count max', counted(width, data, 2 ** (8 * width) - 1))]
+
+
+def sized(unit, size):
+    """size bytes of repeated unit (UTF-8), cut to exactly size."""
+    return (unit.encode() * size)[:size]
+
+
+def raw_endpoint(family, port, address):
+    """An endpoint's 19 bytes, family and address as given (XORed as on the wire)."""
+    return struct.pack('!BH', family, port ^ wire.XOR_PORT) + bytes(
+        a ^ b for a, b in zip(address.ljust(16, b'\0'), wire.XOR_ADDRESS))
+
+
+ENDPOINT_EDGES = [
+    ('0.0.0.0:0', raw_endpoint(4, 0, bytes(4))),
+    ('255.255.255.255:65535', raw_endpoint(4, 65535, b'\xff' * 4)),
+    ('[::]:0', raw_endpoint(6, 0, bytes(16))),
+    ('[ffff:...]:65535', raw_endpoint(6, 65535, b'\xff' * 16)),
+    ('family 0', raw_endpoint(0, 1, bytes(4))),
+    ('family 5', raw_endpoint(5, 1, bytes(4))),
+    ('family 255', raw_endpoint(255, 1, bytes(4))),
+    ('IPv4, junk after', raw_endpoint(4, 1, bytes(4) + b'\x01')),
+    ('one short', raw_endpoint(4, 1, bytes(4))[:-1]),
+]
+
+
+def field_edges(fmt):
+    """(label, raw bytes) for one field at the edges of its format."""
+    kind = kind_of(fmt)
+    if kind == 'struct' and fmt.endswith('s'):
+        size = struct.calcsize('!' + fmt)
+        return [('zeros', bytes(size)), ('ones', b'\xff' * size),
+                ('one short', bytes(size - 1)), ('one long', bytes(size + 1))]
+    if kind == 'struct':
+        return [(str(v), struct.pack('!' + fmt, v)) for v in int_edges(fmt)]
+    if kind == 'name':
+        sizes = (0, 1, wire.MAX_NAME - 1, wire.MAX_NAME, wire.MAX_NAME + 1, 255)
+        edges = [(f'{n} bytes', sized('x', n)) for n in sizes]
+        edges += [('32 bytes of é', sized('é', 32)), ('33, é last', b'x' + sized('é', 32)),
+                  ('é cut in half', sized('é', 31))]
+        return [(label, counted(1, data)) for label, data in edges] + count_lies(1, b'xy')
+    if kind == 'text':
+        sizes = (0, 1, wire.MAX_TEXT - 1, wire.MAX_TEXT, wire.MAX_TEXT + 1)
+        edges = [(f'{n} bytes', sized('x', n)) for n in sizes]
+        edges += [('1000 bytes of é', sized('é', wire.MAX_TEXT)),
+                  ('é cut in half', sized('é', wire.MAX_TEXT - 1))]
+        return [(label, counted(2, data)) for label, data in edges] + count_lies(2, b'text')
+    if kind == 'blob':
+        edges = [(f'{n} bytes', bytes(n)) for n in (0, 1, wire.MAX_DATAGRAM - 1, wire.MAX_DATAGRAM,
+                                                    wire.MAX_DATAGRAM + 1)]
+        return [(label, counted(2, data)) for label, data in edges] + count_lies(2, b'blob')
+    if kind == 'endpoint':
+        return ENDPOINT_EDGES
+    if kind == 'endpoints':
+        one = wire.ENDPOINT.pack(V4)
+        edges = [(f'{n} endpoints', counted(1, one * n, n))
+                 for n in (0, 1, wire.MAX_ENDPOINTS, wire.MAX_ENDPOINTS + 1)]
+        return edges + count_lies(1, one)
+    if kind == 'names':
+        one = wire.NAME.pack('x')
+        edges = [(f'{n} names', counted(2, one * n, n))
+                 for n in (0, 1, wire.MAX_PEERS_LISTED, wire.MAX_PEERS_LISTED + 1)]
+        return edges + count_lies(2, one)
+    return []
+
+
+def boundary_raw(rng, type, field, raw_value):
+    """A valid message of type with one field's bytes replaced, the header honest."""
+    raw = valid_raw(rng, type)
+    for entry in raw.fields:
+        if entry[0] == field:
+            entry[2] = raw_value
+    return raw.pack()
+
+
+@functools.lru_cache(maxsize=None)
+def boundary_sweep(seed=0):
+    """(label, bytes) for every field of every message type at each of its edges."""
+    rng = random.Random(seed)
+    sweep = []
+    for type, layout in sorted(wire.LAYOUTS.items()):
+        for field, fmt in layout:
+            for label, raw_value in field_edges(fmt):
+                sweep.append((f'{wire.TYPE_NAMES[type]} {field}: {label}',
+                              boundary_raw(rng, type, field, raw_value)))
+    return sweep
+
+
+def header_sweep(seed=0):
+    """(label, bytes): each message type with its header's length one off, 0 and 65535.
+
+    These break a TCP stream's framing, so they go only in datagrams.
+    """
+    rng = random.Random(seed)
+    sweep = []
+    for type in sorted(wire.LAYOUTS):
+        for lie in (-1, +1, None, 65535):
+            raw = valid_raw(rng, type)
+            true = len(raw.payload())
+            raw.length = 0 if lie is None else lie if lie == 65535 else max(0, true + lie)
+            sweep.append((f'{wire.TYPE_NAMES[type]} header length {raw.length} of {true}',
+                          raw.pack()))
+    return sweep
+
+
+def m_boundary(rng, tcp):
+    """One field of one message at one of its edges (see boundary_sweep)."""
+    type = rng.choice([t for t, layout in wire.LAYOUTS.items() if layout])
+    field, fmt = rng.choice(wire.LAYOUTS[type])
+    edges = field_edges(fmt)
+    if not edges:
+        return m_valid(rng, tcp)
+    return 'boundary', boundary_raw(rng, type, field, rng.choice(edges)[1])
+
+
 UDP_MUTATORS = [m_valid, m_bit_flips, m_truncated, m_trailing, m_lying_length, m_version,
                 m_magic, m_type_flags, m_huge_name, m_bad_name, m_bad_text, m_counted_lies,
                 m_address_family, m_endpoint_count, m_short_token, m_random, m_oversize,
-                m_spliced]
+                m_spliced, m_boundary]
 # Over TCP, breakage inside one honest frame gets an ERROR and the stream
 # stays in step; the rest loses the frame boundaries, and the server closes
 # the connection.  A connection gets in-frame breakage only, then maybe one
 # stream breaker at its end, so that connections with hundreds of frames
 # really deliver hundreds of frames to the handlers.
 TCP_IN_FRAME = [m_valid, m_huge_name, m_bad_name, m_bad_text, m_counted_lies,
-                m_address_family, m_endpoint_count, m_short_token, m_trailing, m_type_flags]
+                m_address_family, m_endpoint_count, m_short_token, m_trailing, m_type_flags,
+                m_boundary]
 TCP_BREAKING = [m_bit_flips, m_truncated, m_lying_length, m_version, m_magic, m_random,
                 m_oversize, m_spliced, m_bye]
 
@@ -436,8 +600,12 @@ def normalise(text):
 
 
 def udp_fuzz(port, count, rate, seed, stats, done):
-    """Send count fuzzed datagrams at about rate a second; count MAPPING replies."""
+    """Send count fuzzed datagrams at about rate a second; count MAPPING replies.
+
+    The boundary sweeps go first, each datagram once; then the mutators.
+    """
     rng = random.Random(f'udp{seed}')
+    sweep = boundary_sweep(seed) + header_sweep(seed)
     socks = []
     for source in UDP_SOURCES:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -448,7 +616,10 @@ def udp_fuzz(port, count, rate, seed, stats, done):
     try:
         for i in range(count):
             try:
-                label, data = fuzz_message(rng, UDP_MUTATORS, tcp=False)
+                if i < len(sweep):
+                    label, data = 'boundary sweep', sweep[i][1]
+                else:
+                    label, data = fuzz_message(rng, UDP_MUTATORS, tcp=False)
             except Exception as error:  # a bug of ours: say so, and go on with the next
                 stats.problem(f'udp fuzz: {type(error).__name__}: {error}')
                 continue
@@ -501,14 +672,24 @@ def drain_replies(socks, stats):
 # TCP: control connections that send fuzzed frames.
 
 
-def plan_connections(rng, frames):
-    """Split the frame budget into connections: (kind, frames, seed) each.
+SWEEP_PER_CONNECTION = 40
 
-    Most connections send a few frames, some tens, a few hundreds; one in
+
+def plan_connections(rng, frames):
+    """Split the frame budget into connections: (kind, frames, seed, number) each.
+
+    First the boundary sweep, SWEEP_PER_CONNECTION frames a connection
+    (kind 'sweep'; seed is where its frames start in the sweep).  Then
+    most connections send a few frames, some tens, a few hundreds; one in
     ten is an introduced pair that fuzzes the relay.
     """
     jobs = []
     left = frames
+    swept = len(boundary_sweep())
+    for first in range(0, min(frames, swept), SWEEP_PER_CONNECTION):
+        n = min(SWEEP_PER_CONNECTION, left, swept - first)
+        jobs.append(('sweep', n, first, len(jobs)))
+        left -= n
     while left > 0:
         roll = rng.random()
         n = (rng.randint(1, 5) if roll < 0.8 else rng.randint(6, 40) if roll < 0.95
@@ -531,6 +712,9 @@ def tcp_worker(port, jobs, stats):
         try:
             if kind == 'relay':
                 relay_pair(port, rng, n, number, stats)
+            elif kind == 'sweep':
+                sweep = boundary_sweep()[seed:seed + n]
+                plain_connection(port, rng, n, number, stats, [data for _, data in sweep])
             else:
                 plain_connection(port, rng, n, number, stats)
         except OSError as error:
@@ -539,8 +723,8 @@ def tcp_worker(port, jobs, stats):
             stats.problem(f'fuzz thread: {type(error).__name__}: {error}')
 
 
-def plain_connection(port, rng, n, number, stats):
-    """One connection: maybe REGISTER first, then n fuzzed frames, then listen."""
+def plain_connection(port, rng, n, number, stats, frames=None):
+    """One connection: maybe REGISTER first, then n fuzzed frames (or these), then listen."""
     sock = socket.create_connection((HOST, port), timeout=5,
                                     source_address=(rng.choice(TCP_SOURCES), 0))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -552,7 +736,10 @@ def plain_connection(port, rng, n, number, stats):
             stats.add('setup frames (valid REGISTER, CONNECT)')
         for i in range(n):
             last = i == n - 1 and rng.random() < 0.5
-            label, data = fuzz_message(rng, TCP_BREAKING if last else TCP_IN_FRAME, tcp=True)
+            if frames:
+                label, data = 'boundary sweep', frames[i]
+            else:
+                label, data = fuzz_message(rng, TCP_BREAKING if last else TCP_IN_FRAME, tcp=True)
             stream += data
             with stats.lock:
                 stats.mutators[f'tcp {label}'] += 1
@@ -637,13 +824,13 @@ class RawPeer:
             except TimeoutError:
                 continue
 
-    def receive(self, type):
-        """The next message from the server, which must be of this type."""
+    def receive(self, *types):
+        """The next message from the server, which must be of one of these types."""
         while True:
             for frame in self.reader.frames():
                 message = wire.decode(frame)
-                if message.type != type:
-                    raise OSError(f'expected {wire.TYPE_NAMES[type]}, got {message!r}')
+                if message.type not in types:
+                    raise OSError(f'expected {wire.TYPE_NAMES[types[0]]}, got {message!r}')
                 return message
             data = self.tcp.recv(65536)
             if not data:
@@ -662,6 +849,8 @@ def relay_pair(port, rng, n, number, stats):
     The outer frame is always honest, so every frame reaches the relay
     code.  The server must forward exactly the ones whose inner message is
     valid peer traffic of this session, and answer the rest with ERROR.
+    Whether it also checks the inner MAC (it holds the token) is its
+    choice: either count is right, and the valid ones carry a good MAC.
     """
     source = rng.choice(TCP_SOURCES)
     a = RawPeer(port, f'fz{number}a', source)
@@ -671,47 +860,68 @@ def relay_pair(port, rng, n, number, stats):
         stats.add('tcp connections', 2)
         stats.add('setup frames (valid REGISTER, CONNECT)', 3)
         a.tcp.sendall(encode(wire.CONNECT, target=f'fz{number}b'))
-        session = a.receive(wire.INTRODUCE).session
-        b.receive(wire.INTRODUCE)
+        if b.receive(wire.ASK, wire.INTRODUCE).type == wire.ASK:    # the server asks b first
+            b.tcp.sendall(encode(wire.CONNECT, target=f'fz{number}a'))
+            stats.add('setup frames (valid REGISTER, CONNECT)')
+            b.receive(wire.INTRODUCE)
+        introduce = a.receive(wire.INTRODUCE)
+        session = introduce.session
+        key = identity.SessionKey(session, introduce.role)
         stream = bytearray()
-        expected = 0
+        by_id = by_mac = 0
         for _ in range(n):
             if rng.random() < 0.2:
-                label, inner = 'valid', valid_raw(rng, rng.choice(sorted(wire.PEER_TYPES)),
-                                                  session).pack()
+                raw = valid_raw(rng, rng.choice(sorted(wire.PEER_TYPES)), session)
+                label, inner = 'valid', sealed_raw(raw.pack(), key)
             else:
                 label, inner = fuzz_message(rng, TCP_IN_FRAME + TCP_BREAKING, tcp=True)
-                if rng.random() < 0.5:          # our session token, for a real check
-                    inner = inner[:wire.HEADER_SIZE] + session + inner[wire.HEADER_SIZE + 16:]
+                if rng.random() < 0.5:          # our session's id, for a real check
+                    inner = (inner[:wire.HEADER_SIZE] + key.id
+                             + inner[wire.HEADER_SIZE + wire.SESSION_ID_SIZE:])
             inner = inner[:1800]
             with stats.lock:
                 stats.mutators[f'relay {label}'] += 1
             stream += encode(wire.RELAY, session=session, message=inner)
-            expected += relayable(inner, session)
+            id_ok, mac_ok = relayable(inner, key)
+            by_id += id_ok
+            by_mac += mac_ok
         stats.add('tcp frames sent', n)
         stats.add('relay frames sent', n)
-        stats.add('relay frames that should be forwarded', expected)
+        stats.add('relay frames that should be forwarded (by session id)', by_id)
+        stats.add('relay frames that should be forwarded (by MAC)', by_mac)
         a.tcp.sendall(stream)
         read_replies(a.tcp, stats, a.reader)
         got = count_relayed(b, stats)
         stats.add('relay frames forwarded', got)
-        if got != expected:
-            stats.problem(f'relay pair fz{number}: {expected} valid frames sent, '
-                          f'{got} forwarded')
+        if got not in (by_id, by_mac):
+            stats.problem(f'relay pair fz{number}: {by_id} frames of the session sent, '
+                          f'{by_mac} with a good MAC; {got} forwarded')
     finally:
         a.close()
         if b:
             b.close()
 
 
-def relayable(inner, session):
-    """1 if the server should forward this inner message, by the README's rules."""
+def sealed_raw(data, key):
+    """A peer message's bytes with its MAC made good, as the key's owner sends it."""
+    body = data[:-wire.MAC_SIZE]
+    return body + key.mac(key.role, body)
+
+
+def relayable(inner, key):
+    """(by session id, by MAC): whether a server should forward this inner message.
+
+    By the README's rules it forwards peer traffic of the session: the
+    first says whether the message names the session, the second whether
+    its MAC is good as well (for a server that checks it).
+    """
     try:
         message = wire.decode(inner)
     except wire.ProtocolError:
-        return 0
-    return int(message.type in wire.PEER_TYPES
-               and getattr(message, 'session', None) == session)
+        return 0, 0
+    named = message.type in wire.PEER_TYPES and message.session == key.id
+    body, tag = message.raw[:-wire.MAC_SIZE], message.raw[-wire.MAC_SIZE:]
+    return int(named), int(named and tag == key.mac(key.role, body))
 
 
 def count_relayed(peer, stats, idle=0.3):
@@ -812,6 +1022,259 @@ class Peers:
 
 
 # ---------------------------------------------------------------------------
+# In-process (--client-units): peer messages into the client's own code.
+#
+# What p2pclient.py does with a peer message once its MAC checks out is
+# done here by ClientUnit, on a real ReliableChannel (chat) and a real
+# Transfers (files), with no sockets and no clock: every message is sealed
+# with the session's key (identity.SessionKey), so that it passes the check
+# and reaches the code behind it.  Its fields sit at the edges of their
+# formats, or next to the numbers the receiver holds right now (the seq it
+# expects, the transfer ids it knows), where off-by-one bugs live.
+
+UNIT_TOKEN = bytes(range(16))   # the session's token, as INTRODUCE would give it
+UNIT_RESET = 300                # inputs before a fresh session, so early states get fuzz too
+UNIT_TYPES = sorted({wire.DATA, wire.ACK} | transfer.Transfers.MESSAGES)
+UNIT_TEXTS = ['', 'x', '\x1b[2J\r\n', '../x', '/etc/passwd', '.', 'a/b', 'x' * 201,
+              'é' * (wire.MAX_TEXT // 2), 'x' * wire.MAX_TEXT]
+UNIT_BLOBS = [b'', b'x', bytes(transfer.CHUNK_SIZE), bytes(transfer.CHUNK_SIZE + 1)]
+UNIT_SOURCE_SIZE = 20_000       # bytes of the file we offer the fuzzer at each fresh session
+
+
+class ClientUnit:
+    """One session's worth of the client, in-process: chat channel and file transfers."""
+
+    def __init__(self, folder, source):
+        self.now = 1000.0
+        self.ours = identity.SessionKey(UNIT_TOKEN, role=1)
+        self.peer = identity.SessionKey(UNIT_TOKEN, role=0)    # seals what the fuzzer sends
+        self.chat = ReliableChannel(self.transmit_data)
+        self.downloads = os.path.join(folder, 'downloads')
+        shutil.rmtree(self.downloads, ignore_errors=True)
+        self.transfers = transfer.Transfers('peer', self.send, self.say, self.downloads)
+        self.sent = collections.Counter()       # our replies, by type
+        self.lines = []                          # status lines that are not printable
+        self.said = 0
+        for i in range(3):
+            self.chat.send(f'line {i}', self.now)
+        self.transfers.offer(source, self.now)  # our transfer 1, for ANSWER, CHUNK_ACK, FINISH
+
+    def send(self, type, **fields):
+        """The session's send: every reply is sealed, so each field must fit the wire."""
+        self.ours.seal(type, **fields)
+        self.sent[type] += 1
+
+    def transmit_data(self, seq, text):
+        """The chat channel's way out: one DATA."""
+        self.send(wire.DATA, seq=seq, oldest=self.chat.oldest, text=text)
+
+    def say(self, text):
+        """A status line; one that could move the cursor is noted."""
+        self.said += 1
+        if not text.isprintable():
+            self.lines.append(text)
+
+    def deliver(self, data):
+        """One datagram from the peer, as the client takes it: decode, check, act."""
+        message = wire.decode(data)
+        if not self.ours.check(message):
+            raise AssertionError('the MAC did not check out')
+        if message.type == wire.DATA:
+            ready, ack = self.chat.receive(message.seq, message.text, message.oldest)
+            self.send(wire.ACK, seq=ack, sack=self.chat.selective())
+        elif message.type == wire.ACK:
+            self.chat.acknowledge(message.seq, self.now, message.sack)
+        else:
+            self.transfers.handle(message, self.now)
+
+    def tick(self, rng):
+        """Time passes (a little, or past every timeout); the user answers; we send more."""
+        self.now += rng.choice([0.001, 0.05, 0.5, 5.0, transfer.OFFER_TIMEOUT])
+        asked = self.transfers.waiting_for_answer()
+        if asked and rng.random() < 0.5:
+            self.transfers.answer(asked, rng.random() < 0.7, self.now)
+        if rng.random() < 0.3:
+            self.chat.send('more', self.now)
+        self.chat.retransmit(self.now)
+        self.transfers.tick(self.now)
+
+    def near(self, rng, type, field):
+        """A number next to what this side holds now, for seq, oldest and transfer fields."""
+        if field == 'transfer':
+            known = [1, *self.transfers.incoming, *self.transfers.outgoing]
+            return clamp(rng.choice(known) + rng.choice([-1, 0, 0, 0, 1]))
+        if type == wire.DATA:
+            base = self.chat.expected + rng.choice([-1, 0, 1, 4 * WINDOW - 1, 4 * WINDOW])
+        elif type == wire.ACK:
+            base = self.chat.next_seq + rng.choice([-1, 0, 1, -len(self.chat.in_flight)])
+        elif type == wire.CHUNK:
+            channels = [r.channel for r in self.transfers.incoming.values()] or [self.chat]
+            base = rng.choice(channels).expected + rng.choice([-1, 0, 1, 2])
+        else:
+            channels = [s.channel for s in self.transfers.outgoing.values()] or [self.chat]
+            base = rng.choice(channels).next_seq + rng.choice([-1, 0, 1])
+        return clamp(base)
+
+
+def clamp(number):
+    """number inside a 32-bit field."""
+    return min(max(number, 0), 0xFFFFFFFF)
+
+
+def unit_value(rng, unit, type, field, fmt):
+    """One field of a peer message: at an edge of its format, near the state, or random."""
+    kind = kind_of(fmt)
+    if field in ('seq', 'oldest', 'transfer') and rng.random() < 0.5:
+        return unit.near(rng, type, field)
+    if kind == 'text':
+        return rng.choice(UNIT_TEXTS)
+    if kind == 'blob':
+        return rng.choice(UNIT_BLOBS + [rng.randbytes(rng.randrange(100))])
+    size = struct.calcsize('!' + fmt)
+    if fmt.endswith('s'):
+        return rng.choice([bytes(size), b'\xff' * size, rng.randbytes(size),
+                           b'\x80' + bytes(size - 1), bytes(size - 1) + b'\x01'])
+    if rng.random() < 0.8:
+        return rng.choice(int_edges(fmt))
+    return rng.randrange(2 ** (8 * size))
+
+
+def unit_fields(rng, unit, type):
+    """The payload fields of one peer message (the session, counter and MAC come from seal)."""
+    return {field: unit_value(rng, unit, type, field, fmt) for field, fmt in wire.LAYOUTS[type]
+            if field not in ('session', 'counter', 'mac')}
+
+
+def replay(unit, step):
+    """One step of a session's history: a peer message (type, fields), or (None, seed) a tick."""
+    type, fields = step
+    if type is None:
+        unit.tick(random.Random(fields))
+    else:
+        unit.deliver(unit.peer.seal(type, **fields))
+
+
+def crash_key(where, error):
+    """What tells one crash from another: where, the exception's class, its text."""
+    return where, error.__class__.__name__, str(error)[:100]
+
+
+def raises(steps, key, folder, source):
+    """True if these steps, replayed on a fresh session, end in the same crash."""
+    unit = ClientUnit(folder, source)
+    for step in steps:
+        try:
+            replay(unit, step)
+        except Exception as error:  # noqa: BLE001  (compared below)
+            return crash_key('deliver' if step[0] else 'tick', error) == key
+    return False
+
+
+def shrink(history, key, folder, source):
+    """The fewest of a session's steps that still end in this crash on a fresh one; or None.
+
+    A crash often needs the state that earlier steps made: the last step
+    alone, then the last 2, 3, 5 ... are tried, and then steps are dropped
+    one by one while the same crash still comes.
+    """
+    for n in (1, 2, 3, 5, 10, 20, 50, 200, len(history)):
+        tail = history[-n:]
+        if raises(tail, key, folder, source):
+            i = 0
+            while i < len(tail) - 1:                # the last one, which raised, stays
+                shorter = tail[:i] + tail[i + 1:]
+                if raises(shorter, key, folder, source):
+                    tail = shorter
+                else:
+                    i += 1
+            return tail
+    return None
+
+
+class UnitStats:
+    """What the in-process fuzz counts: inputs by type, replies, crashes with an example."""
+
+    def __init__(self):
+        self.inputs = collections.Counter()
+        self.replies = collections.Counter()
+        self.crashes = collections.Counter()    # (where, exception, text) -> count
+        self.examples = {}                      # the same key -> the shortest inputs that raise
+        self.unsafe = []                        # status lines that were not printable
+        self.said = 0
+
+    def crash(self, where, error, history, folder, source):
+        """Count one exception; for the first of its kind, keep the steps that make it."""
+        key = crash_key(where, error)
+        self.crashes[key] += 1
+        if key not in self.examples:
+            self.examples[key] = shrink(history, key, folder, source) or history[-1:]
+
+    def finish(self, unit):
+        """Add up a session's replies and lines before it is replaced."""
+        self.replies.update(unit.sent)
+        self.unsafe += unit.lines[:10]
+        self.said += unit.said
+
+
+def client_units(count, seed):
+    """Feed count peer messages to the client's code in-process; print the table.
+
+    Returns 1 if anything raised or a status line was not printable, else 0.
+    """
+    rng = random.Random(f'client{seed}')
+    stats = UnitStats()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix='p2pnat-fuzz-') as folder:
+        source = os.path.join(folder, 'offered.bin')
+        with open(source, 'wb') as stream:
+            stream.write(rng.randbytes(UNIT_SOURCE_SIZE))
+        unit, history = ClientUnit(folder, source), []
+        for i in range(count):
+            if i and i % UNIT_RESET == 0:
+                stats.finish(unit)
+                unit, history = ClientUnit(folder, source), []
+            type = rng.choice(UNIT_TYPES)
+            fields = unit_fields(rng, unit, type)
+            stats.inputs[type] += 1
+            steps = [(type, fields)] + ([(None, rng.randrange(2 ** 32))] if rng.random() < 0.2
+                                        else [])
+            try:
+                for step in steps:
+                    history.append(step)
+                    replay(unit, step)
+            except Exception as error:  # noqa: BLE001  (what we count: anything at all)
+                where = 'deliver' if history[-1][0] else 'tick'
+                stats.crash(where, error, history, folder, source)
+                stats.finish(unit)
+                unit, history = ClientUnit(folder, source), []  # a crash ends a client
+        stats.finish(unit)
+    unit_report(count, seed, stats, time.monotonic() - started)
+    return 1 if stats.crashes or stats.unsafe else 0
+
+
+def unit_report(count, seed, stats, elapsed):
+    """Print what the in-process fuzz did and found."""
+    print(f'\nin-process client fuzz: python bench/fuzz.py --client-units {count} --seed {seed}')
+    print(f'  peer messages delivered (sealed)  {sum(stats.inputs.values())}')
+    print('    by type                         ' + ', '.join(
+        f'{n} {wire.TYPE_NAMES[t]}' for t, n in sorted(stats.inputs.items())))
+    print('  our replies (sealed)              ' + ', '.join(
+        f'{n} {wire.TYPE_NAMES[t]}' for t, n in sorted(stats.replies.items())))
+    print(f'  status lines                      {stats.said}, '
+          f'{len(stats.unsafe)} not printable')
+    print(f'  exceptions                        {sum(stats.crashes.values())}')
+    print(f'  elapsed                           {elapsed:.1f} s')
+    for key, n in stats.crashes.most_common(20):
+        where, name, text = key
+        print(f'  {n:7d}  in {where}: {name}: {text}; the shortest inputs that raise:')
+        for type, fields in stats.examples[key]:
+            what = f'tick, seed {fields}' if type is None else f'{wire.TYPE_NAMES[type]} {fields!r}'
+            print(f'             {what:.300}')
+    for line in stats.unsafe[:5]:
+        print(f'  not printable: {line!r:.200}')
+
+
+# ---------------------------------------------------------------------------
 
 
 def parse_args(argv):
@@ -826,12 +1289,30 @@ def parse_args(argv):
                         help='datagrams a second, 0 for as fast as possible (default 5000)')
     parser.add_argument('--tcp-threads', type=int, default=8,
                         help='control connections open at once (default 8)')
+    parser.add_argument('--no-peers', action='store_true',
+                        help='fuzz the server alone, without real p2pclient.py peers chatting')
+    parser.add_argument('--client-units', type=int, default=0, metavar='N',
+                        help='also feed N sealed peer messages to the client\'s chat channel '
+                             'and file transfers, in-process (default 0)')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    """Run the fuzz; print the table; exit 1 on a crash, a loss or a failed check."""
+    """Run the fuzz; print the tables; exit 1 on a crash, a loss or a failed check.
+
+    The in-process client fuzz runs first, if asked for; the server's then
+    runs unless there is nothing for it to do (no datagrams, no frames, no
+    peers).
+    """
     args = parse_args(argv)
+    status = client_units(args.client_units, args.seed) if args.client_units else 0
+    if args.datagrams or args.frames or not args.no_peers:
+        status |= server_fuzz(args)
+    return status
+
+
+def server_fuzz(args):
+    """The real server under fuzz (and real peers chatting, unless --no-peers)."""
     started = time.monotonic()
     server, port = start_server()
     print(f'rendezvous.py pid {server.popen.pid} on {HOST}:{port} (udp {port}, {port + 1})',
@@ -839,11 +1320,14 @@ def main(argv=None):
     stats = Stats()
     peers = None
     try:
-        peers = Peers(port)
+        peers = None if args.no_peers else Peers(port)
         run(args, port, stats, peers, started)
     finally:
         alive = server.popen.poll() is None
-        quit_problems = peers.quit() if peers else ['the peers never started']
+        if args.no_peers:
+            quit_problems = []
+        else:
+            quit_problems = peers.quit() if peers else ['the peers never started']
         if alive:
             server.popen.send_signal(signal.SIGTERM)
         try:
@@ -856,7 +1340,11 @@ def main(argv=None):
 
 
 def run(args, port, stats, peers, started):
-    """The fuzz threads, and the checks in this thread until they are done."""
+    """The fuzz threads, and the checks in this thread until they are done.
+
+    Without peers (--no-peers) only the fuzz runs: the server must survive
+    it, and its replies must be valid.
+    """
     rng = random.Random(args.seed)
     udp_done = threading.Event()
     udp = threading.Thread(target=udp_fuzz, daemon=True,
@@ -877,11 +1365,11 @@ def run(args, port, stats, peers, started):
         if now - started > HARD_LIMIT:
             stats.problem(f'stopped after {HARD_LIMIT:.0f} s with the fuzz unfinished')
             break
-        if now >= next_chat:
+        if peers and now >= next_chat:
             peers.chat(chats)
             chats += 1
             next_chat = now + 1.0
-        if now >= next_probe:
+        if peers and now >= next_probe:
             peers.new_client(probes, rng)
             probes += 1
             next_probe = now + 5.0
@@ -892,6 +1380,8 @@ def run(args, port, stats, peers, started):
                       f'{stats.counts["tcp frames sent"]} frames, {chats} chat lines, '
                       f'{probes} new clients', flush=True)
         time.sleep(0.1)
+    if peers is None:
+        return
     # One more of each after the fuzz, then time for late lines to arrive:
     # the reliable layer retries for about 30 s.
     peers.chat(chats)
@@ -900,6 +1390,18 @@ def run(args, port, stats, peers, started):
     deadline = time.monotonic() + 35
     while peers.delivered() < len(peers.sent) and time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+def command_line(args):
+    """The command that repeats this run, every option spelled out."""
+    options = []
+    for key, value in vars(args).items():
+        flag = '--' + key.replace('_', '-')
+        if value is True:
+            options.append(flag)
+        elif value is not False:
+            options.append(f'{flag} {value}')
+    return 'python bench/fuzz.py ' + ' '.join(options)
 
 
 def report(args, stats, peers, server, alive, code, quit_problems, elapsed):
@@ -911,10 +1413,11 @@ def report(args, stats, peers, server, alive, code, quit_problems, elapsed):
     for line in log:
         match = re.search(r'dropped (\d+) datagrams: (.*)$', line)
         if match:
-            total_dropped += int(match.group(1))
             for part in match.group(2).split(', '):
                 n, _, why = part.partition(' ')
                 dropped[why] += int(n)
+                # The server counts relayed messages it drops there too: not our datagrams.
+                total_dropped += 0 if 'relay' in why else int(n)
     counts = stats.counts
     sent = len(peers.sent) if peers else 0
     delivered = peers.delivered() if peers else 0
@@ -922,8 +1425,7 @@ def report(args, stats, peers, server, alive, code, quit_problems, elapsed):
     rows = [
         ('machine', f'{os.cpu_count()} cpus, Python {platform.python_version()}, '
                     f'{platform.system()} {platform.release()}'),
-        ('command', 'python bench/fuzz.py ' + ' '.join(
-            f'--{k.replace("_", "-")} {v}' for k, v in vars(args).items())),
+        ('command', command_line(args)),
         ('datagrams sent', counts['datagrams sent']),
         ('  answered (valid MAPPING)', counts['mapping replies']),
         ('  dropped, in the server\'s summary', total_dropped),
@@ -939,7 +1441,8 @@ def report(args, stats, peers, server, alive, code, quit_problems, elapsed):
          or 'none'),
         ('relay frames forwarded / should be',
          f'{counts["relay frames forwarded"]} / '
-         f'{counts["relay frames that should be forwarded"]}'),
+         f'{counts["relay frames that should be forwarded (by session id)"]} by session id, '
+         f'{counts["relay frames that should be forwarded (by MAC)"]} by MAC'),
         ('chat lines delivered / sent',
          f'{delivered} / {sent}' + (f' ({peers.late} late)' if peers and peers.late else '')),
         ('new clients registered and connected',

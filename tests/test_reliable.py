@@ -11,9 +11,11 @@ import random
 
 import pytest
 
+import p2pcommon as p2pwire
 import reliable
-from reliable import (BACKOFF, INITIAL_CWND, LOSS_TOLERANCE, MAX_TRIES, NO_SACK, RTO_INITIAL,
-                      RTO_MAX, RTO_MIN, SACK_BITS, SACK_BYTES, WINDOW, ReliableChannel)
+from reliable import (BACKOFF, INITIAL_CWND, LAST_SEQ, LOSS_TOLERANCE, MAX_SEQ, MAX_TRIES,
+                      NO_SACK, RTO_INITIAL, RTO_MAX, RTO_MIN, SACK_BITS, SACK_BYTES, WINDOW,
+                      ReliableChannel)
 
 
 class Wire:
@@ -961,3 +963,164 @@ def test_when_the_stream_dies_what_it_did_not_deliver_is_resent_on_the_next_path
     on_tcp[0] = False                               # the connection closed: UDP now
     assert sender.retransmit(5.0) == []
     assert [seq for seq, _ in wire.take()] == list(range(4, 10))
+
+
+# ---------------------------------------------------------------------------
+# Boundaries: sequence numbers are 32 bits on the wire, and peers may lie.
+
+BOUNDARY_SEQS = [0, 1, LAST_SEQ - 1, LAST_SEQ, MAX_SEQ]
+
+
+def ack_datagram(receiver):
+    """The ACK a receiver sends now, encoded as on the wire (raises if a field overflows)."""
+    return p2pwire.encode(p2pwire.ACK, session=bytes(8), counter=1, seq=receiver.expected,
+                          sack=receiver.selective(), mac=p2pwire.NO_MAC)
+
+
+@pytest.mark.parametrize('seq', BOUNDARY_SEQS)
+@pytest.mark.parametrize('oldest', BOUNDARY_SEQS)
+def test_any_seq_and_oldest_leave_an_ack_that_fits_the_wire(seq, oldest):
+    """Whatever seq and oldest a DATA or CHUNK says, the next ACK can be packed.
+
+    seq = oldest = 0xFFFFFFFF used to make the next expected number 2**32,
+    and packing the ACK ended the client with a traceback.
+    """
+    receiver, _ = make_channel()
+    receiver.receive(seq, 'x', oldest)
+    assert 0 <= receiver.expected <= MAX_SEQ
+    assert p2pwire.decode(ack_datagram(receiver)).seq == receiver.expected
+
+
+def test_seq_max_is_ignored_whole():
+    """No real sender numbers a message 0xFFFFFFFF: neither it nor its oldest counts."""
+    receiver, _ = make_channel()
+    assert receiver.receive(MAX_SEQ, 'x', oldest=MAX_SEQ) == ([], 0)
+    assert receiver.receive(MAX_SEQ, 'x', oldest=5) == ([], 0)
+    assert receiver.early == {}
+
+
+def test_last_seq_is_delivered_and_the_ack_says_max():
+    """The last usable number arrives; the ACK after it is 0xFFFFFFFF, and the peer is done."""
+    receiver, _ = make_channel()
+    assert receiver.receive(LAST_SEQ, 'last', oldest=LAST_SEQ) == (['last'], MAX_SEQ)
+    assert receiver.exhausted
+    assert receiver.receive(MAX_SEQ, 'beyond', oldest=MAX_SEQ) == ([], MAX_SEQ)
+    assert receiver.receive(0, 'wrapped', oldest=0) == ([], MAX_SEQ)
+
+
+def test_one_below_last_seq():
+    """max-1 of the usable numbers: delivered, and the channel can take one more."""
+    receiver, _ = make_channel()
+    assert receiver.receive(LAST_SEQ - 1, 'a', oldest=LAST_SEQ - 1) == (['a'], LAST_SEQ)
+    assert not receiver.exhausted
+    assert receiver.receive(LAST_SEQ, 'b', oldest=LAST_SEQ) == (['b'], MAX_SEQ)
+
+
+def test_wrapped_seq_after_the_end_is_a_stray():
+    """Numbers do not wrap: 0 and 1 near the end are old strays, not new messages."""
+    receiver, _ = make_channel()
+    receiver.receive(LAST_SEQ - 2, 'a', oldest=LAST_SEQ - 2)
+    assert receiver.receive(0, 'wrapped', oldest=0) == ([], LAST_SEQ - 1)
+    assert receiver.receive(1, 'wrapped', oldest=1) == ([], LAST_SEQ - 1)
+
+
+def test_oldest_above_its_own_seq_is_ignored():
+    """oldest never exceeds the seq of the message it rides on: a larger claim is a lie."""
+    receiver, _ = make_channel()
+    assert receiver.receive(3, 'd', oldest=MAX_SEQ) == ([], 0)
+    assert receiver.receive(0, 'a', oldest=1) == (['a'], 1)
+    assert 3 in receiver.early
+
+
+def test_oldest_far_ahead_is_taken_when_the_message_is_there():
+    """A sender that gave up on a long outage may be far ahead: we follow, or stall for good."""
+    receiver, _ = make_channel()
+    far = 100 * WINDOW
+    assert receiver.receive(far, 'x', oldest=far) == (['x'], far + 1)
+
+
+def test_oldest_zero_and_one():
+    """oldest 0 changes nothing; oldest 1 skips message 0 when message 1 carries it."""
+    receiver, _ = make_channel()
+    assert receiver.receive(0, 'a', oldest=0) == (['a'], 1)
+    other, _ = make_channel()
+    assert other.receive(1, 'b', oldest=1) == (['b'], 2)
+
+
+def sent_three():
+    """A sender with messages 0, 1 and 2 in flight."""
+    sender, wire = make_channel()
+    for i in range(3):
+        sender.send(f'm{i}', 0.0)
+    wire.take()
+    return sender, wire
+
+
+@pytest.mark.parametrize('ack', [4, 5, LAST_SEQ, MAX_SEQ])
+def test_ack_beyond_what_was_sent_is_ignored(ack):
+    """An ACK for messages never sent marks nothing delivered, whatever its bitmap."""
+    sender, wire = sent_three()
+    sender.acknowledge(ack, 0.1, b'\xff' * SACK_BYTES)
+    assert list(sender.in_flight) == [0, 1, 2]
+    assert sender.srtt is None                  # no round trip learnt from a lie
+    assert wire.take() == []
+
+
+def test_ack_equal_to_next_seq_takes_everything():
+    """ack = next_seq is the honest 'all arrived'."""
+    sender, _ = sent_three()
+    sender.acknowledge(3, 0.1, b'\xff' * SACK_BYTES)
+    assert sender.idle
+
+
+def test_sack_all_ones_marks_only_what_was_sent():
+    """All 512 bits set after ack 0: messages 1 and 2 arrived; 0 is still the hole."""
+    sender, wire = sent_three()
+    sender.acknowledge(0, 0.1, b'\xff' * SACK_BYTES)
+    assert list(sender.in_flight) == [0]
+    assert sender.sacked.bit_count() == 2
+    assert wire.take() == []                    # two later ones are not yet a loss
+
+
+@pytest.mark.parametrize('ack', [0, 1, 2])
+def test_ack_at_zero_and_one_with_any_bitmap(ack):
+    """Small acks with full, empty and one-bit bitmaps never raise, and stay consistent."""
+    for sack in (NO_SACK, b'\xff' * SACK_BYTES, b'\x80' + bytes(SACK_BYTES - 1),
+                 bytes(SACK_BYTES - 1) + b'\x01'):
+        sender, _ = sent_three()
+        sender.acknowledge(ack, 0.1, sack)
+        assert all(seq >= ack for seq in sender.in_flight)
+        sender.acknowledge(3, 0.2)
+        assert sender.idle
+
+
+def test_a_stale_ack_after_a_newer_one():
+    """An ACK older than the last one (reordered) changes nothing already settled."""
+    sender, _ = sent_three()
+    sender.acknowledge(2, 0.1)
+    sender.acknowledge(0, 0.2)
+    sender.acknowledge(1, 0.2, NO_SACK)
+    assert list(sender.in_flight) == [2]
+
+
+def test_sender_stops_at_the_last_seq():
+    """The last usable number goes out; after it nothing does, and the channel says so."""
+    sender, wire = make_channel()
+    sender.next_seq = LAST_SEQ            # as if 4 billion messages had gone before
+    sender.send('last', 0.0)
+    sender.send('too many', 0.0)
+    assert wire.take() == [(LAST_SEQ, 'last')]
+    assert sender.exhausted
+    assert list(sender.waiting) == ['too many']
+    sender.acknowledge(MAX_SEQ, 0.1)       # honest now: LAST_SEQ was sent
+    assert not sender.in_flight
+    assert wire.take() == []
+
+
+def test_not_exhausted_one_before_the_end():
+    """With LAST_SEQ still unused, the channel is not exhausted."""
+    sender, wire = make_channel()
+    sender.next_seq = LAST_SEQ - 1
+    sender.send('a', 0.0)
+    assert wire.take() == [(LAST_SEQ - 1, 'a')]
+    assert not sender.exhausted

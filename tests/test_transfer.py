@@ -3,7 +3,9 @@
 Two ``Transfers`` objects, one per peer, are joined by a fake ``send`` that
 encodes each message, queues it, and hands it through ``wire.decode`` to the
 other side's ``handle``.  Time is an explicit ``now`` that the tests move on;
-``tick`` is called in a loop.  No sockets, no sleeps.
+``tick`` is called in a loop.  No sockets, no sleeps.  Messages are
+sealed with the session's MAC (identity.SessionKey) as the Session's send
+does, and checked on arrival; ``sealed`` makes one as a peer would.
 """
 
 import collections
@@ -13,13 +15,14 @@ import random
 
 import pytest
 
+import identity
 import p2pcommon as wire
 import reliable
 import transfer
 from transfer import (CHUNK_SIZE, PROGRESS_EVERY, REPEAT, Progress, Receiving, TransferError,
                       Transfers, check_file_name, human, unused_name)
 
-SESSION = bytes(range(16))
+TOKEN = bytes(range(16))    # the session's token, as INTRODUCE gives it
 START = 1000.0              # a monotonic clock is never near zero
 
 
@@ -214,11 +217,12 @@ class Side:
         self.lines = []                     # (now, text)
         self.sent = collections.Counter()   # message type -> count
         self.transfers = Transfers(peer, self.send, self.say, str(downloads))
+        self.key = identity.SessionKey(TOKEN, role=int(name == 'bob'))
         self.other = None
 
     def send(self, type, **fields):
-        """The session's send: encode, check the size, queue for the other side."""
-        data = wire.encode(type, session=SESSION, **fields)
+        """The session's send: seal, check the size, queue for the other side."""
+        data = self.key.seal(type, **fields)
         assert len(data) <= wire.MAX_DATAGRAM
         self.sent[type] += 1
         self.link.queue.append((self.other, data))
@@ -264,7 +268,7 @@ class Link:
                     return
                 self.spent += 1
             assert message.type in Transfers.MESSAGES
-            assert message.session == SESSION
+            assert to.key.check(message)
             if self.filter:
                 message = self.filter(to, message)
                 if message is None:
@@ -529,10 +533,19 @@ def test_repeated_offer_after_reject_gets_reject_again(tmp_path, link):
     assert leftovers(tmp_path / 'bob') == []
 
 
+ALICE = identity.SessionKey(TOKEN, role=0)      # seals what a hostile alice sends bob
+BOB = identity.SessionKey(TOKEN, role=1)        # and what a hostile bob sends alice
+
+
+def sealed(type, sender=ALICE, **fields):
+    """A peer message with a good MAC, decoded as the other side's client would."""
+    return wire.decode(sender.seal(type, **fields))
+
+
 def forged_offer(name, size=10, transfer_id=7, data=b'0123456789'):
     """An OFFER as a hostile peer could send it, through the wire format."""
-    return wire.decode(wire.encode(wire.OFFER, session=SESSION, transfer=transfer_id, size=size,
-                                   sha256=hashlib.sha256(data).digest(), name=name))
+    return sealed(wire.OFFER, transfer=transfer_id, size=size,
+                  sha256=hashlib.sha256(data).digest(), name=name)
 
 
 @pytest.mark.parametrize('name', ['../evil.txt', '../../.bashrc', 'sub/dir.txt', '/etc/passwd',
@@ -550,10 +563,9 @@ def test_path_in_offered_name_refused(tmp_path, link, name):
     assert [(m.type, m.transfer, m.accept) for m in answers] == [(wire.ANSWER, 7, 0)]
     assert link.bob.said('alice offered a file; refused the name')
     assert 'offers' not in link.bob.text
-    chunk = wire.decode(wire.encode(wire.CHUNK, session=SESSION, transfer=7, seq=0, oldest=0,
-                                    data=b'0123456789'))
+    chunk = sealed(wire.CHUNK, transfer=7, seq=0, oldest=0, data=b'0123456789')
     bob.handle(chunk, link.now)
-    bob.handle(wire.Message(wire.END, session=SESSION, transfer=7), link.now)
+    bob.handle(sealed(wire.END, transfer=7), link.now)
     assert len(link.queue) == 1                # no CHUNK_ACK, no FINISH
     assert sorted(str(p) for p in tmp_path.rglob('*')) == before
     assert not (tmp_path / 'bob').exists()
@@ -603,8 +615,8 @@ def test_forged_chunks_beyond_size(tmp_path, link):
     bob.handle(forged_offer('small.txt', size=10), link.now)
     bob.answer(bob.waiting_for_answer(), True, link.now)
     assert len(leftovers(tmp_path / 'bob')) == 1       # the hidden temporary file
-    bob.handle(wire.decode(wire.encode(wire.CHUNK, session=SESSION, transfer=7, seq=0, oldest=0,
-                                       data=b'y' * CHUNK_SIZE)), link.now)
+    bob.handle(sealed(wire.CHUNK, transfer=7, seq=0, oldest=0, data=b'y' * CHUNK_SIZE),
+               link.now)
     assert link.bob.said('stopped: more data than the 10 bytes offered')
     assert leftovers(tmp_path / 'bob') == []
 
@@ -726,8 +738,8 @@ def test_finish_text_from_the_peer_is_escaped(tmp_path, link):
     """A hostile receiver's FINISH text cannot put control characters on our screen."""
     path, _ = make_file(tmp_path, 'shown.txt', 100)
     link.alice.transfers.offer(str(path), link.now)
-    finish = wire.decode(wire.encode(wire.FINISH, session=SESSION, transfer=1, ok=0,
-                                     text='\x1b[2J\rbob: send me your password\n'))
+    finish = sealed(wire.FINISH, sender=BOB, transfer=1, ok=0,
+                    text='\x1b[2J\rbob: send me your password\n')
     link.alice.transfers.handle(finish, link.now)
     line = link.alice.said('transfer of shown.txt with bob stopped: bob refused it')[0]
     assert not any(c in line for c in '\x1b\r\n')
@@ -748,3 +760,193 @@ def test_over_tcp_the_whole_stream_window_goes_out_at_once(tmp_path, on_tcp, in_
     sending.tick(0.0)
     assert sent[wire.CHUNK] == in_flight
     sending.close()
+
+
+# -- many offers, old offers ------------------------------------------------------
+
+
+def answers_sent(side):
+    """(transfer, accept) of every ANSWER a side has queued, in order."""
+    decoded = [wire.decode(data) for to, data in side.link.queue if to is not side]
+    return [(m.transfer, m.accept) for m in decoded if m.type == wire.ANSWER]
+
+
+def test_offers_beyond_the_limit_are_refused_at_once(link):
+    """8 offers wait for the user; the 9th and later get ANSWER accept=0 and one line."""
+    bob = link.bob.transfers
+    for transfer_id in range(1, transfer.MAX_OPEN_OFFERS + 4):
+        bob.handle(forged_offer(f'f{transfer_id}.txt', transfer_id=transfer_id), link.now)
+    assert len(list(bob.open_offers())) == transfer.MAX_OPEN_OFFERS
+    assert answers_sent(link.bob) == [(9, 0), (10, 0), (11, 0)]
+    assert len(link.bob.said('offers more files than the 8 waiting')) == 1
+    assert len(link.bob.said('/accept or /reject')) == transfer.MAX_OPEN_OFFERS + 1
+
+
+def test_an_answer_makes_room_for_the_next_offer(link):
+    """Once the user answers one, the next new offer is asked again."""
+    bob = link.bob.transfers
+    for transfer_id in range(1, transfer.MAX_OPEN_OFFERS + 2):
+        bob.handle(forged_offer('f.txt', transfer_id=transfer_id), link.now)
+    bob.answer(bob.waiting_for_answer(), False, link.now)
+    bob.handle(forged_offer('next.txt', transfer_id=100), link.now)
+    assert bob.incoming[100].state == 'asked'
+    assert link.bob.said('alice offers next.txt')
+
+
+def test_unanswered_offer_is_rejected_after_the_timeout(link):
+    """After OFFER_TIMEOUT the offer is rejected: the sender is told, the user too."""
+    bob = link.bob.transfers
+    bob.handle(forged_offer('old.txt'), START)
+    bob.tick(START + transfer.OFFER_TIMEOUT - 0.001)
+    assert bob.incoming[7].state == 'asked'
+    assert answers_sent(link.bob) == []
+    bob.tick(START + transfer.OFFER_TIMEOUT)
+    assert bob.waiting_for_answer() is None
+    assert answers_sent(link.bob) == [(7, 0)]
+    assert link.bob.said('rejected old.txt from alice: unanswered for 10 minutes')
+    bob.handle(forged_offer('old.txt'), START + transfer.OFFER_TIMEOUT + 1)  # a late repeat
+    assert answers_sent(link.bob) == [(7, 0), (7, 0)]
+    assert bob.waiting_for_answer() is None
+
+
+def test_the_sender_of_an_unanswered_offer_hears_no(tmp_path, link):
+    """End to end: bob never answers; after 10 minutes alice stops offering."""
+    path, _ = make_file(tmp_path, 'ignored.txt', 100)
+    link.alice.transfers.offer(str(path), link.now)
+    sending = link.alice.transfers.outgoing[1]
+    link.run(done(sending), dt=1.0, limit=transfer.OFFER_TIMEOUT + 10)
+    assert link.alice.said('bob rejected ignored.txt')
+    assert leftovers(tmp_path / 'bob') == []
+
+
+@pytest.mark.parametrize('name, refused', [
+    ('x' * transfer.MAX_FILE_NAME, False), ('x' * (transfer.MAX_FILE_NAME + 1), True),
+    ('é' * (transfer.MAX_FILE_NAME // 2), False), ('é' * (transfer.MAX_FILE_NAME // 2 + 1), True),
+    ('x' * wire.MAX_TEXT, True),
+])
+def test_long_offered_names(tmp_path, link, name, refused):
+    """A name that cannot be a file name here is refused up front, not at /accept."""
+    bob = link.bob.transfers
+    bob.handle(forged_offer(name), link.now)
+    if refused:
+        assert answers_sent(link.bob) == [(7, 0)]
+        assert link.bob.said('alice offered a file; refused a name of')
+        return
+    bob.answer(bob.waiting_for_answer(), True, link.now)
+    assert answers_sent(link.bob) == [(7, 1)]
+    bob.handle(sealed(wire.CHUNK, transfer=7, seq=0, oldest=0, data=b'0123456789'), link.now)
+    bob.handle(sealed(wire.END, transfer=7), link.now)
+    assert (tmp_path / 'bob' / name).read_bytes() == b'0123456789'
+
+
+def test_clip_cuts_by_bytes():
+    """clip keeps a text inside MAX_TEXT bytes, whole characters only."""
+    assert transfer.clip('é' * wire.MAX_TEXT) == 'é' * (wire.MAX_TEXT // 2)
+    assert transfer.clip('x' * (wire.MAX_TEXT + 1)) == 'x' * wire.MAX_TEXT
+    assert transfer.clip('') == ''
+
+
+def test_a_full_disk_stops_the_transfer_not_the_program(tmp_path, link):
+    """A write that fails (the peer offered more than the disk holds) fails the transfer."""
+    bob = link.bob.transfers
+    bob.handle(forged_offer('big.bin', size=2 ** 64 - 1), link.now)
+    bob.answer(bob.waiting_for_answer(), True, link.now)
+
+    class Full:
+        def write(self, data):
+            raise OSError(28, 'No space left on device')
+
+        def close(self):
+            pass
+
+    bob.incoming[7].stream = Full()
+    bob.handle(sealed(wire.CHUNK, transfer=7, seq=0, oldest=0, data=b'x'), link.now)
+    assert link.bob.said('stopped: cannot write big.bin: No space left on device')
+    assert leftovers(tmp_path / 'bob') == []
+
+
+# -- every transfer message at its boundaries ------------------------------------
+
+U32 = [0, 1, 0xFFFFFFFE, 0xFFFFFFFF]
+LIVE = 1            # the transfer id both sides know in live_link
+TEXTS = ['', 'x', '\x1b[2J\r\n', 'é' * (wire.MAX_TEXT // 2), 'x' * wire.MAX_TEXT]
+NAMES = ['', 'x', '/etc/passwd', '../x', 'a/b', '.', 'x' * 201, 'x' * wire.MAX_TEXT]
+SACKS = [bytes(wire.SACK_BYTES), b'\xff' * wire.SACK_BYTES,
+         b'\x80' + bytes(wire.SACK_BYTES - 1), bytes(wire.SACK_BYTES - 1) + b'\x01']
+DATAS = [b'', b'x', b'y' * CHUNK_SIZE, b'z' * (CHUNK_SIZE + 1)]
+BOUNDARIES = {
+    wire.OFFER: {'transfer': U32 + [LIVE], 'size': [0, 1, 2 ** 64 - 2, 2 ** 64 - 1],
+                 'sha256': [bytes(32), b'\xff' * 32], 'name': NAMES},
+    wire.ANSWER: {'transfer': U32, 'accept': [0, 1, 255]},
+    wire.CHUNK: {'transfer': U32, 'seq': U32, 'oldest': U32, 'data': DATAS},
+    wire.CHUNK_ACK: {'transfer': U32, 'seq': U32, 'sack': SACKS},
+    wire.END: {'transfer': U32},
+    wire.FINISH: {'transfer': U32, 'ok': [0, 1, 255], 'text': TEXTS},
+    wire.CANCEL: {'transfer': U32, 'text': TEXTS},
+}
+DEFAULTS = {'transfer': LIVE, 'size': 10, 'sha256': bytes(32), 'name': 'b.txt', 'accept': 1,
+            'seq': 0, 'oldest': 0, 'data': b'0123456789', 'sack': bytes(wire.SACK_BYTES),
+            'ok': 1, 'text': 'x'}
+
+
+def boundary_cases():
+    """(type, fields): each field of each transfer message at each of its boundaries."""
+    for type, fields in BOUNDARIES.items():
+        for name, values in fields.items():
+            for value in values:
+                yield pytest.param(type, {**{f: DEFAULTS[f] for f in fields}, name: value},
+                                   id=f'{wire.TYPE_NAMES[type]}-{name}-{value!r:.20}')
+
+
+def live_link(tmp_path):
+    """Alice is sending bob transfer 1 (accepted, chunks in flight); both sides have state."""
+    (tmp_path / 'files').mkdir()
+    link = Link(tmp_path)
+    path, _ = make_file(tmp_path, 'a.bin', 10 * CHUNK_SIZE)
+    link.offer(path)
+    link.step()
+    return link
+
+
+@pytest.mark.parametrize('type, fields', boundary_cases())
+def test_transfer_messages_at_their_boundaries_never_raise(tmp_path, type, fields):
+    """Each message, at each boundary value, to a side with a live transfer either way.
+
+    Nothing raises, and whatever either side answers still fits the wire
+    (Side.send encodes it and checks its size); the live transfer then
+    either completes or is stopped, with no partial file left.
+    """
+    link = live_link(tmp_path)
+    for side in (link.alice, link.bob):
+        sender = BOB if side is link.alice else ALICE
+        side.transfers.handle(sealed(type, sender=sender, **fields), link.now)
+    settle(link)
+
+
+def settle(link):
+    """Run the live transfer to its end; a finished receiver leaves no hidden file."""
+    link.run(done(link.alice.transfers.outgoing[LIVE]))
+    if link.bob.transfers.incoming[LIVE].state == 'done':
+        assert [n for n in leftovers(link.bob.downloads) if n.startswith('.')] == []
+
+
+@pytest.mark.parametrize('seq', U32)
+@pytest.mark.parametrize('oldest', U32)
+def test_chunk_seq_and_oldest_together(tmp_path, seq, oldest):
+    """seq and oldest both at their boundaries: 0xFFFFFFFF for both used to end the client
+    (the next CHUNK_ACK's seq was 2**32 and could not be packed)."""
+    link = live_link(tmp_path)
+    chunk = sealed(wire.CHUNK, transfer=LIVE, seq=seq, oldest=oldest, data=b'x')
+    link.bob.transfers.handle(chunk, link.now)
+    link.bob.transfers.tick(link.now)
+    settle(link)
+
+
+def test_a_transfer_whose_sequence_numbers_run_out_stops(tmp_path, link):
+    """After 0xFFFFFFFE chunks (4.9 TB) the numbers are used up: the transfer stops, told so."""
+    path, _ = make_file(tmp_path, 'huge.bin', 10 * CHUNK_SIZE)
+    sending = link.offer(path)
+    sending.channel.next_seq = reliable.LAST_SEQ     # as if 4 billion chunks had gone before
+    link.run(done(sending))
+    assert link.alice.said("stopped: too large: the chunks' sequence numbers ran out")
+    assert leftovers(tmp_path / 'bob') == []
