@@ -83,7 +83,7 @@ def test_list_shows_registered_names(clients):
 def test_name_taken_is_one_clear_line_and_exit_1(clients, tmp_path):
     clients('alice')
     second = clients('alice', '--key', tmp_path / 'another-key', register=False)
-    second.expect(r"^\* name 'alice' is taken$")
+    second.expect(r"^\* the rendezvous server at \S+ refused to register us: .*'alice' is taken")
     assert second.wait() == 1
 
 
