@@ -30,6 +30,7 @@ import struct
 import sys
 import time
 
+import identity
 import p2pcommon as wire
 
 log = logging.getLogger('rendezvous')
@@ -121,12 +122,13 @@ class Peer:
         self.output = bytearray()
         self.connected_at = now
         self.name = None
+        self.proof = None               # REGISTER's proof that it holds the name's secret
         self.token = None               # registration token: ties MAPPING to us
         self.private = []               # endpoints the peer reported (point 10)
         self.tcp_port = 0               # the local port of its end of this connection
         self.public = None              # seen on our main UDP port (point 3)
         self.probed = None              # seen on the probe port (point 6)
-        self.sessions = {}              # session token -> the other Peer, oldest first
+        self.sessions = {}              # session token -> Session, oldest first
 
     @property
     def port_delta(self):
@@ -144,6 +146,24 @@ class Peer:
         return self.name or wire.format_endpoint(self.address)
 
 
+class Session:
+    """Two introduced peers and the token the server gave them (point 4).
+
+    The peers' own messages name the session by an id derived from the
+    token (identity.py); the id is kept here, so that checking a relayed
+    message costs a comparison and not an HMAC.
+    """
+
+    def __init__(self, token, asker, answerer):
+        self.token = token
+        self.id = identity.session_id(token)
+        self.peers = (asker, answerer)
+
+    def other(self, peer):
+        """The partner of one of the pair."""
+        return self.peers[1] if self.peers[0] is peer else self.peers[0]
+
+
 class Rendezvous:
     """The mediator: a registry of peers and one loop over all sockets."""
 
@@ -154,7 +174,7 @@ class Rendezvous:
         self.selector = selectors.DefaultSelector()
         self.peers = {}                 # name -> Peer (registered)
         self.by_token = {}              # registration token -> Peer
-        self.sessions = {}              # session token -> (Peer, Peer)
+        self.sessions = {}              # session token -> Session
         self.connections = {}           # socket -> Peer, registered or not
         # Not registered yet, oldest first (dicts keep insertion order): the
         # timer looks at the expired head only, not at every connection.
@@ -290,11 +310,13 @@ class Rendezvous:
         self.per_address[peer.address[0]] -= 1
         if self.per_address[peer.address[0]] <= 0:
             del self.per_address[peer.address[0]]
-        for session, other in list(peer.sessions.items()):
-            self.forget_session(session)
-            # Tell the partner at once, as if the peer had said BYE.
-            self.send(other, wire.RELAY, session=session,
-                      message=wire.encode(wire.BYE, session=session))
+        for token, session in list(peer.sessions.items()):
+            self.forget_session(token)
+            # Tell the partner at once that the relay is gone.  An empty
+            # message, not a BYE in the peer's name: the server cannot seal
+            # a peer message (only the peers hold the MAC key), and the
+            # direct path, if there is one, may well live on.
+            self.send(session.other(peer), wire.RELAY, session=token, message=b'')
         if peer.name and self.peers.get(peer.name) is peer:
             del self.peers[peer.name]
             del self.by_token[peer.token]
@@ -370,6 +392,7 @@ class Rendezvous:
             self.send_error(peer, wire.E_NAME_TAKEN, f'name {message.name!r} is taken')
             return
         peer.name, peer.private, peer.tcp_port = message.name, message.private, message.tcp_port
+        peer.proof = message.proof
         self.unregistered.pop(peer.sock, None)
         peer.token = secrets.token_bytes(wire.TOKEN_SIZE)
         self.peers[peer.name] = peer
@@ -394,37 +417,41 @@ class Rendezvous:
         # A pair has one session: a new introduction replaces the old one.
         # And a peer has at most MAX_SESSIONS, or repeated CONNECTs would
         # fill our memory: the oldest goes first.
-        for old, other in list(peer.sessions.items()):
-            if other is target:
+        for old, session in list(peer.sessions.items()):
+            if session.other(peer) is target:
                 self.forget_session(old)
         for someone in (peer, target):
             while len(someone.sessions) >= MAX_SESSIONS:
                 self.forget_session(next(iter(someone.sessions)))
-        session = secrets.token_bytes(wire.TOKEN_SIZE)
-        self.sessions[session] = (peer, target)
-        peer.sessions[session] = target
-        target.sessions[session] = peer
+        token = secrets.token_bytes(wire.TOKEN_SIZE)
+        session = self.sessions[token] = Session(token, peer, target)
+        peer.sessions[token] = target.sessions[token] = session
         # Both at once: each side must punch toward the other (point 5).
-        self.introduce(target, peer, session)
-        self.introduce(peer, target, session)
+        self.introduce(target, peer, token, role=1)
+        self.introduce(peer, target, token, role=0)
         log.info('introduced %s (%s) and %s (%s)', peer, wire.format_endpoint(peer.public),
                  target, wire.format_endpoint(target.public))
 
-    def forget_session(self, session):
+    def forget_session(self, token):
         """The pair of this session may no longer relay through us."""
-        for peer in self.sessions.pop(session, ()):
-            peer.sessions.pop(session, None)
+        session = self.sessions.pop(token, None)
+        for peer in session.peers if session else ():
+            peer.sessions.pop(token, None)
 
-    def introduce(self, peer, other, session):
-        """Tell peer how to reach other: public, predicted and private (points 4, 6, 10)."""
-        self.send(peer, wire.INTRODUCE, name=other.name, session=session,
+    def introduce(self, peer, other, token, role):
+        """Tell peer how to reach other: public, predicted and private (points 4, 6, 10).
+
+        ``role`` is 0 for the peer that asked first, 1 for the one that
+        answered: each seals its messages as its role (identity.py).
+        """
+        self.send(peer, wire.INTRODUCE, name=other.name, session=token, role=role,
                   public=other.public, port_delta=other.port_delta, private=other.private,
                   tcp_public=other.address, tcp_port=other.tcp_port)
 
     def relay(self, peer, message):
         """Forward peer traffic within an introduced pair, and only that (point 11)."""
-        pair = self.sessions.get(message.session)
-        if pair is None or peer not in pair:
+        session = self.sessions.get(message.session)
+        if session is None or peer not in session.peers:
             self.send_error(peer, wire.E_NOT_INTRODUCED, 'relay: not a session of yours')
             return
         try:
@@ -432,10 +459,13 @@ class Rendezvous:
         except wire.ProtocolError as error:
             self.send_error(peer, wire.E_BAD_MESSAGE, f'relay: {error}')
             return
-        if inner.type not in wire.PEER_TYPES or inner.session != message.session:
+        # Only the pair's own messages, sealed for this session: the relay
+        # is no way to send the partner control messages in our name, nor
+        # another session's traffic.  (The MAC is the peers' to check.)
+        if inner.type not in wire.PEER_TYPES or inner.session != session.id:
             self.send_error(peer, wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
             return
-        other = pair[1] if pair[0] is peer else pair[0]
+        other = session.other(peer)
         if len(other.output) > self.limits.max_output // 2:
             # The receiver reads slower than its partner sends.  What we
             # relay is datagrams to the peers (their reliable layer resends

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+import identity
 import p2pcommon as wire
 from procs import command, start, start_server
 
@@ -41,14 +42,18 @@ class RawPeer:
             assert data, 'the server closed the connection'
             self.reader.feed(data)
 
-    def register(self, name):
+    def register(self, name, proof=None):
         """Register and tell the server our public UDP endpoint."""
-        self.send(wire.REGISTER, name=name, private=[self.udp.getsockname()],
-                  tcp_port=self.tcp.getsockname()[1])
+        self.send_register(name, proof)
         reply = self.receive()
         assert reply.type == wire.REGISTERED, reply
         self.token = reply.token
         self.mapping(self.token)
+
+    def send_register(self, name, proof=None):
+        """Send REGISTER; by default the proof is the name's, as if its key were fixed."""
+        self.send(wire.REGISTER, name=name, private=[self.udp.getsockname()],
+                  tcp_port=self.tcp.getsockname()[1], proof=proof or proof_of(name))
 
     def mapping(self, token, port=None):
         """Send a MAPPING request; return the reply and its size."""
@@ -68,6 +73,16 @@ class RawPeer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def proof_of(name, key=b'test key of everyone'):
+    """The proof a user with this key sends for name (to a server on localhost)."""
+    return identity.name_proof(key, name, '127.0.0.1')
+
+
+def sealed(token, type, role=0, **fields):
+    """A peer message of this session, as the peer of role would seal it."""
+    return identity.SessionKey(token, role).seal(type, **fields)
 
 
 @pytest.fixture
@@ -129,6 +144,7 @@ def test_introduce_goes_to_both_with_one_fresh_session(peers):
     to_bob, to_alice = bob.receive(), alice.receive()
     assert (to_bob.type, to_alice.type) == (wire.INTRODUCE, wire.INTRODUCE)
     assert to_bob.session == to_alice.session != wire.NO_SESSION
+    assert (to_alice.role, to_bob.role) == (0, 1)       # alice asked first
     assert (to_bob.name, to_bob.public) == ('alice', alice.udp.getsockname())
     assert (to_alice.name, to_alice.public) == ('bob', bob.udp.getsockname())
     assert to_alice.private == [bob.udp.getsockname()]
@@ -140,7 +156,7 @@ def test_introduce_goes_to_both_with_one_fresh_session(peers):
 def test_nobody_else_can_set_a_peers_public_endpoint(peers):
     alice, bob, mallory = peers('alice'), peers('bob'), peers()
     mallory.mapping(os.urandom(wire.TOKEN_SIZE))        # answered, but files nothing
-    mallory.send(wire.REGISTER, name='mallory', private=[], tcp_port=0)
+    mallory.send_register('mallory')
     assert mallory.receive().type == wire.REGISTERED
     bob.send(wire.CONNECT, target='alice')
     assert bob.receive().public == alice.udp.getsockname()
@@ -151,7 +167,7 @@ def test_relay_forwards_within_the_pair_only(peers):
     alice.send(wire.CONNECT, target='bob')
     session = alice.receive().session
     bob.receive()
-    data = wire.encode(wire.DATA, session=session, seq=0, oldest=0, text='via the server')
+    data = sealed(session, wire.DATA, seq=0, oldest=0, text='via the server')
     alice.send(wire.RELAY, session=session, message=data)
     relayed = bob.receive()
     assert relayed.type == wire.RELAY and relayed.message == data
@@ -170,14 +186,30 @@ def test_relay_carries_peer_traffic_only(peers):
     assert (error.code, error.text) == (wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
 
 
-def test_a_peer_that_leaves_is_announced_to_its_partner(peers):
+def test_relay_carries_only_messages_of_that_session(peers):
+    alice, bob = peers('alice'), peers('bob')
+    alice.send(wire.CONNECT, target='bob')
+    session = alice.receive().session
+    bob.receive()
+    elsewhere = sealed(os.urandom(wire.TOKEN_SIZE), wire.KEEPALIVE)
+    alice.send(wire.RELAY, session=session, message=elsewhere)
+    error = alice.receive()
+    assert (error.code, error.text) == (wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
+
+
+def test_a_peer_that_leaves_is_announced_to_its_partner_without_a_forged_bye(peers):
     alice, bob = peers('alice'), peers('bob')
     alice.send(wire.CONNECT, target='bob')
     session = alice.receive().session
     bob.close()
     relayed = alice.receive()
-    assert relayed.type == wire.RELAY
-    assert wire.decode(relayed.message) == wire.Message(wire.BYE, session=session)
+    assert (relayed.type, relayed.session, relayed.message) == (wire.RELAY, session, b'')
+
+
+def test_bye_closes_the_control_connection(peers):
+    alice = peers('alice')
+    alice.send(wire.BYE)
+    assert alice.tcp.recv(100) == b''
 
 
 def test_requests_before_registering_are_refused(peers):
@@ -189,7 +221,7 @@ def test_requests_before_registering_are_refused(peers):
 
 def test_registering_twice_is_refused(peers):
     alice = peers('alice')
-    alice.send(wire.REGISTER, name='alice2', private=[], tcp_port=0)
+    alice.send_register('alice2')
     assert alice.receive().code == wire.E_ALREADY_REGISTERED
 
 
@@ -255,9 +287,9 @@ def test_a_new_introduction_replaces_the_old_one(peers):
         alice.send(wire.CONNECT, target='bob')
         sessions.append(alice.receive().session)
         bob.receive()
-    hello = wire.encode(wire.KEEPALIVE, session=sessions[0])
+    hello = sealed(sessions[0], wire.KEEPALIVE)
     alice.send(wire.RELAY, session=sessions[0], message=hello)
     assert alice.receive().text == 'relay: not a session of yours'
-    hello = wire.encode(wire.KEEPALIVE, session=sessions[-1])
+    hello = sealed(sessions[-1], wire.KEEPALIVE)
     alice.send(wire.RELAY, session=sessions[-1], message=hello)
     assert bob.receive().message == hello
