@@ -3,9 +3,10 @@
 It only introduces peers (article point 1).  Each peer keeps one TCP
 control connection to it (point 2) and sends it UDP MAPPING requests, whose
 source address is the peer's public endpoint, the mapping its NAT made
-(point 3).  When one peer asks to CONNECT to another, the server sends both
-an INTRODUCE with the other's public and private endpoints and a fresh
-session token (points 4 and 10); the peers then punch (point 5) and talk
+(point 3).  When one peer asks to CONNECT to another, the server asks the
+target (ASK), and once the target connects back it sends both an INTRODUCE
+with the other's public and private endpoints and a fresh session token
+(points 4 and 10); the peers then punch (point 5) and talk
 directly, without the server (point 7).  Only when punching fails does the
 server RELAY their traffic over the control connections (point 11).
 
@@ -74,13 +75,15 @@ class Limits:
     """
 
     def __init__(self, per_address=64, register_timeout=30.0, max_output=256 * 1024,
-                 mapping_rate=20.0, connect_rate=5.0):
+                 mapping_rate=20.0, connect_rate=5.0, ask_timeout=60.0, max_asks=16):
         self.per_address = per_address              # open connections per source address
         self.register_timeout = register_timeout    # seconds to send REGISTER
         self.max_output = max_output                # unread bytes before we drop a peer
         # (relayed messages are dropped instead once half of it is queued)
         self.mapping_rate = mapping_rate            # MAPPING per second per address
         self.connect_rate = connect_rate            # CONNECT per second per peer
+        self.ask_timeout = ask_timeout              # seconds a target has to answer an ASK
+        self.max_asks = max_asks                    # unanswered asks waiting for one target
 
 
 class RateLimit:
@@ -146,6 +149,67 @@ class Peer:
         return self.name or wire.format_endpoint(self.address)
 
 
+class Asks:
+    """Requests to connect that wait for the target's consent (point 4).
+
+    The article's mediator "asks the target to send a request" of its own:
+    a CONNECT records an ask, and only the target's CONNECT back makes the
+    introduction.  Each ask runs out after ``timeout`` seconds, and one
+    target has at most ``per_target`` waiting, or anyone could bury a
+    user's screen in requests.
+    """
+
+    def __init__(self, timeout, per_target):
+        self.timeout = timeout
+        self.per_target = per_target
+        # Every ask lives equally long, so insertion order is expiry order:
+        # the timer looks at the head only.
+        self.pending = {}           # (asker, target) -> when it runs out
+        self.to = collections.defaultdict(set)      # target -> its askers
+        self.by = collections.defaultdict(set)      # asker -> whom it asked
+
+    def __contains__(self, pair):
+        return pair in self.pending
+
+    def full(self, target):
+        """True when target has as many asks waiting as it may have."""
+        return len(self.to.get(target, ())) >= self.per_target
+
+    def add(self, asker, target, now):
+        """Note that asker waits for target's answer."""
+        self.pending[asker, target] = now + self.timeout
+        self.to[target].add(asker)
+        self.by[asker].add(target)
+
+    def take(self, asker, target):
+        """Remove one ask; True if it was waiting."""
+        if self.pending.pop((asker, target), None) is None:
+            return False
+        for index, key, value in ((self.to, target, asker), (self.by, asker, target)):
+            index[key].discard(value)
+            if not index[key]:
+                del index[key]
+        return True
+
+    def expired(self, now):
+        """Remove and return the asks that ran out, as (asker, target) pairs."""
+        done = []
+        for pair, deadline in self.pending.items():
+            if deadline > now:
+                break
+            done.append(pair)
+        for pair in done:
+            self.take(*pair)
+        return done
+
+    def forget(self, peer):
+        """Remove every ask to or from a peer that leaves; return those *to* it."""
+        to_it = [(asker, peer) for asker in self.to.get(peer, ())]
+        for pair in to_it + [(peer, target) for target in self.by.get(peer, ())]:
+            self.take(*pair)
+        return to_it
+
+
 class Session:
     """Two introduced peers and the token the server gave them (point 4).
 
@@ -175,6 +239,7 @@ class Rendezvous:
         self.peers = {}                 # name -> Peer (registered)
         self.by_token = {}              # registration token -> Peer
         self.sessions = {}              # session token -> Session
+        self.asks = Asks(self.limits.ask_timeout, self.limits.max_asks)
         self.connections = {}           # socket -> Peer, registered or not
         # Not registered yet, oldest first (dicts keep insertion order): the
         # timer looks at the expired head only, not at every connection.
@@ -247,7 +312,7 @@ class Rendezvous:
         self.check_timers(time.monotonic())
 
     def check_timers(self, now):
-        """Close connections that never registered; summarise dropped datagrams."""
+        """Close connections that never registered, end unanswered asks; summarise."""
         timeout = self.limits.register_timeout
         while self.unregistered:
             peer = next(iter(self.unregistered.values()))
@@ -255,6 +320,8 @@ class Rendezvous:
                 break           # the rest connected later still
             log.info('closing %s: not registered after %g s', peer, timeout)
             self.close(peer)
+        for asker, target in self.asks.expired(now):
+            self.send_error(asker, wire.E_NO_ANSWER, f'{target} did not answer')
         if now >= self.next_summary:
             self.mapping_limit.forget_idle(now)
             self.connect_limit.forget_idle(now)
@@ -317,6 +384,8 @@ class Rendezvous:
             # a peer message (only the peers hold the MAC key), and the
             # direct path, if there is one, may well live on.
             self.send(session.other(peer), wire.RELAY, session=token, message=b'')
+        for asker, _ in self.asks.forget(peer):
+            self.send_error(asker, wire.E_NO_ANSWER, f'{peer} did not answer')
         if peer.name and self.peers.get(peer.name) is peer:
             del self.peers[peer.name]
             del self.by_token[peer.token]
@@ -375,6 +444,8 @@ class Rendezvous:
                 self.send_error(peer, wire.E_RATE_LIMITED,
                                 f'too many connect requests: at most '
                                 f'{self.limits.connect_rate:g} a second')
+        elif message.type == wire.DECLINE:
+            self.decline(peer, message.target)
         elif message.type == wire.RELAY:
             self.relay(peer, message)
         elif message.type == wire.BYE:
@@ -402,8 +473,12 @@ class Rendezvous:
         self.send(peer, wire.REGISTERED, token=peer.token)
 
     def connect(self, peer, target_name):
-        """Introduce two peers to each other with a fresh session token (point 4)."""
-        target = self.peers.get(target_name)
+        """Ask the target for consent, or, if it asked first, introduce the pair (point 4).
+
+        Nothing about the asker but its name goes to the target before the
+        target agrees: not even its addresses.
+        """
+        target = self.find(target_name)
         if target is None or target.public is None:
             self.send_error(peer, wire.E_UNKNOWN_PEER, f'no peer named {target_name!r}')
             return
@@ -414,6 +489,39 @@ class Rendezvous:
             self.send_error(peer, wire.E_NOT_REGISTERED,
                             'your public endpoint is not known yet: send MAPPING first')
             return
+        if self.asks.take(target, peer):
+            self.pair(target, peer)         # the target asked first: this is consent
+        elif any(session.other(peer) is target for session in peer.sessions.values()):
+            self.pair(peer, target)         # consent given already: punch again
+        elif (peer, target) in self.asks:
+            pass                            # the target has been asked; it may answer still
+        elif self.asks.full(target):
+            self.send_error(peer, wire.E_TOO_MANY,
+                            f'{target} has {self.limits.max_asks} requests waiting; '
+                            f'try again later')
+        else:
+            self.asks.add(peer, target, time.monotonic())
+            self.send(target, wire.ASK, name=peer.name)
+            log.info('%s asks to connect to %s', peer, target)
+
+    def decline(self, peer, asker_name):
+        """The target says no: the asker hears so, and nothing else about it."""
+        asker = self.find(asker_name)
+        if asker is None or not self.asks.take(asker, peer):
+            self.send_error(peer, wire.E_UNKNOWN_PEER, f'no request from {asker_name!r}')
+            return
+        self.send_error(asker, wire.E_DECLINED, f'{peer} declined')
+        log.info('%s declined %s', peer, asker)
+
+    def find(self, name):
+        """The registered peer of that name, or None."""
+        return self.peers.get(name)
+
+    def pair(self, peer, target):
+        """Introduce two peers to each other with a fresh session token.
+
+        peer asked first: its role is 0, the target's 1.
+        """
         # A pair has one session: a new introduction replaces the old one.
         # And a peer has at most MAX_SESSIONS, or repeated CONNECTs would
         # fill our memory: the oldest goes first.
@@ -693,6 +801,12 @@ def parse_args(argv):
     limits.add_argument('--connect-rate', type=float, default=defaults.connect_rate,
                         help='CONNECT requests a second per peer, bursts of twice that; '
                              'more get an ERROR (0: no limit)')
+    limits.add_argument('--ask-timeout', type=float, default=defaults.ask_timeout,
+                        help='seconds a peer has to answer a request to connect; then the '
+                             'asker hears that it did not answer')
+    limits.add_argument('--max-asks', type=int, default=defaults.max_asks,
+                        help='unanswered requests to connect waiting for one peer; more '
+                             'get an ERROR')
     return parser.parse_args(argv)
 
 
@@ -728,8 +842,10 @@ def main(argv=None):
     logging.basicConfig(level=level, format='%(asctime)s %(message)s', stream=sys.stderr)
     raise_descriptor_limit()
     try:
-        limits = Limits(args.max_per_address, args.register_timeout, args.max_output,
-                        args.mapping_rate, args.connect_rate)
+        limits = Limits(per_address=args.max_per_address,
+                        register_timeout=args.register_timeout, max_output=args.max_output,
+                        mapping_rate=args.mapping_rate, connect_rate=args.connect_rate,
+                        ask_timeout=args.ask_timeout, max_asks=args.max_asks)
         binds = args.bind or [default_bind()]
         server = Rendezvous(binds, args.port, limits)
     except (OSError, ValueError) as error:

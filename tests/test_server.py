@@ -25,6 +25,7 @@ class RawPeer:
         self.udp.bind(('127.0.0.1', 0))
         self.udp.settimeout(5)
         self.reader = wire.FrameReader()
+        self.name = name
         self.token = None
         if name:
             self.register(name)
@@ -47,6 +48,7 @@ class RawPeer:
         self.send_register(name, proof)
         reply = self.receive()
         assert reply.type == wire.REGISTERED, reply
+        self.name = name
         self.token = reply.token
         self.mapping(self.token)
 
@@ -78,6 +80,17 @@ class RawPeer:
 def proof_of(name, key=b'test key of everyone'):
     """The proof a user with this key sends for name (to a server on localhost)."""
     return identity.name_proof(key, name, '127.0.0.1')
+
+
+def introduce(asker, target):
+    """asker asks, the server asks target, target agrees: the INTRODUCEs (asker's, target's)."""
+    asker.send(wire.CONNECT, target=target.name)
+    ask = target.receive()
+    assert (ask.type, ask.name) == (wire.ASK, asker.name), ask
+    target.send(wire.CONNECT, target=asker.name)
+    to_target, to_asker = target.receive(), asker.receive()
+    assert (to_asker.type, to_target.type) == (wire.INTRODUCE, wire.INTRODUCE)
+    return to_asker, to_target
 
 
 def sealed(token, type, role=0, **fields):
@@ -140,16 +153,14 @@ def test_a_wildcard_socket_answers_from_the_address_it_was_asked_at(bind):
 
 def test_introduce_goes_to_both_with_one_fresh_session(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    to_bob, to_alice = bob.receive(), alice.receive()
-    assert (to_bob.type, to_alice.type) == (wire.INTRODUCE, wire.INTRODUCE)
+    to_alice, to_bob = introduce(alice, bob)
     assert to_bob.session == to_alice.session != wire.NO_SESSION
     assert (to_alice.role, to_bob.role) == (0, 1)       # alice asked first
     assert (to_bob.name, to_bob.public) == ('alice', alice.udp.getsockname())
     assert (to_alice.name, to_alice.public) == ('bob', bob.udp.getsockname())
     assert to_alice.private == [bob.udp.getsockname()]
     assert to_alice.port_delta == 0
-    alice.send(wire.CONNECT, target='bob')
+    alice.send(wire.CONNECT, target='bob')      # consent was given: introduced at once
     assert alice.receive().session != to_alice.session
 
 
@@ -158,15 +169,12 @@ def test_nobody_else_can_set_a_peers_public_endpoint(peers):
     mallory.mapping(os.urandom(wire.TOKEN_SIZE))        # answered, but files nothing
     mallory.send_register('mallory')
     assert mallory.receive().type == wire.REGISTERED
-    bob.send(wire.CONNECT, target='alice')
-    assert bob.receive().public == alice.udp.getsockname()
+    assert introduce(bob, alice)[0].public == alice.udp.getsockname()
 
 
 def test_relay_forwards_within_the_pair_only(peers):
     alice, bob, carol = peers('alice'), peers('bob'), peers('carol')
-    alice.send(wire.CONNECT, target='bob')
-    session = alice.receive().session
-    bob.receive()
+    session = introduce(alice, bob)[0].session
     data = sealed(session, wire.DATA, seq=0, oldest=0, text='via the server')
     alice.send(wire.RELAY, session=session, message=data)
     relayed = bob.receive()
@@ -177,10 +185,8 @@ def test_relay_forwards_within_the_pair_only(peers):
 
 
 def test_relay_carries_peer_traffic_only(peers):
-    alice = peers('alice')
-    peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    session = alice.receive().session
+    alice, bob = peers('alice'), peers('bob')
+    session = introduce(alice, bob)[0].session
     alice.send(wire.RELAY, session=session, message=wire.encode(wire.LIST))
     error = alice.receive()
     assert (error.code, error.text) == (wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
@@ -188,9 +194,7 @@ def test_relay_carries_peer_traffic_only(peers):
 
 def test_relay_carries_only_messages_of_that_session(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    session = alice.receive().session
-    bob.receive()
+    session = introduce(alice, bob)[0].session
     elsewhere = sealed(os.urandom(wire.TOKEN_SIZE), wire.KEEPALIVE)
     alice.send(wire.RELAY, session=session, message=elsewhere)
     error = alice.receive()
@@ -199,8 +203,7 @@ def test_relay_carries_only_messages_of_that_session(peers):
 
 def test_a_peer_that_leaves_is_announced_to_its_partner_without_a_forged_bye(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    session = alice.receive().session
+    session = introduce(alice, bob)[0].session
     bob.close()
     relayed = alice.receive()
     assert (relayed.type, relayed.session, relayed.message) == (wire.RELAY, session, b'')
@@ -269,9 +272,8 @@ def test_quiet_server_logs_nothing_for_a_normal_session():
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline and proc.popen.poll() is None, \
                     proc.transcript()
-        with RawPeer(port, 'alice') as alice, RawPeer(port, 'bob'):
-            alice.send(wire.CONNECT, target='bob')
-            assert alice.receive().type == wire.INTRODUCE
+        with RawPeer(port, 'alice') as alice, RawPeer(port, 'bob') as bob:
+            introduce(alice, bob)
             alice.send(wire.CONNECT, target='nobody')
             assert alice.receive().type == wire.ERROR
     finally:
@@ -282,8 +284,8 @@ def test_quiet_server_logs_nothing_for_a_normal_session():
 def test_a_new_introduction_replaces_the_old_one(peers):
     # Else every repeated CONNECT would keep a session, and memory, forever.
     alice, bob = peers('alice'), peers('bob')
-    sessions = []
-    for _ in range(3):
+    sessions = [introduce(alice, bob)[0].session]
+    for _ in range(2):
         alice.send(wire.CONNECT, target='bob')
         sessions.append(alice.receive().session)
         bob.receive()

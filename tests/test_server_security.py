@@ -1,0 +1,121 @@
+"""The rendezvous server on the open internet: consent, names, floods, limits.
+
+Each test drives the real server with raw protocol messages and checks
+what a user would notice: who hears what, whose name stays whose, and that
+a legitimate peer is still served while strangers misbehave.
+"""
+
+import pytest
+
+import p2pcommon as wire
+from procs import start_server
+from test_server import RawPeer, introduce
+
+
+@pytest.fixture
+def server(request):
+    """A rendezvous server (-v); a test may pass options with @pytest.mark.server_args."""
+    marker = request.node.get_closest_marker('server_args')
+    proc, port = start_server('-v', *(marker.args if marker else ()))
+    yield proc, port
+    proc.stop()
+    assert not [line for line in proc.err.lines if 'Traceback' in line], proc.transcript()
+
+
+@pytest.fixture
+def peers(server):
+    """A factory for RawPeer objects, closed at the end."""
+    made = []
+
+    def peer(name=None):
+        made.append(RawPeer(server[1], name))
+        return made[-1]
+
+    yield peer
+    for p in made:
+        p.close()
+
+
+def error_of(peer):
+    """The next message, which must be an ERROR: (code, text)."""
+    message = peer.receive()
+    assert message.type == wire.ERROR, message
+    return message.code, message.text
+
+
+def nothing_else_came(peer):
+    """True when nothing is queued for peer: a LIST's answer is the next message."""
+    peer.send(wire.LIST)
+    message = peer.receive()
+    return message.type == wire.PEERS or message
+
+
+# -- consent (article point 4) -------------------------------------------------
+
+
+def test_connect_asks_the_target_and_tells_it_only_the_name(peers):
+    alice, bob = peers('alice'), peers('bob')
+    alice.send(wire.CONNECT, target='bob')
+    ask = bob.receive()
+    assert ask == wire.Message(wire.ASK, wire.FLAG_REPLY, name='alice')
+    assert nothing_else_came(alice) is True         # no INTRODUCE before bob agrees
+    assert nothing_else_came(bob) is True
+
+
+def test_the_target_agrees_by_connecting_back(peers):
+    alice, bob = peers('alice'), peers('bob')
+    to_alice, to_bob = introduce(alice, bob)
+    assert to_alice.session == to_bob.session
+    assert (to_alice.role, to_bob.role) == (0, 1)
+
+
+def test_the_target_declines_and_the_asker_hears_so(peers):
+    alice, bob = peers('alice'), peers('bob')
+    alice.send(wire.CONNECT, target='bob')
+    assert bob.receive().type == wire.ASK
+    bob.send(wire.DECLINE, target='alice')
+    assert error_of(alice) == (wire.E_DECLINED, 'bob declined')
+    bob.send(wire.CONNECT, target='alice')          # a new question, not a yes
+    assert alice.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='bob')
+    assert nothing_else_came(bob) is True
+
+
+def test_declining_what_nobody_asked_says_so(peers):
+    alice, bob = peers('alice'), peers('bob')
+    bob.send(wire.DECLINE, target='alice')
+    assert error_of(bob) == (wire.E_UNKNOWN_PEER, "no request from 'alice'")
+    assert nothing_else_came(alice) is True
+
+
+@pytest.mark.server_args('--ask-timeout', '0.5')
+def test_an_unanswered_ask_runs_out(peers):
+    alice, bob = peers('alice'), peers('bob')
+    alice.send(wire.CONNECT, target='bob')
+    assert bob.receive().type == wire.ASK
+    assert error_of(alice) == (wire.E_NO_ANSWER, 'bob did not answer')
+    bob.send(wire.CONNECT, target='alice')          # too late: a new question
+    assert alice.receive().type == wire.ASK
+
+
+def test_an_ask_to_a_peer_that_leaves_ends(peers):
+    alice, bob = peers('alice'), peers('bob')
+    alice.send(wire.CONNECT, target='bob')
+    assert bob.receive().type == wire.ASK
+    bob.close()
+    assert error_of(alice) == (wire.E_NO_ANSWER, 'bob did not answer')
+
+
+@pytest.mark.server_args('--max-asks', '2')
+def test_one_target_has_a_bounded_number_of_asks_waiting(peers):
+    bob = peers('bob')
+    askers = [peers(f'asker{i}') for i in range(3)]
+    for asker in askers:
+        asker.send(wire.CONNECT, target='bob')
+    assert [bob.receive().name for _ in range(2)] == ['asker0', 'asker1']
+    assert error_of(askers[2]) == (wire.E_TOO_MANY, 'bob has 2 requests waiting; '
+                                                    'try again later')
+    assert nothing_else_came(bob) is True
+    bob.send(wire.CONNECT, target='asker0')         # answering one frees a place
+    assert bob.receive().type == askers[0].receive().type == wire.INTRODUCE
+    askers[2].send(wire.CONNECT, target='bob')
+    assert bob.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='asker2')
