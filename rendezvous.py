@@ -423,7 +423,7 @@ class Rendezvous:
         """Tell a peer what was wrong with its request; count it for the summary."""
         log.debug('error to %s: %s', peer, text)
         self.refused[text.split(':')[0]] += 1
-        self.send(peer, wire.ERROR, code=code, text=text[:wire.MAX_TEXT])
+        self.send(peer, wire.ERROR, code=code, text=cut(text, wire.MAX_TEXT))
 
     # -- requests on the control connection ---------------------------------
 
@@ -688,6 +688,17 @@ class Rendezvous:
             encoded = wire.ENDPOINT.pack((plain, 0))
             known = self.addresses[host] = (plain, encoded[0], encoded[3:])
         return known
+
+
+def cut(text, size):
+    """text shortened to at most size bytes of UTF-8, never inside a character.
+
+    The wire counts bytes: 1,000 characters of an error that quotes a
+    peer's bad name ('\\x01' for each control byte, 'é' for two bytes) can
+    be 1,001 bytes, which the encoder refuses.
+    """
+    data = text.encode('utf-8')
+    return data[:size].decode('utf-8', 'ignore') if len(data) > size else text
 
 
 def plain_mapping_request(data):

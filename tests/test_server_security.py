@@ -119,3 +119,41 @@ def test_one_target_has_a_bounded_number_of_asks_waiting(peers):
     assert bob.receive().type == askers[0].receive().type == wire.INTRODUCE
     askers[2].send(wire.CONNECT, target='bob')
     assert bob.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='asker2')
+
+
+# -- errors that quote a bad name ------------------------------------------------
+
+# 255 bytes that the server quotes in its error: 'é' is one character and two
+# bytes, each control byte four characters ('\x01'): 1,000 characters of
+# the error are more than the 1,000 bytes an ERROR may carry.
+LONG_BAD_NAME = 'é'.encode() + b'\x01' * 253
+
+
+def frame(type, payload):
+    """A message with a payload built by hand (our encoder refuses bad names)."""
+    return wire.HEADER.pack(wire.MAGIC, wire.VERSION, type, 0, len(payload)) + payload
+
+
+def counted_name(raw):
+    """A name field holding any bytes."""
+    return bytes([len(raw)]) + raw
+
+
+@pytest.mark.parametrize('request_with_bad_name', [
+    'register', 'connect', 'relay'])
+def test_an_error_quoting_a_long_bad_name_fits_the_wire(peers, request_with_bad_name):
+    alice, bob = peers('alice'), peers('bob')
+    mallory = peers() if request_with_bad_name == 'register' else peers('mallory')
+    if request_with_bad_name == 'register':
+        mallory.tcp.sendall(frame(wire.REGISTER, counted_name(LONG_BAD_NAME) + b'\0'
+                                  + bytes(2) + bytes(wire.PROOF_SIZE)))
+    elif request_with_bad_name == 'connect':
+        mallory.tcp.sendall(frame(wire.CONNECT, counted_name(LONG_BAD_NAME)))
+    else:
+        session = introduce(mallory, alice)[0].session
+        inner = frame(wire.CONNECT, counted_name(LONG_BAD_NAME))
+        mallory.send(wire.RELAY, session=session, message=inner)
+    code, text = error_of(mallory)
+    assert code == wire.E_BAD_MESSAGE and 'bytes, must be 1 to 32' in text
+    assert len(text.encode()) <= wire.MAX_TEXT
+    introduce(alice, bob)                           # and everyone else is served
