@@ -21,6 +21,7 @@ only (FD_SETSIZE), which would cap us at about a thousand peers.
 import argparse
 import collections
 import errno
+import hmac
 import logging
 import resource
 import secrets
@@ -32,6 +33,7 @@ import sys
 import time
 
 import identity
+import names
 import p2pcommon as wire
 
 log = logging.getLogger('rendezvous')
@@ -75,7 +77,8 @@ class Limits:
     """
 
     def __init__(self, per_address=64, register_timeout=30.0, max_output=256 * 1024,
-                 mapping_rate=20.0, connect_rate=5.0, ask_timeout=60.0, max_asks=16):
+                 mapping_rate=20.0, connect_rate=5.0, ask_timeout=60.0, max_asks=16,
+                 name_hold=86400.0, max_held_names=100_000):
         self.per_address = per_address              # open connections per source address
         self.register_timeout = register_timeout    # seconds to send REGISTER
         self.max_output = max_output                # unread bytes before we drop a peer
@@ -84,6 +87,8 @@ class Limits:
         self.connect_rate = connect_rate            # CONNECT per second per peer
         self.ask_timeout = ask_timeout              # seconds a target has to answer an ASK
         self.max_asks = max_asks                    # unanswered asks waiting for one target
+        self.name_hold = name_hold                  # seconds a left name is kept for its owner
+        self.max_held_names = max_held_names        # names kept so, at most
 
 
 class RateLimit:
@@ -236,7 +241,8 @@ class Rendezvous:
         self.mapping_limit = RateLimit(self.limits.mapping_rate)
         self.connect_limit = RateLimit(self.limits.connect_rate)
         self.selector = selectors.DefaultSelector()
-        self.peers = {}                 # name -> Peer (registered)
+        self.peers = {}                 # folded name (names.py) -> Peer (registered)
+        self.owners = names.Owners(self.limits.name_hold, self.limits.max_held_names)
         self.by_token = {}              # registration token -> Peer
         self.sessions = {}              # session token -> Session
         self.asks = Asks(self.limits.ask_timeout, self.limits.max_asks)
@@ -324,6 +330,7 @@ class Rendezvous:
             self.send_error(asker, wire.E_NO_ANSWER, f'{target} did not answer')
         if now >= self.next_summary:
             self.mapping_limit.forget_idle(now)
+            self.owners.forget_expired(now)
             self.connect_limit.forget_idle(now)
             self.report_dropped()
             self.next_summary = now + SUMMARY_INTERVAL
@@ -386,9 +393,11 @@ class Rendezvous:
             self.send(session.other(peer), wire.RELAY, session=token, message=b'')
         for asker, _ in self.asks.forget(peer):
             self.send_error(asker, wire.E_NO_ANSWER, f'{peer} did not answer')
-        if peer.name and self.peers.get(peer.name) is peer:
-            del self.peers[peer.name]
+        key = names.fold(peer.name) if peer.name else None
+        if key and self.peers.get(key) is peer:
+            del self.peers[key]
             del self.by_token[peer.token]
+            self.owners.release(key, peer.proof, time.monotonic())
             log.info('%s disconnected', peer)
 
     def send(self, peer, type, **fields):
@@ -435,8 +444,8 @@ class Rendezvous:
         elif peer.name is None:
             self.send_error(peer, wire.E_NOT_REGISTERED, 'register first')
         elif message.type == wire.LIST:
-            names = sorted(n for n, p in self.peers.items() if p.public)
-            self.send(peer, wire.PEERS, names=names[:wire.MAX_PEERS_LISTED])
+            listed = sorted(p.name for p in self.peers.values() if p.public)
+            self.send(peer, wire.PEERS, names=listed[:wire.MAX_PEERS_LISTED])
         elif message.type == wire.CONNECT:
             if self.connect_limit.allow(peer.name, time.monotonic()):
                 self.connect(peer, message.target)
@@ -455,22 +464,56 @@ class Rendezvous:
                             f'type: {message.name_of_type} is not a request to the server')
 
     def register(self, peer, message):
-        """Give a name to a connection, unless a live connection holds it."""
+        """Give a name to a connection, if the name reads well and is not someone else's.
+
+        A name belongs to the proof it was first registered with (names.py,
+        identity.py).  The owner's new connection takes it over at once:
+        the old one is most likely dead and not yet noticed (a laptop that
+        slept, a NAT that forgot the mapping).
+        """
         if peer.name is not None:
             self.send_error(peer, wire.E_ALREADY_REGISTERED, f'already registered as {peer}')
             return
-        if message.name in self.peers:
-            self.send_error(peer, wire.E_NAME_TAKEN, f'name {message.name!r} is taken')
+        try:
+            names.check_readable(message.name)
+        except wire.ProtocolError as error:
+            self.send_error(peer, wire.E_BAD_MESSAGE, str(error))
             return
+        key = names.fold(message.name)
+        if not self.owns(key, message.proof):
+            self.refuse_name(peer, message.name, key)
+            return
+        holder = self.peers.get(key)
+        if holder is not None:
+            log.info('%s: a new connection with its key takes the name over', holder)
+            self.send_error(holder, wire.E_NAME_TAKEN,
+                            'a new connection with your key took over your name')
+            self.close(holder)
         peer.name, peer.private, peer.tcp_port = message.name, message.private, message.tcp_port
         peer.proof = message.proof
         self.unregistered.pop(peer.sock, None)
         peer.token = secrets.token_bytes(wire.TOKEN_SIZE)
-        self.peers[peer.name] = peer
+        self.owners.take(key)
+        self.peers[key] = peer
         self.by_token[peer.token] = peer
         log.info('%s registered from %s, private %s', peer, wire.format_endpoint(peer.address),
                  ' '.join(map(wire.format_endpoint, peer.private)) or 'none')
         self.send(peer, wire.REGISTERED, token=peer.token)
+
+    def owns(self, key, proof):
+        """True when no one else holds or keeps the (folded) name."""
+        holder = self.peers.get(key)
+        owner = holder.proof if holder else self.owners.proof(key, time.monotonic())
+        return owner is None or hmac.compare_digest(owner, proof)
+
+    def refuse_name(self, peer, name, key):
+        """Say whose the name is not, and close: guessing costs a connection each."""
+        holder = self.peers.get(key)
+        spelled = holder.name if holder else name
+        self.send_error(peer, wire.E_NAME_TAKEN,
+                        f'name {name!r} is taken' if spelled == name
+                        else f'name {name!r} is taken (it reads as {spelled!r})')
+        self.close(peer)
 
     def connect(self, peer, target_name):
         """Ask the target for consent, or, if it asked first, introduce the pair (point 4).
@@ -514,8 +557,8 @@ class Rendezvous:
         log.info('%s declined %s', peer, asker)
 
     def find(self, name):
-        """The registered peer of that name, or None."""
-        return self.peers.get(name)
+        """The registered peer whose name reads as this one, or None."""
+        return self.peers.get(names.fold(name))
 
     def pair(self, peer, target):
         """Introduce two peers to each other with a fresh session token.
@@ -815,6 +858,12 @@ def parse_args(argv):
     limits.add_argument('--ask-timeout', type=float, default=defaults.ask_timeout,
                         help='seconds a peer has to answer a request to connect; then the '
                              'asker hears that it did not answer')
+    limits.add_argument('--name-hold', type=float, default=defaults.name_hold,
+                        help='seconds a name stays reserved for its owner after its '
+                             'connection closes')
+    limits.add_argument('--max-held-names', type=int, default=defaults.max_held_names,
+                        help='names reserved so at most; past that, the one released '
+                             'longest ago is freed first')
     limits.add_argument('--max-asks', type=int, default=defaults.max_asks,
                         help='unanswered requests to connect waiting for one peer; more '
                              'get an ERROR')
@@ -856,7 +905,8 @@ def main(argv=None):
         limits = Limits(per_address=args.max_per_address,
                         register_timeout=args.register_timeout, max_output=args.max_output,
                         mapping_rate=args.mapping_rate, connect_rate=args.connect_rate,
-                        ask_timeout=args.ask_timeout, max_asks=args.max_asks)
+                        ask_timeout=args.ask_timeout, max_asks=args.max_asks,
+                        name_hold=args.name_hold, max_held_names=args.max_held_names)
         binds = args.bind or [default_bind()]
         server = Rendezvous(binds, args.port, limits)
     except (OSError, ValueError) as error:

@@ -5,11 +5,13 @@ what a user would notice: who hears what, whose name stays whose, and that
 a legitimate peer is still served while strangers misbehave.
 """
 
+import time
+
 import pytest
 
 import p2pcommon as wire
 from procs import start_server
-from test_server import RawPeer, introduce
+from test_server import RawPeer, introduce, proof_of
 
 
 @pytest.fixture
@@ -157,3 +159,102 @@ def test_an_error_quoting_a_long_bad_name_fits_the_wire(peers, request_with_bad_
     assert code == wire.E_BAD_MESSAGE and 'bytes, must be 1 to 32' in text
     assert len(text.encode()) <= wire.MAX_TEXT
     introduce(alice, bob)                           # and everyone else is served
+
+
+# -- names that belong to someone ------------------------------------------------
+
+
+def refused(peer, name, proof=None):
+    """Register name and expect an ERROR: (code, text, whether the server closed)."""
+    peer.send_register(name, proof)
+    code, text = error_of(peer)
+    peer.tcp.settimeout(0.5)
+    try:
+        closed = peer.tcp.recv(100) == b''
+    except TimeoutError:
+        closed = False
+    peer.tcp.settimeout(5)
+    return code, text, closed
+
+
+def listed(peer):
+    """The names a LIST shows."""
+    peer.send(wire.LIST)
+    return peer.receive().names
+
+
+MALLORY = proof_of('bob', key=b'mallory has another key')
+
+
+def test_a_name_stays_with_the_key_that_registered_it(peers):
+    peers('bob')
+    assert refused(peers(), 'bob', MALLORY) == (wire.E_NAME_TAKEN, "name 'bob' is taken", True)
+    assert listed(peers('carol')) == ['bob', 'carol']
+
+
+@pytest.mark.parametrize('lookalike, reading', [
+    ('Bob', 'another case'), ('BOB', 'capitals'), ('ｂｏｂ', 'fullwidth')])
+def test_a_name_that_reads_as_a_taken_one_is_taken(peers, lookalike, reading):
+    bob = peers('bob')
+    assert refused(peers(), lookalike, MALLORY) == (
+        wire.E_NAME_TAKEN, f"name {lookalike!r} is taken (it reads as 'bob')", True)
+    carol = peers('carol')
+    carol.send(wire.CONNECT, target=lookalike)      # lookups read names the same way
+    assert bob.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='carol')
+
+
+@pytest.mark.parametrize('name, reason', [
+    ('bоb', 'name: mixes Latin and Cyrillic'),
+    ('bοb', 'name: mixes Latin and Greek'),
+    ('bo\u0336b', "name: a combining mark on 'o', U+0336 (COMBINING LONG STROKE OVERLAY); "
+                  "use a letter that has the mark"),
+    ('bob\u3164', 'name: holds an invisible character, U+3164 (HANGUL FILLER)'),
+    ('\u2800bob', 'name: holds an invisible character, U+2800 (BRAILLE PATTERN BLANK)'),
+    ('bob\u115f', 'name: holds an invisible character, U+115F (HANGUL CHOSEONG FILLER)'),
+    ('b\uffa0ob', 'name: holds an invisible character, U+FFA0 (HALFWIDTH HANGUL FILLER)'),
+])
+def test_a_name_that_does_not_read_reliably_is_refused_with_the_reason(peers, name, reason):
+    bob = peers('bob')
+    assert refused(peers(), name) == (wire.E_BAD_MESSAGE, reason, False)
+    assert listed(bob) == ['bob']
+
+
+def test_names_in_one_script_are_welcome(peers):
+    for name in ('Zoë', 'Zoe\u0308b', 'Алиса', 'さくら', 'dev-01', 'dev-さくら', 'नमस्ते'):
+        peers(name)
+    assert len(listed(peers('bob'))) == 8
+
+
+def test_the_owners_new_connection_takes_the_name_over(peers):
+    old, carol = peers('bob'), peers('carol')
+    new = peers('bob')                              # same key: the same user
+    assert error_of(old) == (wire.E_NAME_TAKEN,
+                             'a new connection with your key took over your name')
+    assert old.tcp.recv(100) == b''
+    carol.send(wire.CONNECT, target='bob')
+    assert new.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='carol')
+
+
+def test_a_name_is_kept_for_its_owner_after_the_connection_closes(peers):
+    alice, bob = peers('alice'), peers('bob')
+    alice.send(wire.CONNECT, target='bob')
+    bob.receive()
+    bob.close()
+    assert error_of(alice) == (wire.E_NO_ANSWER, 'bob did not answer')     # bob is gone
+    assert refused(peers(), 'bob', MALLORY)[:2] == (wire.E_NAME_TAKEN, "name 'bob' is taken")
+    assert peers('bob').token                       # and its owner has it back
+
+
+@pytest.mark.server_args('--name-hold', '0.3')
+def test_a_name_kept_too_long_is_free_again(server, peers):
+    bob = peers('bob')
+    bob.close()
+    deadline = time.monotonic() + 5
+    while True:                                     # until the server frees it
+        mallory = RawPeer(server[1])
+        mallory.send_register('bob', MALLORY)
+        reply = mallory.receive()
+        mallory.close()
+        if reply.type == wire.REGISTERED:
+            break
+        assert reply.code == wire.E_NAME_TAKEN and time.monotonic() < deadline
