@@ -35,6 +35,7 @@ import time
 import identity
 import names
 import p2pcommon as wire
+from limits import Limits, RateLimit, TokenBucket, address_key
 
 log = logging.getLogger('rendezvous')
 
@@ -63,72 +64,35 @@ MAPPING_REQUEST = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.MAPPING, 0,
 MAPPING_REPLY = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.MAPPING, wire.FLAG_REPLY,
                                  MAPPING_SIZE - wire.HEADER_SIZE)
 TOKEN_END = wire.HEADER_SIZE + wire.TOKEN_SIZE
+TYPE_OFFSET = 3                 # the header's type byte: magic (2), version (1), type
 # An IPv4 endpoint's last 12 address bytes are zeros, XORed with the key.
 IPV4_PADDING = wire.XOR_ADDRESS[4:]
 ENDPOINT_PORT = struct.Struct('!BH')
 SUMMARY_INTERVAL = 60.0         # seconds between reports of dropped datagrams
 
-
-class Limits:
-    """What one source may cost us; each is a command-line option.
-
-    Anyone can reach a public rendezvous server, so every resource a
-    stranger can make us spend has a ceiling.
-    """
-
-    def __init__(self, per_address=64, register_timeout=30.0, max_output=256 * 1024,
-                 mapping_rate=20.0, connect_rate=5.0, ask_timeout=60.0, max_asks=16,
-                 name_hold=86400.0, max_held_names=100_000):
-        self.per_address = per_address              # open connections per source address
-        self.register_timeout = register_timeout    # seconds to send REGISTER
-        self.max_output = max_output                # unread bytes before we drop a peer
-        # (relayed messages are dropped instead once half of it is queued)
-        self.mapping_rate = mapping_rate            # MAPPING per second per address
-        self.connect_rate = connect_rate            # CONNECT per second per peer
-        self.ask_timeout = ask_timeout              # seconds a target has to answer an ASK
-        self.max_asks = max_asks                    # unanswered asks waiting for one target
-        self.name_hold = name_hold                  # seconds a left name is kept for its owner
-        self.max_held_names = max_held_names        # names kept so, at most
-
-
-class RateLimit:
-    """A token bucket per key: ``rate`` requests a second, bursts of twice that.
-
-    A rate of 0 means no limit.
-    """
-
-    def __init__(self, rate):
-        self.rate = rate
-        self.burst = 2 * rate
-        self.buckets = {}           # key -> [tokens, when last refilled]
-
-    def allow(self, key, now):
-        """Take one token for key; False when its bucket is empty."""
-        if not self.rate:
-            return True
-        bucket = self.buckets.setdefault(key, [self.burst, now])
-        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if bucket[0] < 1:
-            return False
-        bucket[0] -= 1
-        return True
-
-    def forget_idle(self, now):
-        """Drop the buckets that have filled up again: they hold nothing."""
-        full = now - self.burst / self.rate if self.rate else now
-        self.buckets = {k: b for k, b in self.buckets.items() if b[1] > full}
+# TCP keepalives on every control connection: a peer whose machine died or
+# whose NAT forgot the mapping sends no FIN, and without probes its
+# connection, and its name, would stay with us until our next write.
+KEEPALIVE_OPTIONS = [(socket.SOL_SOCKET, 'SO_KEEPALIVE', 1),
+                     (socket.IPPROTO_TCP, 'TCP_KEEPIDLE', 60),      # seconds of silence
+                     (socket.IPPROTO_TCP, 'TCP_KEEPINTVL', 10),     # between probes
+                     (socket.IPPROTO_TCP, 'TCP_KEEPCNT', 3),        # unanswered: closed
+                     (socket.IPPROTO_TCP, 'TCP_USER_TIMEOUT', 60_000)]   # ms data waits
 
 
 class Peer:
     """One control connection and, once registered, what we know of the peer."""
 
-    def __init__(self, sock, address, now):
+    def __init__(self, sock, address, now, limits):
         self.sock = sock
         self.address = address          # of the TCP connection, for logs
+        self.source = address_key(address[0], limits.ipv6_prefix)   # what limits count
         self.reader = wire.FrameReader(MAX_REQUEST)
         self.output = bytearray()
         self.connected_at = now
+        self.heard = now                # when it last sent us anything
+        self.requests = TokenBucket(limits.request_rate, now)
+        self.lists = TokenBucket(limits.list_rate, now)
         self.name = None
         self.proof = None               # REGISTER's proof that it holds the name's secret
         self.token = None               # registration token: ties MAPPING to us
@@ -223,10 +187,11 @@ class Session:
     message costs a comparison and not an HMAC.
     """
 
-    def __init__(self, token, asker, answerer):
+    def __init__(self, token, asker, answerer, relay_rate, now):
         self.token = token
         self.id = identity.session_id(token)
         self.peers = (asker, answerer)
+        self.relayed = TokenBucket(relay_rate, now)     # bytes: a relay is not a free pipe
 
     def other(self, peer):
         """The partner of one of the pair."""
@@ -240,6 +205,7 @@ class Rendezvous:
         self.limits = limits or Limits()
         self.mapping_limit = RateLimit(self.limits.mapping_rate)
         self.connect_limit = RateLimit(self.limits.connect_rate)
+        self.accept_limit = RateLimit(self.limits.accept_rate)
         self.selector = selectors.DefaultSelector()
         self.peers = {}                 # folded name (names.py) -> Peer (registered)
         self.owners = names.Owners(self.limits.name_hold, self.limits.max_held_names)
@@ -250,9 +216,13 @@ class Rendezvous:
         # Not registered yet, oldest first (dicts keep insertion order): the
         # timer looks at the expired head only, not at every connection.
         self.unregistered = {}          # socket -> Peer
-        self.addresses = {}             # source host -> (plain host, family, XORed bytes)
-        self.per_address = collections.Counter()
-        self.dropped = collections.Counter()    # bad datagrams, by reason
+        self.registered = {}            # socket -> Peer, the longest silent first
+        self.peers_reply = None         # the encoded PEERS, until the list changes
+        self.addresses = {}             # source host -> (plain, family, XORed bytes, key)
+        self.per_address = collections.Counter()    # open connections per source
+        # By a short fixed reason that our code gives, never by a text that
+        # holds what a peer sent: a stranger could grow these without end.
+        self.dropped = collections.Counter()    # datagrams and relayed messages
         self.refused = collections.Counter()    # ERROR replies and refused connections
         self.next_summary = time.monotonic() + SUMMARY_INTERVAL
         self.port, self.probes, self.wildcards = self._open_all(binds, port)
@@ -318,7 +288,7 @@ class Rendezvous:
         self.check_timers(time.monotonic())
 
     def check_timers(self, now):
-        """Close connections that never registered, end unanswered asks; summarise."""
+        """Close connections that never registered or fell silent, end asks; summarise."""
         timeout = self.limits.register_timeout
         while self.unregistered:
             peer = next(iter(self.unregistered.values()))
@@ -326,12 +296,20 @@ class Rendezvous:
                 break           # the rest connected later still
             log.info('closing %s: not registered after %g s', peer, timeout)
             self.close(peer)
+        timeout = self.limits.idle_timeout
+        while self.registered:
+            peer = next(iter(self.registered.values()))
+            if now - peer.heard <= timeout:
+                break           # the rest were heard later
+            log.info('closing %s: silent for %g s', peer, timeout)
+            self.close(peer)
         for asker, target in self.asks.expired(now):
-            self.send_error(asker, wire.E_NO_ANSWER, f'{target} did not answer')
+            self.send_error(asker, wire.E_NO_ANSWER, f'{target} did not answer', 'no answer')
         if now >= self.next_summary:
             self.mapping_limit.forget_idle(now)
             self.owners.forget_expired(now)
             self.connect_limit.forget_idle(now)
+            self.accept_limit.forget_idle(now)
             self.report_dropped()
             self.next_summary = now + SUMMARY_INTERVAL
 
@@ -339,8 +317,7 @@ class Rendezvous:
         """One log line each for the bad datagrams and the refused requests.
 
         A flood of garbage must not become a flood of log lines: what went
-        wrong is counted, by the field or the request it concerned, and
-        reported once a minute.
+        wrong is counted, by a fixed reason, and reported once a minute.
         """
         for what, counts in (('dropped %d datagrams: %s', self.dropped),
                              ('refused %d requests and connections: %s', self.refused)):
@@ -352,22 +329,31 @@ class Rendezvous:
     # -- TCP control connections -------------------------------------------
 
     def accept(self, listener, mask):
-        """Take a new control connection, unless its address has too many."""
+        """Take a new control connection, unless its source has too many or too fast."""
         try:
             sock, address = listener.accept()
         except OSError:
             return
         address = wire.plain(address)
-        if self.per_address[address[0]] >= self.limits.per_address:
+        source = address_key(address[0], self.limits.ipv6_prefix)
+        now = time.monotonic()
+        if self.per_address[source] >= self.limits.max_per_address:
             log.debug('refusing %s: %d connections from that address already',
-                      wire.format_endpoint(address), self.limits.per_address)
+                      wire.format_endpoint(address), self.limits.max_per_address)
             self.refused['connections per address'] += 1
+            sock.close()
+            return
+        if not self.accept_limit.allow(source, now):
+            self.refused['new connections too fast'] += 1
             sock.close()
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # replies go out whole
-        self.per_address[address[0]] += 1
-        peer = Peer(sock, address, time.monotonic())
+        for level, option, value in KEEPALIVE_OPTIONS:
+            if hasattr(socket, option):         # Linux has them all; others fewer
+                sock.setsockopt(level, getattr(socket, option), value)
+        self.per_address[source] += 1
+        peer = Peer(sock, address, now, self.limits)
         self.connections[sock] = peer
         self.unregistered[sock] = peer
         self.selector.register(sock, selectors.EVENT_READ, Connection(self, peer).ready)
@@ -380,10 +366,11 @@ class Rendezvous:
         self.selector.unregister(peer.sock)
         del self.connections[peer.sock]
         self.unregistered.pop(peer.sock, None)
+        self.registered.pop(peer.sock, None)
         peer.sock.close()
-        self.per_address[peer.address[0]] -= 1
-        if self.per_address[peer.address[0]] <= 0:
-            del self.per_address[peer.address[0]]
+        self.per_address[peer.source] -= 1
+        if self.per_address[peer.source] <= 0:
+            del self.per_address[peer.source]
         for token, session in list(peer.sessions.items()):
             self.forget_session(token)
             # Tell the partner at once that the relay is gone.  An empty
@@ -392,11 +379,13 @@ class Rendezvous:
             # direct path, if there is one, may well live on.
             self.send(session.other(peer), wire.RELAY, session=token, message=b'')
         for asker, _ in self.asks.forget(peer):
-            self.send_error(asker, wire.E_NO_ANSWER, f'{peer} did not answer')
+            self.send_error(asker, wire.E_NO_ANSWER, f'{peer} did not answer', 'no answer')
         key = names.fold(peer.name) if peer.name else None
         if key and self.peers.get(key) is peer:
             del self.peers[key]
             del self.by_token[peer.token]
+            if peer.public:
+                self.peers_reply = None         # the list changed
             self.owners.release(key, peer.proof, time.monotonic())
             log.info('%s disconnected', peer)
 
@@ -404,13 +393,18 @@ class Rendezvous:
         """Queue a reply for a peer; drop the peer if it never reads."""
         if peer.sock.fileno() < 0:
             return      # it left while we were working on its request
-        data = wire.reply(type, **fields)
+        log.debug('> %s to %s (tcp)', wire.TYPE_NAMES[type], peer)
+        self.send_encoded(peer, wire.reply(type, **fields))
+
+    def send_encoded(self, peer, data):
+        """Queue an encoded reply; drop the peer if it never reads."""
+        if peer.sock.fileno() < 0:
+            return
         if len(peer.output) + len(data) > self.limits.max_output:
             log.warning('dropping %s: %d bytes queued and it does not read',
                         peer, len(peer.output))
             self.close(peer)
             return
-        log.debug('> %s to %s (tcp)', wire.TYPE_NAMES[type], peer)
         if peer.output:
             peer.output += data         # the loop is already waiting to write
             return
@@ -428,10 +422,10 @@ class Rendezvous:
             self.selector.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                  self.selector.get_key(peer.sock).data)
 
-    def send_error(self, peer, code, text):
-        """Tell a peer what was wrong with its request; count it for the summary."""
+    def send_error(self, peer, code, text, why):
+        """Tell a peer what was wrong with its request; count it, by why, for the summary."""
         log.debug('error to %s: %s', peer, text)
-        self.refused[text.split(':')[0]] += 1
+        self.refused[why] += 1
         self.send(peer, wire.ERROR, code=code, text=cut(text, wire.MAX_TEXT))
 
     # -- requests on the control connection ---------------------------------
@@ -439,29 +433,62 @@ class Rendezvous:
     def handle(self, peer, message):
         """Dispatch one control message from a peer."""
         log.debug('< %s from %s (tcp)', message.name_of_type, peer)
-        if message.type == wire.REGISTER:
+        now = time.monotonic()
+        self.heard(peer, now)
+        if message.type == wire.RELAY:
+            self.relay(peer, message, now)      # measured in bytes, per session
+        elif not peer.requests.allow(now):
+            self.send_error(peer, wire.E_RATE_LIMITED,
+                            f'too many requests: at most {self.limits.request_rate:g} '
+                            f'a second', 'requests too fast')
+        elif message.type == wire.REGISTER:
             self.register(peer, message)
         elif peer.name is None:
-            self.send_error(peer, wire.E_NOT_REGISTERED, 'register first')
+            self.send_error(peer, wire.E_NOT_REGISTERED, 'register first', 'not registered')
+        elif message.type == wire.ALIVE:
+            self.send(peer, wire.ALIVE)
         elif message.type == wire.LIST:
-            listed = sorted(p.name for p in self.peers.values() if p.public)
-            self.send(peer, wire.PEERS, names=listed[:wire.MAX_PEERS_LISTED])
+            self.list_peers(peer, now)
         elif message.type == wire.CONNECT:
-            if self.connect_limit.allow(peer.name, time.monotonic()):
+            if self.connect_limit.allow(peer.name, now):
                 self.connect(peer, message.target)
             else:
                 self.send_error(peer, wire.E_RATE_LIMITED,
                                 f'too many connect requests: at most '
-                                f'{self.limits.connect_rate:g} a second')
+                                f'{self.limits.connect_rate:g} a second', 'connects too fast')
         elif message.type == wire.DECLINE:
             self.decline(peer, message.target)
-        elif message.type == wire.RELAY:
-            self.relay(peer, message)
         elif message.type == wire.BYE:
             self.close(peer)
         else:
             self.send_error(peer, wire.E_BAD_MESSAGE,
-                            f'type: {message.name_of_type} is not a request to the server')
+                            f'type: {message.name_of_type} is not a request to the server',
+                            'not a request')
+
+    def heard(self, peer, now):
+        """Note that a registered peer is alive: the idle timer counts from now."""
+        peer.heard = now
+        if peer.name is not None:
+            self.registered.pop(peer.sock, None)
+            self.registered[peer.sock] = peer       # to the end: heard last
+
+    def list_peers(self, peer, now):
+        """Send the names of the peers one can connect to (those with a known mapping).
+
+        The encoded reply is kept until the list changes: up to a thousand
+        names, sorted and encoded again for every LIST, would let a few
+        connections keep the server busy.
+        """
+        if not peer.lists.allow(now):
+            self.send_error(peer, wire.E_RATE_LIMITED,
+                            f'too many list requests: at most {self.limits.list_rate:g} '
+                            f'a second', 'lists too fast')
+            return
+        if self.peers_reply is None:
+            listed = sorted(p.name for p in self.peers.values() if p.public)
+            self.peers_reply = wire.reply(wire.PEERS, names=listed[:wire.MAX_PEERS_LISTED])
+        log.debug('> PEERS to %s (tcp)', peer)
+        self.send_encoded(peer, self.peers_reply)
 
     def register(self, peer, message):
         """Give a name to a connection, if the name reads well and is not someone else's.
@@ -472,12 +499,13 @@ class Rendezvous:
         slept, a NAT that forgot the mapping).
         """
         if peer.name is not None:
-            self.send_error(peer, wire.E_ALREADY_REGISTERED, f'already registered as {peer}')
+            self.send_error(peer, wire.E_ALREADY_REGISTERED, f'already registered as {peer}',
+                            'registered twice')
             return
         try:
             names.check_readable(message.name)
         except wire.ProtocolError as error:
-            self.send_error(peer, wire.E_BAD_MESSAGE, str(error))
+            self.send_error(peer, wire.E_BAD_MESSAGE, str(error), 'unreadable name')
             return
         key = names.fold(message.name)
         if not self.owns(key, message.proof):
@@ -487,11 +515,13 @@ class Rendezvous:
         if holder is not None:
             log.info('%s: a new connection with its key takes the name over', holder)
             self.send_error(holder, wire.E_NAME_TAKEN,
-                            'a new connection with your key took over your name')
+                            'a new connection with your key took over your name',
+                            'name taken over by its owner')
             self.close(holder)
         peer.name, peer.private, peer.tcp_port = message.name, message.private, message.tcp_port
         peer.proof = message.proof
         self.unregistered.pop(peer.sock, None)
+        self.registered[peer.sock] = peer
         peer.token = secrets.token_bytes(wire.TOKEN_SIZE)
         self.owners.take(key)
         self.peers[key] = peer
@@ -512,7 +542,8 @@ class Rendezvous:
         spelled = holder.name if holder else name
         self.send_error(peer, wire.E_NAME_TAKEN,
                         f'name {name!r} is taken' if spelled == name
-                        else f'name {name!r} is taken (it reads as {spelled!r})')
+                        else f'name {name!r} is taken (it reads as {spelled!r})',
+                        'name taken')
         self.close(peer)
 
     def connect(self, peer, target_name):
@@ -523,14 +554,17 @@ class Rendezvous:
         """
         target = self.find(target_name)
         if target is None or target.public is None:
-            self.send_error(peer, wire.E_UNKNOWN_PEER, f'no peer named {target_name!r}')
+            self.send_error(peer, wire.E_UNKNOWN_PEER, f'no peer named {target_name!r}',
+                            'unknown peer')
             return
         if target is peer:
-            self.send_error(peer, wire.E_UNKNOWN_PEER, 'cannot connect to yourself')
+            self.send_error(peer, wire.E_UNKNOWN_PEER, 'cannot connect to yourself',
+                            'connect to oneself')
             return
         if peer.public is None:
             self.send_error(peer, wire.E_NOT_REGISTERED,
-                            'your public endpoint is not known yet: send MAPPING first')
+                            'your public endpoint is not known yet: send MAPPING first',
+                            'no mapping yet')
             return
         if self.asks.take(target, peer):
             self.pair(target, peer)         # the target asked first: this is consent
@@ -541,7 +575,7 @@ class Rendezvous:
         elif self.asks.full(target):
             self.send_error(peer, wire.E_TOO_MANY,
                             f'{target} has {self.limits.max_asks} requests waiting; '
-                            f'try again later')
+                            f'try again later', 'too many asks')
         else:
             self.asks.add(peer, target, time.monotonic())
             self.send(target, wire.ASK, name=peer.name)
@@ -551,9 +585,10 @@ class Rendezvous:
         """The target says no: the asker hears so, and nothing else about it."""
         asker = self.find(asker_name)
         if asker is None or not self.asks.take(asker, peer):
-            self.send_error(peer, wire.E_UNKNOWN_PEER, f'no request from {asker_name!r}')
+            self.send_error(peer, wire.E_UNKNOWN_PEER, f'no request from {asker_name!r}',
+                            'decline without ask')
             return
-        self.send_error(asker, wire.E_DECLINED, f'{peer} declined')
+        self.send_error(asker, wire.E_DECLINED, f'{peer} declined', 'declined')
         log.info('%s declined %s', peer, asker)
 
     def find(self, name):
@@ -575,7 +610,8 @@ class Rendezvous:
             while len(someone.sessions) >= MAX_SESSIONS:
                 self.forget_session(next(iter(someone.sessions)))
         token = secrets.token_bytes(wire.TOKEN_SIZE)
-        session = self.sessions[token] = Session(token, peer, target)
+        session = self.sessions[token] = Session(token, peer, target, self.limits.relay_rate,
+                                                 time.monotonic())
         peer.sessions[token] = target.sessions[token] = session
         # Both at once: each side must punch toward the other (point 5).
         self.introduce(target, peer, token, role=1)
@@ -599,22 +635,30 @@ class Rendezvous:
                   public=other.public, port_delta=other.port_delta, private=other.private,
                   tcp_public=other.address, tcp_port=other.tcp_port)
 
-    def relay(self, peer, message):
+    def relay(self, peer, message, now):
         """Forward peer traffic within an introduced pair, and only that (point 11)."""
         session = self.sessions.get(message.session)
         if session is None or peer not in session.peers:
-            self.send_error(peer, wire.E_NOT_INTRODUCED, 'relay: not a session of yours')
+            self.refuse_relay(peer, wire.E_NOT_INTRODUCED, 'relay: not a session of yours',
+                              'relay outside a session', now)
             return
         try:
             inner = wire.decode(message.message)
         except wire.ProtocolError as error:
-            self.send_error(peer, wire.E_BAD_MESSAGE, f'relay: {error}')
+            self.refuse_relay(peer, wire.E_BAD_MESSAGE, f'relay: {error}', 'bad relayed message',
+                              now)
             return
         # Only the pair's own messages, sealed for this session: the relay
         # is no way to send the partner control messages in our name, nor
         # another session's traffic.  (The MAC is the peers' to check.)
         if inner.type not in wire.PEER_TYPES or inner.session != session.id:
-            self.send_error(peer, wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
+            self.refuse_relay(peer, wire.E_BAD_MESSAGE, 'relay: carries only peer traffic',
+                              'relay of other traffic', now)
+            return
+        if not session.relayed.allow(now, len(message.message)):
+            # Over the session's byte rate: dropped, as from a full router
+            # queue.  The peers' reliable layer resends, and slows down.
+            self.dropped['relayed over the session rate'] += 1
             return
         other = session.other(peer)
         if len(other.output) > self.limits.max_output // 2:
@@ -624,10 +668,21 @@ class Rendezvous:
             # router drops from a full queue, and the receiver keeps its
             # connection: only a peer that does not read at all fills the
             # other half, with our replies, and is dropped for it.
-            self.refused['relays to a peer that reads too slowly'] += 1
+            self.dropped['relayed to a peer that reads too slowly'] += 1
             return
         log.debug('relaying %s from %s to %s', inner.name_of_type, peer, other)
         self.send(other, wire.RELAY, session=message.session, message=message.message)
+
+    def refuse_relay(self, peer, code, text, why, now):
+        """Say what is wrong with a relayed message, within the peer's request budget.
+
+        Relayed messages pass no request budget (they have the session's
+        byte rate), so that their errors do not become a flood of replies.
+        """
+        if peer.requests.allow(now):
+            self.send_error(peer, code, text, why)
+        else:
+            self.dropped[why] += 1
 
     # -- UDP: mapping requests (point 3) ------------------------------------
 
@@ -666,23 +721,30 @@ class Rendezvous:
         """
         if plain_mapping_request(data):
             token = data[wire.HEADER_SIZE:TOKEN_END]    # the common case: no decoding
+        elif len(data) != MAPPING_SIZE or data[TYPE_OFFSET] != wire.MAPPING:
+            # A MAPPING request is all that comes to us over UDP: anything
+            # else is dropped by its size or type byte, before any decoding.
+            self.dropped['not a mapping request'] += 1
+            return
         else:
             token = self.check_datagram(data, source)
             if token is None:
                 return
-        host, family, packed = self.source_address(source[0])
+        host, family, packed, key = self.source_address(source[0])
         public = (host, source[1])
         if debug:
             log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public),
                       sock.getsockname()[1])
-        if not self.mapping_limit.allow(host, now):
-            self.dropped['rate limited'] += 1
+        if not self.mapping_limit.allow(key, now):
+            self.dropped['mappings too fast'] += 1
             return
         peer = self.by_token.get(token)
         if peer is not None:
             if not probe:
                 if peer.public != public:
                     log.info('%s has public endpoint %s', peer, wire.format_endpoint(public))
+                if peer.public is None:
+                    self.peers_reply = None     # it can be connected to now: listed
                 peer.public = public
             else:
                 peer.probed = public
@@ -701,23 +763,23 @@ class Rendezvous:
             log.debug('udp send to %s: %s', wire.format_endpoint(source), error)
 
     def check_datagram(self, data, source):
-        """Decode a datagram that is not a plain MAPPING request; its token or None.
+        """Decode a MAPPING-sized datagram that is not a plain request; its token or None.
 
-        Counts the dropped ones by reason.  A MAPPING with unusual but legal
-        header bits (a reserved byte, say) still gets its answer.
+        Counts the dropped ones.  A MAPPING with unusual but legal header
+        bits (a reserved byte, say) still gets its answer.
         """
         try:
             message = wire.decode(data)
-            if message.type != wire.MAPPING or message.flags & wire.FLAG_REPLY:
-                raise wire.ProtocolError(f'type: {message.name_of_type} over udp')
+            if message.flags & wire.FLAG_REPLY:
+                raise wire.ProtocolError('flags: a reply sent to the server')
         except wire.ProtocolError as error:
-            self.dropped[str(error).split(':')[0]] += 1
+            self.dropped['malformed mapping request'] += 1
             log.debug('< bad datagram from %s: %s', wire.format_endpoint(source), error)
             return None
         return message.token
 
     def source_address(self, host):
-        """(plain host, family byte, XORed address bytes) for a source address.
+        """(plain host, family byte, XORed address bytes, limits' key) for an address.
 
         Parsing an address string is the dearest step of a MAPPING answer,
         and the same peers ask again and again, so the answers are kept,
@@ -729,7 +791,8 @@ class Rendezvous:
                 self.addresses.clear()
             plain = wire.plain((host, 0))[0]
             encoded = wire.ENDPOINT.pack((plain, 0))
-            known = self.addresses[host] = (plain, encoded[0], encoded[3:])
+            known = self.addresses[host] = (plain, encoded[0], encoded[3:],
+                                            address_key(plain, self.limits.ipv6_prefix))
         return known
 
 
@@ -791,7 +854,7 @@ class Connection:
                     return      # the message closed the connection
         except wire.FramingError as error:
             log.debug('closing %s: %s', peer, error)
-            self.server.send_error(peer, wire.E_BAD_MESSAGE, str(error))
+            self.server.send_error(peer, wire.E_BAD_MESSAGE, str(error), 'broken stream')
             self.write()
             self.server.close(peer)
 
@@ -803,7 +866,7 @@ class Connection:
             raise
         except wire.ProtocolError as error:
             log.debug('bad message from %s: %s', self.peer, error)
-            self.server.send_error(self.peer, wire.E_BAD_MESSAGE, str(error))
+            self.server.send_error(self.peer, wire.E_BAD_MESSAGE, str(error), 'bad message')
             return
         self.server.handle(self.peer, message)
 
@@ -824,7 +887,6 @@ class Connection:
 
 def parse_args(argv):
     """The command line; every limit is an option, its default in --help."""
-    defaults = Limits()
     parser = argparse.ArgumentParser(
         description='Rendezvous server for UDP hole punching: introduces peers, '
                     'tells them their public endpoints, relays when punching fails.',
@@ -840,33 +902,7 @@ def parse_args(argv):
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='log every message in and out, one line each')
     parser.add_argument('-q', '--quiet', action='store_true', help='log errors only')
-    limits = parser.add_argument_group('limits')
-    limits.add_argument('--max-per-address', type=int, default=defaults.per_address,
-                        help='open connections from one source address')
-    limits.add_argument('--register-timeout', type=float, default=defaults.register_timeout,
-                        help='seconds a new connection has to register before it is closed')
-    limits.add_argument('--max-output', type=int, default=defaults.max_output,
-                        help='bytes of unread replies before a peer that does not read '
-                             'is dropped; relayed messages to it are dropped instead once '
-                             'half of that is queued')
-    limits.add_argument('--mapping-rate', type=float, default=defaults.mapping_rate,
-                        help='MAPPING requests a second per source address, bursts of '
-                             'twice that; more are dropped (0: no limit)')
-    limits.add_argument('--connect-rate', type=float, default=defaults.connect_rate,
-                        help='CONNECT requests a second per peer, bursts of twice that; '
-                             'more get an ERROR (0: no limit)')
-    limits.add_argument('--ask-timeout', type=float, default=defaults.ask_timeout,
-                        help='seconds a peer has to answer a request to connect; then the '
-                             'asker hears that it did not answer')
-    limits.add_argument('--name-hold', type=float, default=defaults.name_hold,
-                        help='seconds a name stays reserved for its owner after its '
-                             'connection closes')
-    limits.add_argument('--max-held-names', type=int, default=defaults.max_held_names,
-                        help='names reserved so at most; past that, the one released '
-                             'longest ago is freed first')
-    limits.add_argument('--max-asks', type=int, default=defaults.max_asks,
-                        help='unanswered requests to connect waiting for one peer; more '
-                             'get an ERROR')
+    Limits.add_options(parser)
     return parser.parse_args(argv)
 
 
@@ -902,11 +938,7 @@ def main(argv=None):
     logging.basicConfig(level=level, format='%(asctime)s %(message)s', stream=sys.stderr)
     raise_descriptor_limit()
     try:
-        limits = Limits(per_address=args.max_per_address,
-                        register_timeout=args.register_timeout, max_output=args.max_output,
-                        mapping_rate=args.mapping_rate, connect_rate=args.connect_rate,
-                        ask_timeout=args.ask_timeout, max_asks=args.max_asks,
-                        name_hold=args.name_hold, max_held_names=args.max_held_names)
+        limits = Limits.from_args(args)
         binds = args.bind or [default_bind()]
         server = Rendezvous(binds, args.port, limits)
     except (OSError, ValueError) as error:

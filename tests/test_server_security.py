@@ -5,13 +5,18 @@ what a user would notice: who hears what, whose name stays whose, and that
 a legitimate peer is still served while strangers misbehave.
 """
 
+import os
+import socket
+import threading
 import time
 
 import pytest
 
+import limits
 import p2pcommon as wire
+import rendezvous
 from procs import start_server
-from test_server import RawPeer, introduce, proof_of
+from test_server import RawPeer, introduce, proof_of, sealed
 
 
 @pytest.fixture
@@ -245,7 +250,7 @@ def test_a_name_is_kept_for_its_owner_after_the_connection_closes(peers):
     assert peers('bob').token                       # and its owner has it back
 
 
-@pytest.mark.server_args('--name-hold', '0.3')
+@pytest.mark.server_args('--name-hold', '0.3', '--accept-rate', '0')
 def test_a_name_kept_too_long_is_free_again(server, peers):
     bob = peers('bob')
     bob.close()
@@ -258,3 +263,211 @@ def test_a_name_kept_too_long_is_free_again(server, peers):
         if reply.type == wire.REGISTERED:
             break
         assert reply.code == wire.E_NAME_TAKEN and time.monotonic() < deadline
+
+
+# -- bounded everything ------------------------------------------------------------
+
+
+def test_alive_is_answered(peers):
+    alice = peers('alice')
+    alice.send(wire.ALIVE)
+    assert alice.receive() == wire.Message(wire.ALIVE, wire.FLAG_REPLY)
+
+
+@pytest.mark.server_args('--idle-timeout', '0.5')
+def test_a_silent_peer_is_closed_and_one_that_says_alive_is_not(peers):
+    silent, talker = peers('silent'), peers('talker')
+    silent.tcp.settimeout(0.1)
+    deadline = time.monotonic() + 5
+    while True:                                     # until the server closes it
+        talker.send(wire.ALIVE)
+        assert talker.receive().type == wire.ALIVE
+        try:
+            if silent.tcp.recv(100) == b'':
+                break
+        except TimeoutError:
+            assert time.monotonic() < deadline, 'the silent peer was never closed'
+    assert introduce(talker, peers('bob'))          # the talker is served still
+
+
+def test_control_connections_ask_the_kernel_for_keepalives():
+    """A dead peer sends no FIN: its connection must still close, in process here."""
+    server = rendezvous.Rendezvous(['127.0.0.1'], 0)
+    with socket.create_connection(('127.0.0.1', server.port)):
+        while not server.connections:
+            server.serve_once(1.0)
+        sock = next(iter(server.connections))
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000
+
+
+@pytest.mark.server_args('--request-rate', '2')
+def test_requests_past_the_budget_get_an_error(peers):
+    alice = peers('alice')                          # REGISTER took one of the 4
+    for _ in range(5):
+        alice.send(wire.ALIVE)
+    assert [alice.receive().type for _ in range(5)] == [wire.ALIVE] * 3 + [wire.ERROR] * 2
+
+
+@pytest.mark.server_args('--list-rate', '1')
+def test_lists_past_their_rate_get_an_error(peers):
+    alice = peers('alice')
+    for _ in range(3):
+        alice.send(wire.LIST)
+    assert [alice.receive().type for _ in range(2)] == [wire.PEERS, wire.PEERS]
+    assert error_of(alice) == (wire.E_RATE_LIMITED, 'too many list requests: at most 1 a second')
+
+
+@pytest.mark.server_args('--list-rate', '0')
+def test_the_list_follows_who_comes_and_goes(peers):
+    alice = peers('alice')
+    assert listed(alice) == ['alice']
+    bob = peers('bob')
+    assert listed(alice) == ['alice', 'bob']
+    alice.send(wire.CONNECT, target='bob')
+    bob.receive()
+    bob.close()
+    assert error_of(alice)[0] == wire.E_NO_ANSWER  # the server saw bob leave
+    assert listed(alice) == ['alice']
+
+
+def stranger(port, host='127.0.0.2'):
+    """A control connection from another loopback address (another source)."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    sock.settimeout(5)
+    sock.connect(('127.0.0.1', port))
+    return sock
+
+
+@pytest.mark.server_args('--accept-rate', '5')
+def test_a_source_that_connects_too_fast_is_cut_off_and_no_one_else(server, peers):
+    flood = [stranger(server[1]) for _ in range(20)]
+    closed = 0
+    for sock in flood:
+        sock.sendall(wire.encode(wire.ALIVE))
+        try:
+            closed += sock.recv(100) == b''
+        except ConnectionResetError:
+            closed += 1
+        sock.close()
+    assert closed >= 10                             # a burst of 10, then 5 a second
+    assert introduce(peers('alice'), peers('bob'))
+
+
+@pytest.mark.server_args('--relay-rate', '600')
+def test_a_session_relays_at_most_its_byte_rate(peers):
+    alice, bob, carol = peers('alice'), peers('bob'), peers('carol')
+    session = introduce(alice, bob)[0].session
+    data = sealed(session, wire.DATA, seq=0, oldest=0, text='x' * 500)    # 541 bytes
+    for _ in range(5):
+        alice.send(wire.RELAY, session=session, message=data)
+    assert nothing_else_came(alice) is True         # all five handled by now
+    carol.send(wire.CONNECT, target='bob')          # a marker behind what was relayed
+    received = []
+    while not received or received[-1] != wire.ASK:
+        received.append(bob.receive().type)
+    assert received == [wire.RELAY, wire.RELAY, wire.ASK]     # a burst of 1,200 bytes
+
+
+def test_udp_that_is_not_a_mapping_request_is_dropped_and_counted_by_reason(server, peers):
+    proc, port = server
+    alice = peers('alice')
+    for junk in (b'x', os.urandom(100), wire.encode(wire.LIST),
+                 sealed(bytes(16), wire.KEEPALIVE),
+                 wire.encode(wire.MAPPING, token=bytes(16), public=('0.0.0.0', 0))[:-1]):
+        alice.udp.sendto(junk, ('127.0.0.1', port))
+    for name in ('x1', 'x2', 'x3'):                 # errors counted by reason, not by text
+        alice.send(wire.CONNECT, target=name)
+        assert error_of(alice)[0] == wire.E_UNKNOWN_PEER
+    assert alice.mapping(alice.token).public == alice.udp.getsockname()
+    proc.popen.terminate()                          # SIGTERM: the last summary
+    proc.expect_log(r'dropped 5 datagrams: 5 not a mapping request$')
+    proc.expect_log(r'refused 3 requests and connections: 3 unknown peer$')
+
+
+def test_ipv6_sources_count_per_network():
+    assert limits.address_key('2001:db8::1', 64) == limits.address_key('2001:db8::ff:2', 64)
+    assert limits.address_key('2001:db8::1', 128) != limits.address_key('2001:db8::2', 128)
+    assert limits.address_key('2001:db8:0:1::1', 64) != limits.address_key('2001:db8::1', 64)
+    assert limits.address_key('192.0.2.1', 64) == '192.0.2.1'
+
+
+# -- floods: a legitimate peer is served while they run -------------------------------
+
+
+def list_flood(port, stop):
+    """A registered stranger sends LIST without end and never reads."""
+    while not stop.is_set():
+        with stranger(port) as sock:
+            sock.sendall(wire.encode(wire.REGISTER, name=f'l{os.getpid()}', private=[],
+                                     tcp_port=0, proof=os.urandom(16)))
+            try:
+                while not stop.is_set():
+                    sock.sendall(wire.encode(wire.LIST) * 100)
+            except OSError:
+                pass                                # dropped: come again
+
+
+def register_flood(port, stop):
+    """Strangers try to take alice's name and lookalikes of it, a connection each."""
+    for attempt in range(1_000_000):
+        if stop.is_set():
+            return
+        try:
+            with stranger(port, '127.0.0.3') as sock:
+                name = ('alice', 'Alice', 'аlice', 'alice\u3164')[attempt % 4]
+                sock.sendall(wire.encode(wire.REGISTER, name=name, private=[], tcp_port=0,
+                                         proof=os.urandom(16)))
+                sock.recv(100)
+        except OSError:
+            pass
+
+
+def udp_flood(port, stop):
+    """Junk datagrams at both UDP ports, as fast as we can make them."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(('127.0.0.4', 0))
+        junk = [os.urandom(n) for n in (1, 43, 100, 1200)] + [wire.encode(wire.LIST)]
+        while not stop.is_set():
+            for data in junk:
+                for target in (port, port + 1):
+                    udp.sendto(data, ('127.0.0.1', target))
+
+
+def register_resending_mapping(peer, name):
+    """Register as a real client does: MAPPING again until answered (UDP may be lost)."""
+    peer.send_register(name)
+    peer.token, peer.name = peer.receive().token, name
+    peer.udp.settimeout(0.2)
+    for _ in range(25):
+        try:
+            return peer.mapping(peer.token)
+        except TimeoutError:
+            pass
+    raise AssertionError('no MAPPING answered in 5 s')
+
+
+@pytest.mark.parametrize('flood', [list_flood, register_flood, udp_flood])
+def test_a_legitimate_peer_is_served_during_a_flood(flood):
+    proc, port = start_server()         # not -v: a log line per junk message is a flood too
+    stop = threading.Event()
+    with RawPeer(port, 'alice') as alice:
+        threads = [threading.Thread(target=flood, args=(port, stop), daemon=True)
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        try:
+            started = time.monotonic()
+            with RawPeer(port) as bob:
+                register_resending_mapping(bob, 'bob')
+                introduce(bob, alice)
+                assert listed(bob)[:2] == ['alice', 'bob']
+            assert time.monotonic() - started < 5
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+            proc.stop()
+    assert not [line for line in proc.err.lines if 'Traceback' in line], proc.transcript()
