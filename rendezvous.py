@@ -94,6 +94,7 @@ class Peer:
         self.requests = TokenBucket(limits.request_rate, now)
         self.lists = TokenBucket(limits.list_rate, now)
         self.name = None
+        self.key = None                 # the name as it reads (names.fold): unique
         self.proof = None               # REGISTER's proof that it holds the name's secret
         self.token = None               # registration token: ties MAPPING to us
         self.private = []               # endpoints the peer reported (point 10)
@@ -222,7 +223,8 @@ class Rendezvous:
         self.per_address = collections.Counter()    # open connections per source
         # By a short fixed reason that our code gives, never by a text that
         # holds what a peer sent: a stranger could grow these without end.
-        self.dropped = collections.Counter()    # datagrams and relayed messages
+        self.dropped = collections.Counter()    # datagrams
+        self.unrelayed = collections.Counter()  # relayed messages dropped
         self.refused = collections.Counter()    # ERROR replies and refused connections
         self.next_summary = time.monotonic() + SUMMARY_INTERVAL
         self.port, self.probes, self.wildcards = self._open_all(binds, port)
@@ -314,12 +316,13 @@ class Rendezvous:
             self.next_summary = now + SUMMARY_INTERVAL
 
     def report_dropped(self):
-        """One log line each for the bad datagrams and the refused requests.
+        """One log line each for what was dropped and what was refused.
 
         A flood of garbage must not become a flood of log lines: what went
         wrong is counted, by a fixed reason, and reported once a minute.
         """
         for what, counts in (('dropped %d datagrams: %s', self.dropped),
+                             ('dropped %d relayed messages: %s', self.unrelayed),
                              ('refused %d requests and connections: %s', self.refused)):
             if counts:
                 log.warning(what, sum(counts.values()),
@@ -380,13 +383,12 @@ class Rendezvous:
             self.send(session.other(peer), wire.RELAY, session=token, message=b'')
         for asker, _ in self.asks.forget(peer):
             self.send_error(asker, wire.E_NO_ANSWER, f'{peer} did not answer', 'no answer')
-        key = names.fold(peer.name) if peer.name else None
-        if key and self.peers.get(key) is peer:
-            del self.peers[key]
+        if peer.key and self.peers.get(peer.key) is peer:
+            del self.peers[peer.key]
             del self.by_token[peer.token]
             if peer.public:
                 self.peers_reply = None         # the list changed
-            self.owners.release(key, peer.proof, time.monotonic())
+            self.owners.release(peer.key, peer.proof, time.monotonic())
             log.info('%s disconnected', peer)
 
     def send(self, peer, type, **fields):
@@ -434,7 +436,7 @@ class Rendezvous:
         """Dispatch one control message from a peer."""
         log.debug('< %s from %s (tcp)', message.name_of_type, peer)
         now = time.monotonic()
-        self.heard(peer, now)
+        self.heard_from(peer, now)
         if message.type == wire.RELAY:
             self.relay(peer, message, now)      # measured in bytes, per session
         elif not peer.requests.allow(now):
@@ -465,7 +467,7 @@ class Rendezvous:
                             f'type: {message.name_of_type} is not a request to the server',
                             'not a request')
 
-    def heard(self, peer, now):
+    def heard_from(self, peer, now):
         """Note that a registered peer is alive: the idle timer counts from now."""
         peer.heard = now
         if peer.name is not None:
@@ -519,7 +521,7 @@ class Rendezvous:
                             'name taken over by its owner')
             self.close(holder)
         peer.name, peer.private, peer.tcp_port = message.name, message.private, message.tcp_port
-        peer.proof = message.proof
+        peer.key, peer.proof = key, message.proof
         self.unregistered.pop(peer.sock, None)
         self.registered[peer.sock] = peer
         peer.token = secrets.token_bytes(wire.TOKEN_SIZE)
@@ -658,7 +660,7 @@ class Rendezvous:
         if not session.relayed.allow(now, len(message.message)):
             # Over the session's byte rate: dropped, as from a full router
             # queue.  The peers' reliable layer resends, and slows down.
-            self.dropped['relayed over the session rate'] += 1
+            self.unrelayed['over the session rate'] += 1
             return
         other = session.other(peer)
         if len(other.output) > self.limits.max_output // 2:
@@ -668,7 +670,7 @@ class Rendezvous:
             # router drops from a full queue, and the receiver keeps its
             # connection: only a peer that does not read at all fills the
             # other half, with our replies, and is dropped for it.
-            self.dropped['relayed to a peer that reads too slowly'] += 1
+            self.unrelayed['to a peer that reads too slowly'] += 1
             return
         log.debug('relaying %s from %s to %s', inner.name_of_type, peer, other)
         self.send(other, wire.RELAY, session=message.session, message=message.message)
@@ -682,7 +684,7 @@ class Rendezvous:
         if peer.requests.allow(now):
             self.send_error(peer, code, text, why)
         else:
-            self.dropped[why] += 1
+            self.unrelayed[why] += 1
 
     # -- UDP: mapping requests (point 3) ------------------------------------
 

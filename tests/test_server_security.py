@@ -357,7 +357,7 @@ def test_a_source_that_connects_too_fast_is_cut_off_and_no_one_else(server, peer
 
 
 @pytest.mark.server_args('--relay-rate', '600')
-def test_a_session_relays_at_most_its_byte_rate(peers):
+def test_a_session_relays_at_most_its_byte_rate(server, peers):
     alice, bob, carol = peers('alice'), peers('bob'), peers('carol')
     session = introduce(alice, bob)[0].session
     data = sealed(session, wire.DATA, seq=0, oldest=0, text='x' * 500)    # 541 bytes
@@ -369,6 +369,8 @@ def test_a_session_relays_at_most_its_byte_rate(peers):
     while not received or received[-1] != wire.ASK:
         received.append(bob.receive().type)
     assert received == [wire.RELAY, wire.RELAY, wire.ASK]     # a burst of 1,200 bytes
+    server[0].popen.terminate()
+    server[0].expect_log(r'dropped 3 relayed messages: 3 over the session rate$')
 
 
 def test_udp_that_is_not_a_mapping_request_is_dropped_and_counted_by_reason(server, peers):
