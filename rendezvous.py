@@ -539,7 +539,11 @@ class Rendezvous:
         return owner is None or hmac.compare_digest(owner, proof)
 
     def refuse_name(self, peer, name, key):
-        """Say whose the name is not, and close: guessing costs a connection each."""
+        """Refuse a name that is someone else's, and close: each guess costs a connection.
+
+        (--accept-rate bounds those.)  The ERROR goes first: on a fresh
+        connection the kernel takes its few bytes at once, before the FIN.
+        """
         holder = self.peers.get(key)
         spelled = holder.name if holder else name
         self.send_error(peer, wire.E_NAME_TAKEN,

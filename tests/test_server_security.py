@@ -293,13 +293,18 @@ def test_a_silent_peer_is_closed_and_one_that_says_alive_is_not(peers):
 def test_control_connections_ask_the_kernel_for_keepalives():
     """A dead peer sends no FIN: its connection must still close, in process here."""
     server = rendezvous.Rendezvous(['127.0.0.1'], 0)
-    with socket.create_connection(('127.0.0.1', server.port)):
-        while not server.connections:
-            server.serve_once(1.0)
-        sock = next(iter(server.connections))
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000
+    try:
+        with socket.create_connection(('127.0.0.1', server.port)):
+            deadline = time.monotonic() + 5
+            while not server.connections and time.monotonic() < deadline:
+                server.serve_once(0.5)
+            sock = next(iter(server.connections))
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000
+    finally:
+        for key in list(server.selector.get_map().values()):
+            key.fileobj.close()
 
 
 @pytest.mark.server_args('--request-rate', '2')
