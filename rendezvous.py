@@ -3,9 +3,10 @@
 It only introduces peers (article point 1).  Each peer keeps one TCP
 control connection to it (point 2) and sends it UDP MAPPING requests, whose
 source address is the peer's public endpoint, the mapping its NAT made
-(point 3).  When one peer asks to CONNECT to another, the server sends both
-an INTRODUCE with the other's public and private endpoints and a fresh
-session token (points 4 and 10); the peers then punch (point 5) and talk
+(point 3).  When one peer asks to CONNECT to another, the server asks the
+target (ASK), and once the target connects back it sends both an INTRODUCE
+with the other's public and private endpoints and a fresh session token
+(points 4 and 10); the peers then punch (point 5) and talk
 directly, without the server (point 7).  Only when punching fails does the
 server RELAY their traffic over the control connections (point 11).
 
@@ -20,6 +21,7 @@ only (FD_SETSIZE), which would cap us at about a thousand peers.
 import argparse
 import collections
 import errno
+import hmac
 import logging
 import resource
 import secrets
@@ -30,7 +32,10 @@ import struct
 import sys
 import time
 
+import identity
+import names
 import p2pcommon as wire
+from limits import Limits, RateLimit, TokenBucket, address_key
 
 log = logging.getLogger('rendezvous')
 
@@ -59,74 +64,44 @@ MAPPING_REQUEST = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.MAPPING, 0,
 MAPPING_REPLY = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.MAPPING, wire.FLAG_REPLY,
                                  MAPPING_SIZE - wire.HEADER_SIZE)
 TOKEN_END = wire.HEADER_SIZE + wire.TOKEN_SIZE
+TYPE_OFFSET = 3                 # the header's type byte: magic (2), version (1), type
 # An IPv4 endpoint's last 12 address bytes are zeros, XORed with the key.
 IPV4_PADDING = wire.XOR_ADDRESS[4:]
 ENDPOINT_PORT = struct.Struct('!BH')
 SUMMARY_INTERVAL = 60.0         # seconds between reports of dropped datagrams
 
-
-class Limits:
-    """What one source may cost us; each is a command-line option.
-
-    Anyone can reach a public rendezvous server, so every resource a
-    stranger can make us spend has a ceiling.
-    """
-
-    def __init__(self, per_address=64, register_timeout=30.0, max_output=256 * 1024,
-                 mapping_rate=20.0, connect_rate=5.0):
-        self.per_address = per_address              # open connections per source address
-        self.register_timeout = register_timeout    # seconds to send REGISTER
-        self.max_output = max_output                # unread bytes before we drop a peer
-        # (relayed messages are dropped instead once half of it is queued)
-        self.mapping_rate = mapping_rate            # MAPPING per second per address
-        self.connect_rate = connect_rate            # CONNECT per second per peer
-
-
-class RateLimit:
-    """A token bucket per key: ``rate`` requests a second, bursts of twice that.
-
-    A rate of 0 means no limit.
-    """
-
-    def __init__(self, rate):
-        self.rate = rate
-        self.burst = 2 * rate
-        self.buckets = {}           # key -> [tokens, when last refilled]
-
-    def allow(self, key, now):
-        """Take one token for key; False when its bucket is empty."""
-        if not self.rate:
-            return True
-        bucket = self.buckets.setdefault(key, [self.burst, now])
-        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if bucket[0] < 1:
-            return False
-        bucket[0] -= 1
-        return True
-
-    def forget_idle(self, now):
-        """Drop the buckets that have filled up again: they hold nothing."""
-        full = now - self.burst / self.rate if self.rate else now
-        self.buckets = {k: b for k, b in self.buckets.items() if b[1] > full}
+# TCP keepalives on every control connection: a peer whose machine died or
+# whose NAT forgot the mapping sends no FIN, and without probes its
+# connection, and its name, would stay with us until our next write.
+KEEPALIVE_OPTIONS = [(socket.SOL_SOCKET, 'SO_KEEPALIVE', 1),
+                     (socket.IPPROTO_TCP, 'TCP_KEEPIDLE', 60),      # seconds of silence
+                     (socket.IPPROTO_TCP, 'TCP_KEEPINTVL', 10),     # between probes
+                     (socket.IPPROTO_TCP, 'TCP_KEEPCNT', 3),        # unanswered: closed
+                     (socket.IPPROTO_TCP, 'TCP_USER_TIMEOUT', 60_000)]   # ms data waits
 
 
 class Peer:
     """One control connection and, once registered, what we know of the peer."""
 
-    def __init__(self, sock, address, now):
+    def __init__(self, sock, address, now, limits):
         self.sock = sock
         self.address = address          # of the TCP connection, for logs
+        self.source = address_key(address[0], limits.ipv6_prefix)   # what limits count
         self.reader = wire.FrameReader(MAX_REQUEST)
         self.output = bytearray()
         self.connected_at = now
+        self.heard = now                # when it last sent us anything
+        self.requests = TokenBucket(limits.request_rate, now)
+        self.lists = TokenBucket(limits.list_rate, now)
         self.name = None
+        self.key = None                 # the name as it reads (names.fold): unique
+        self.proof = None               # REGISTER's proof that it holds the name's secret
         self.token = None               # registration token: ties MAPPING to us
         self.private = []               # endpoints the peer reported (point 10)
         self.tcp_port = 0               # the local port of its end of this connection
         self.public = None              # seen on our main UDP port (point 3)
         self.probed = None              # seen on the probe port (point 6)
-        self.sessions = {}              # session token -> the other Peer, oldest first
+        self.sessions = {}              # session token -> Session, oldest first
 
     @property
     def port_delta(self):
@@ -144,6 +119,86 @@ class Peer:
         return self.name or wire.format_endpoint(self.address)
 
 
+class Asks:
+    """Requests to connect that wait for the target's consent (point 4).
+
+    The article's mediator "asks the target to send a request" of its own:
+    a CONNECT records an ask, and only the target's CONNECT back makes the
+    introduction.  Each ask runs out after ``timeout`` seconds, and one
+    target has at most ``per_target`` waiting, or anyone could bury a
+    user's screen in requests.
+    """
+
+    def __init__(self, timeout, per_target):
+        self.timeout = timeout
+        self.per_target = per_target
+        # Every ask lives equally long, so insertion order is expiry order:
+        # the timer looks at the head only.
+        self.pending = {}           # (asker, target) -> when it runs out
+        self.to = collections.defaultdict(set)      # target -> its askers
+        self.by = collections.defaultdict(set)      # asker -> whom it asked
+
+    def __contains__(self, pair):
+        return pair in self.pending
+
+    def full(self, target):
+        """True when target has as many asks waiting as it may have."""
+        return len(self.to.get(target, ())) >= self.per_target
+
+    def add(self, asker, target, now):
+        """Note that asker waits for target's answer."""
+        self.pending[asker, target] = now + self.timeout
+        self.to[target].add(asker)
+        self.by[asker].add(target)
+
+    def take(self, asker, target):
+        """Remove one ask; True if it was waiting."""
+        if self.pending.pop((asker, target), None) is None:
+            return False
+        for index, key, value in ((self.to, target, asker), (self.by, asker, target)):
+            index[key].discard(value)
+            if not index[key]:
+                del index[key]
+        return True
+
+    def expired(self, now):
+        """Remove and return the asks that ran out, as (asker, target) pairs."""
+        done = []
+        for pair, deadline in self.pending.items():
+            if deadline > now:
+                break
+            done.append(pair)
+        for pair in done:
+            self.take(*pair)
+        return done
+
+    def forget(self, peer):
+        """Remove every ask to or from a peer that leaves; return those *to* it."""
+        to_it = [(asker, peer) for asker in self.to.get(peer, ())]
+        for pair in to_it + [(peer, target) for target in self.by.get(peer, ())]:
+            self.take(*pair)
+        return to_it
+
+
+class Session:
+    """Two introduced peers and the token the server gave them (point 4).
+
+    The peers' own messages name the session by an id derived from the
+    token (identity.py); the id is kept here, so that checking a relayed
+    message costs a comparison and not an HMAC.
+    """
+
+    def __init__(self, token, asker, answerer, relay_rate, now):
+        self.token = token
+        self.id = identity.session_id(token)
+        self.peers = (asker, answerer)
+        self.relayed = TokenBucket(relay_rate, now)     # bytes: a relay is not a free pipe
+
+    def other(self, peer):
+        """The partner of one of the pair."""
+        return self.peers[1] if self.peers[0] is peer else self.peers[0]
+
+
 class Rendezvous:
     """The mediator: a registry of peers and one loop over all sockets."""
 
@@ -151,17 +206,25 @@ class Rendezvous:
         self.limits = limits or Limits()
         self.mapping_limit = RateLimit(self.limits.mapping_rate)
         self.connect_limit = RateLimit(self.limits.connect_rate)
+        self.accept_limit = RateLimit(self.limits.accept_rate)
         self.selector = selectors.DefaultSelector()
-        self.peers = {}                 # name -> Peer (registered)
+        self.peers = {}                 # folded name (names.py) -> Peer (registered)
+        self.owners = names.Owners(self.limits.name_hold, self.limits.max_held_names)
         self.by_token = {}              # registration token -> Peer
-        self.sessions = {}              # session token -> (Peer, Peer)
+        self.sessions = {}              # session token -> Session
+        self.asks = Asks(self.limits.ask_timeout, self.limits.max_asks)
         self.connections = {}           # socket -> Peer, registered or not
         # Not registered yet, oldest first (dicts keep insertion order): the
         # timer looks at the expired head only, not at every connection.
         self.unregistered = {}          # socket -> Peer
-        self.addresses = {}             # source host -> (plain host, family, XORed bytes)
-        self.per_address = collections.Counter()
-        self.dropped = collections.Counter()    # bad datagrams, by reason
+        self.registered = {}            # socket -> Peer, the longest silent first
+        self.peers_reply = None         # the encoded PEERS, until the list changes
+        self.addresses = {}             # source host -> (plain, family, XORed bytes, key)
+        self.per_address = collections.Counter()    # open connections per source
+        # By a short fixed reason that our code gives, never by a text that
+        # holds what a peer sent: a stranger could grow these without end.
+        self.dropped = collections.Counter()    # datagrams
+        self.unrelayed = collections.Counter()  # relayed messages dropped
         self.refused = collections.Counter()    # ERROR replies and refused connections
         self.next_summary = time.monotonic() + SUMMARY_INTERVAL
         self.port, self.probes, self.wildcards = self._open_all(binds, port)
@@ -227,7 +290,7 @@ class Rendezvous:
         self.check_timers(time.monotonic())
 
     def check_timers(self, now):
-        """Close connections that never registered; summarise dropped datagrams."""
+        """Close connections that never registered or fell silent, end asks; summarise."""
         timeout = self.limits.register_timeout
         while self.unregistered:
             peer = next(iter(self.unregistered.values()))
@@ -235,20 +298,31 @@ class Rendezvous:
                 break           # the rest connected later still
             log.info('closing %s: not registered after %g s', peer, timeout)
             self.close(peer)
+        timeout = self.limits.idle_timeout
+        while self.registered:
+            peer = next(iter(self.registered.values()))
+            if now - peer.heard <= timeout:
+                break           # the rest were heard later
+            log.info('closing %s: silent for %g s', peer, timeout)
+            self.close(peer)
+        for asker, target in self.asks.expired(now):
+            self.send_error(asker, wire.E_NO_ANSWER, f'{target} did not answer', 'no answer')
         if now >= self.next_summary:
             self.mapping_limit.forget_idle(now)
+            self.owners.forget_expired(now)
             self.connect_limit.forget_idle(now)
+            self.accept_limit.forget_idle(now)
             self.report_dropped()
             self.next_summary = now + SUMMARY_INTERVAL
 
     def report_dropped(self):
-        """One log line each for the bad datagrams and the refused requests.
+        """One log line each for what was dropped and what was refused.
 
         A flood of garbage must not become a flood of log lines: what went
-        wrong is counted, by the field or the request it concerned, and
-        reported once a minute.
+        wrong is counted, by a fixed reason, and reported once a minute.
         """
         for what, counts in (('dropped %d datagrams: %s', self.dropped),
+                             ('dropped %d relayed messages: %s', self.unrelayed),
                              ('refused %d requests and connections: %s', self.refused)):
             if counts:
                 log.warning(what, sum(counts.values()),
@@ -258,22 +332,31 @@ class Rendezvous:
     # -- TCP control connections -------------------------------------------
 
     def accept(self, listener, mask):
-        """Take a new control connection, unless its address has too many."""
+        """Take a new control connection, unless its source has too many or too fast."""
         try:
             sock, address = listener.accept()
         except OSError:
             return
         address = wire.plain(address)
-        if self.per_address[address[0]] >= self.limits.per_address:
+        source = address_key(address[0], self.limits.ipv6_prefix)
+        now = time.monotonic()
+        if self.per_address[source] >= self.limits.max_per_address:
             log.debug('refusing %s: %d connections from that address already',
-                      wire.format_endpoint(address), self.limits.per_address)
+                      wire.format_endpoint(address), self.limits.max_per_address)
             self.refused['connections per address'] += 1
+            sock.close()
+            return
+        if not self.accept_limit.allow(source, now):
+            self.refused['new connections too fast'] += 1
             sock.close()
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # replies go out whole
-        self.per_address[address[0]] += 1
-        peer = Peer(sock, address, time.monotonic())
+        for level, option, value in KEEPALIVE_OPTIONS:
+            if hasattr(socket, option):         # Linux has them all; others fewer
+                sock.setsockopt(level, getattr(socket, option), value)
+        self.per_address[source] += 1
+        peer = Peer(sock, address, now, self.limits)
         self.connections[sock] = peer
         self.unregistered[sock] = peer
         self.selector.register(sock, selectors.EVENT_READ, Connection(self, peer).ready)
@@ -286,31 +369,44 @@ class Rendezvous:
         self.selector.unregister(peer.sock)
         del self.connections[peer.sock]
         self.unregistered.pop(peer.sock, None)
+        self.registered.pop(peer.sock, None)
         peer.sock.close()
-        self.per_address[peer.address[0]] -= 1
-        if self.per_address[peer.address[0]] <= 0:
-            del self.per_address[peer.address[0]]
-        for session, other in list(peer.sessions.items()):
-            self.forget_session(session)
-            # Tell the partner at once, as if the peer had said BYE.
-            self.send(other, wire.RELAY, session=session,
-                      message=wire.encode(wire.BYE, session=session))
-        if peer.name and self.peers.get(peer.name) is peer:
-            del self.peers[peer.name]
+        self.per_address[peer.source] -= 1
+        if self.per_address[peer.source] <= 0:
+            del self.per_address[peer.source]
+        for token, session in list(peer.sessions.items()):
+            self.forget_session(token)
+            # Tell the partner at once that the relay is gone.  An empty
+            # message, not a BYE in the peer's name: the server cannot seal
+            # a peer message (only the peers hold the MAC key), and the
+            # direct path, if there is one, may well live on.
+            self.send(session.other(peer), wire.RELAY, session=token, message=b'')
+        for asker, _ in self.asks.forget(peer):
+            self.send_error(asker, wire.E_NO_ANSWER, f'{peer} did not answer', 'no answer')
+        if peer.key and self.peers.get(peer.key) is peer:
+            del self.peers[peer.key]
             del self.by_token[peer.token]
+            if peer.public:
+                self.peers_reply = None         # the list changed
+            self.owners.release(peer.key, peer.proof, time.monotonic())
             log.info('%s disconnected', peer)
 
     def send(self, peer, type, **fields):
         """Queue a reply for a peer; drop the peer if it never reads."""
         if peer.sock.fileno() < 0:
             return      # it left while we were working on its request
-        data = wire.reply(type, **fields)
+        log.debug('> %s to %s (tcp)', wire.TYPE_NAMES[type], peer)
+        self.send_encoded(peer, wire.reply(type, **fields))
+
+    def send_encoded(self, peer, data):
+        """Queue an encoded reply; drop the peer if it never reads."""
+        if peer.sock.fileno() < 0:
+            return
         if len(peer.output) + len(data) > self.limits.max_output:
             log.warning('dropping %s: %d bytes queued and it does not read',
                         peer, len(peer.output))
             self.close(peer)
             return
-        log.debug('> %s to %s (tcp)', wire.TYPE_NAMES[type], peer)
         if peer.output:
             peer.output += data         # the loop is already waiting to write
             return
@@ -328,114 +424,249 @@ class Rendezvous:
             self.selector.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                  self.selector.get_key(peer.sock).data)
 
-    def send_error(self, peer, code, text):
-        """Tell a peer what was wrong with its request; count it for the summary."""
+    def send_error(self, peer, code, text, why):
+        """Tell a peer what was wrong with its request; count it, by why, for the summary."""
         log.debug('error to %s: %s', peer, text)
-        self.refused[text.split(':')[0]] += 1
-        self.send(peer, wire.ERROR, code=code, text=text[:wire.MAX_TEXT])
+        self.refused[why] += 1
+        self.send(peer, wire.ERROR, code=code, text=cut(text, wire.MAX_TEXT))
 
     # -- requests on the control connection ---------------------------------
 
     def handle(self, peer, message):
         """Dispatch one control message from a peer."""
         log.debug('< %s from %s (tcp)', message.name_of_type, peer)
-        if message.type == wire.REGISTER:
+        now = time.monotonic()
+        self.heard_from(peer, now)
+        if message.type == wire.RELAY:
+            self.relay(peer, message, now)      # measured in bytes, per session
+        elif not peer.requests.allow(now):
+            self.send_error(peer, wire.E_RATE_LIMITED,
+                            f'too many requests: at most {self.limits.request_rate:g} '
+                            f'a second', 'requests too fast')
+        elif message.type == wire.REGISTER:
             self.register(peer, message)
         elif peer.name is None:
-            self.send_error(peer, wire.E_NOT_REGISTERED, 'register first')
+            self.send_error(peer, wire.E_NOT_REGISTERED, 'register first', 'not registered')
+        elif message.type == wire.ALIVE:
+            self.send(peer, wire.ALIVE)
         elif message.type == wire.LIST:
-            names = sorted(n for n, p in self.peers.items() if p.public)
-            self.send(peer, wire.PEERS, names=names[:wire.MAX_PEERS_LISTED])
+            self.list_peers(peer, now)
         elif message.type == wire.CONNECT:
-            if self.connect_limit.allow(peer.name, time.monotonic()):
+            if self.connect_limit.allow(peer.name, now):
                 self.connect(peer, message.target)
             else:
                 self.send_error(peer, wire.E_RATE_LIMITED,
                                 f'too many connect requests: at most '
-                                f'{self.limits.connect_rate:g} a second')
-        elif message.type == wire.RELAY:
-            self.relay(peer, message)
+                                f'{self.limits.connect_rate:g} a second', 'connects too fast')
+        elif message.type == wire.DECLINE:
+            self.decline(peer, message.target)
         elif message.type == wire.BYE:
             self.close(peer)
         else:
             self.send_error(peer, wire.E_BAD_MESSAGE,
-                            f'type: {message.name_of_type} is not a request to the server')
+                            f'type: {message.name_of_type} is not a request to the server',
+                            'not a request')
+
+    def heard_from(self, peer, now):
+        """Note that a registered peer is alive: the idle timer counts from now."""
+        peer.heard = now
+        if peer.name is not None:
+            self.registered.pop(peer.sock, None)
+            self.registered[peer.sock] = peer       # to the end: heard last
+
+    def list_peers(self, peer, now):
+        """Send the names of the peers one can connect to (those with a known mapping).
+
+        The encoded reply is kept until the list changes: up to a thousand
+        names, sorted and encoded again for every LIST, would let a few
+        connections keep the server busy.
+        """
+        if not peer.lists.allow(now):
+            self.send_error(peer, wire.E_RATE_LIMITED,
+                            f'too many list requests: at most {self.limits.list_rate:g} '
+                            f'a second', 'lists too fast')
+            return
+        if self.peers_reply is None:
+            listed = sorted(p.name for p in self.peers.values() if p.public)
+            self.peers_reply = wire.reply(wire.PEERS, names=listed[:wire.MAX_PEERS_LISTED])
+        log.debug('> PEERS to %s (tcp)', peer)
+        self.send_encoded(peer, self.peers_reply)
 
     def register(self, peer, message):
-        """Give a name to a connection, unless a live connection holds it."""
+        """Give a name to a connection, if the name reads well and is not someone else's.
+
+        A name belongs to the proof it was first registered with (names.py,
+        identity.py).  The owner's new connection takes it over at once:
+        the old one is most likely dead and not yet noticed (a laptop that
+        slept, a NAT that forgot the mapping).
+        """
         if peer.name is not None:
-            self.send_error(peer, wire.E_ALREADY_REGISTERED, f'already registered as {peer}')
+            self.send_error(peer, wire.E_ALREADY_REGISTERED, f'already registered as {peer}',
+                            'registered twice')
             return
-        if message.name in self.peers:
-            self.send_error(peer, wire.E_NAME_TAKEN, f'name {message.name!r} is taken')
+        try:
+            names.check_readable(message.name)
+        except wire.ProtocolError as error:
+            self.send_error(peer, wire.E_BAD_MESSAGE, str(error), 'unreadable name')
             return
+        key = names.fold(message.name)
+        if not self.owns(key, message.proof):
+            self.refuse_name(peer, message.name, key)
+            return
+        holder = self.peers.get(key)
+        if holder is not None:
+            log.info('%s: a new connection with its key takes the name over', holder)
+            self.send_error(holder, wire.E_NAME_TAKEN,
+                            'a new connection with your key took over your name',
+                            'name taken over by its owner')
+            self.close(holder)
         peer.name, peer.private, peer.tcp_port = message.name, message.private, message.tcp_port
+        peer.key, peer.proof = key, message.proof
         self.unregistered.pop(peer.sock, None)
+        self.registered[peer.sock] = peer
         peer.token = secrets.token_bytes(wire.TOKEN_SIZE)
-        self.peers[peer.name] = peer
+        self.owners.take(key)
+        self.peers[key] = peer
         self.by_token[peer.token] = peer
         log.info('%s registered from %s, private %s', peer, wire.format_endpoint(peer.address),
                  ' '.join(map(wire.format_endpoint, peer.private)) or 'none')
         self.send(peer, wire.REGISTERED, token=peer.token)
 
+    def owns(self, key, proof):
+        """True when no one else holds or keeps the (folded) name."""
+        holder = self.peers.get(key)
+        owner = holder.proof if holder else self.owners.proof(key, time.monotonic())
+        return owner is None or hmac.compare_digest(owner, proof)
+
+    def refuse_name(self, peer, name, key):
+        """Refuse a name that is someone else's, and close: each guess costs a connection.
+
+        (--accept-rate bounds those.)  The ERROR goes first: on a fresh
+        connection the kernel takes its few bytes at once, before the FIN.
+        """
+        holder = self.peers.get(key)
+        spelled = holder.name if holder else name
+        self.send_error(peer, wire.E_NAME_TAKEN,
+                        f'name {name!r} is taken' if spelled == name
+                        else f'name {name!r} is taken (it reads as {spelled!r})',
+                        'name taken')
+        self.close(peer)
+
     def connect(self, peer, target_name):
-        """Introduce two peers to each other with a fresh session token (point 4)."""
-        target = self.peers.get(target_name)
+        """Ask the target for consent, or, if it asked first, introduce the pair (point 4).
+
+        Nothing about the asker but its name goes to the target before the
+        target agrees: not even its addresses.
+        """
+        target = self.find(target_name)
         if target is None or target.public is None:
-            self.send_error(peer, wire.E_UNKNOWN_PEER, f'no peer named {target_name!r}')
+            self.send_error(peer, wire.E_UNKNOWN_PEER, f'no peer named {target_name!r}',
+                            'unknown peer')
             return
         if target is peer:
-            self.send_error(peer, wire.E_UNKNOWN_PEER, 'cannot connect to yourself')
+            self.send_error(peer, wire.E_UNKNOWN_PEER, 'cannot connect to yourself',
+                            'connect to oneself')
             return
         if peer.public is None:
             self.send_error(peer, wire.E_NOT_REGISTERED,
-                            'your public endpoint is not known yet: send MAPPING first')
+                            'your public endpoint is not known yet: send MAPPING first',
+                            'no mapping yet')
             return
+        if self.asks.take(target, peer):
+            self.pair(target, peer)         # the target asked first: this is consent
+        elif any(session.other(peer) is target for session in peer.sessions.values()):
+            self.pair(peer, target)         # consent given already: punch again
+        elif (peer, target) in self.asks:
+            pass                            # the target has been asked; it may answer still
+        elif self.asks.full(target):
+            self.send_error(peer, wire.E_TOO_MANY,
+                            f'{target} has {self.limits.max_asks} requests waiting; '
+                            f'try again later', 'too many asks')
+        else:
+            self.asks.add(peer, target, time.monotonic())
+            self.send(target, wire.ASK, name=peer.name)
+            log.info('%s asks to connect to %s', peer, target)
+
+    def decline(self, peer, asker_name):
+        """The target says no: the asker hears so, and nothing else about it."""
+        asker = self.find(asker_name)
+        if asker is None or not self.asks.take(asker, peer):
+            self.send_error(peer, wire.E_UNKNOWN_PEER, f'no request from {asker_name!r}',
+                            'decline without ask')
+            return
+        self.send_error(asker, wire.E_DECLINED, f'{peer} declined', 'declined')
+        log.info('%s declined %s', peer, asker)
+
+    def find(self, name):
+        """The registered peer whose name reads as this one, or None."""
+        return self.peers.get(names.fold(name))
+
+    def pair(self, peer, target):
+        """Introduce two peers to each other with a fresh session token.
+
+        peer asked first: its role is 0, the target's 1.
+        """
         # A pair has one session: a new introduction replaces the old one.
         # And a peer has at most MAX_SESSIONS, or repeated CONNECTs would
         # fill our memory: the oldest goes first.
-        for old, other in list(peer.sessions.items()):
-            if other is target:
+        for old, session in list(peer.sessions.items()):
+            if session.other(peer) is target:
                 self.forget_session(old)
         for someone in (peer, target):
             while len(someone.sessions) >= MAX_SESSIONS:
                 self.forget_session(next(iter(someone.sessions)))
-        session = secrets.token_bytes(wire.TOKEN_SIZE)
-        self.sessions[session] = (peer, target)
-        peer.sessions[session] = target
-        target.sessions[session] = peer
+        token = secrets.token_bytes(wire.TOKEN_SIZE)
+        session = self.sessions[token] = Session(token, peer, target, self.limits.relay_rate,
+                                                 time.monotonic())
+        peer.sessions[token] = target.sessions[token] = session
         # Both at once: each side must punch toward the other (point 5).
-        self.introduce(target, peer, session)
-        self.introduce(peer, target, session)
+        self.introduce(target, peer, token, role=1)
+        self.introduce(peer, target, token, role=0)
         log.info('introduced %s (%s) and %s (%s)', peer, wire.format_endpoint(peer.public),
                  target, wire.format_endpoint(target.public))
 
-    def forget_session(self, session):
+    def forget_session(self, token):
         """The pair of this session may no longer relay through us."""
-        for peer in self.sessions.pop(session, ()):
-            peer.sessions.pop(session, None)
+        session = self.sessions.pop(token, None)
+        for peer in session.peers if session else ():
+            peer.sessions.pop(token, None)
 
-    def introduce(self, peer, other, session):
-        """Tell peer how to reach other: public, predicted and private (points 4, 6, 10)."""
-        self.send(peer, wire.INTRODUCE, name=other.name, session=session,
+    def introduce(self, peer, other, token, role):
+        """Tell peer how to reach other: public, predicted and private (points 4, 6, 10).
+
+        ``role`` is 0 for the peer that asked first, 1 for the one that
+        answered: each seals its messages as its role (identity.py).
+        """
+        self.send(peer, wire.INTRODUCE, name=other.name, session=token, role=role,
                   public=other.public, port_delta=other.port_delta, private=other.private,
                   tcp_public=other.address, tcp_port=other.tcp_port)
 
-    def relay(self, peer, message):
+    def relay(self, peer, message, now):
         """Forward peer traffic within an introduced pair, and only that (point 11)."""
-        pair = self.sessions.get(message.session)
-        if pair is None or peer not in pair:
-            self.send_error(peer, wire.E_NOT_INTRODUCED, 'relay: not a session of yours')
+        session = self.sessions.get(message.session)
+        if session is None or peer not in session.peers:
+            self.refuse_relay(peer, wire.E_NOT_INTRODUCED, 'relay: not a session of yours',
+                              'relay outside a session', now)
             return
         try:
             inner = wire.decode(message.message)
         except wire.ProtocolError as error:
-            self.send_error(peer, wire.E_BAD_MESSAGE, f'relay: {error}')
+            self.refuse_relay(peer, wire.E_BAD_MESSAGE, f'relay: {error}', 'bad relayed message',
+                              now)
             return
-        if inner.type not in wire.PEER_TYPES or inner.session != message.session:
-            self.send_error(peer, wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
+        # Only the pair's own messages, sealed for this session: the relay
+        # is no way to send the partner control messages in our name, nor
+        # another session's traffic.  (The MAC is the peers' to check.)
+        if inner.type not in wire.PEER_TYPES or inner.session != session.id:
+            self.refuse_relay(peer, wire.E_BAD_MESSAGE, 'relay: carries only peer traffic',
+                              'relay of other traffic', now)
             return
-        other = pair[1] if pair[0] is peer else pair[0]
+        if not session.relayed.allow(now, len(message.message)):
+            # Over the session's byte rate: dropped, as from a full router
+            # queue.  The peers' reliable layer resends, and slows down.
+            self.unrelayed['over the session rate'] += 1
+            return
+        other = session.other(peer)
         if len(other.output) > self.limits.max_output // 2:
             # The receiver reads slower than its partner sends.  What we
             # relay is datagrams to the peers (their reliable layer resends
@@ -443,10 +674,21 @@ class Rendezvous:
             # router drops from a full queue, and the receiver keeps its
             # connection: only a peer that does not read at all fills the
             # other half, with our replies, and is dropped for it.
-            self.refused['relays to a peer that reads too slowly'] += 1
+            self.unrelayed['to a peer that reads too slowly'] += 1
             return
         log.debug('relaying %s from %s to %s', inner.name_of_type, peer, other)
         self.send(other, wire.RELAY, session=message.session, message=message.message)
+
+    def refuse_relay(self, peer, code, text, why, now):
+        """Say what is wrong with a relayed message, within the peer's request budget.
+
+        Relayed messages pass no request budget (they have the session's
+        byte rate), so that their errors do not become a flood of replies.
+        """
+        if peer.requests.allow(now):
+            self.send_error(peer, code, text, why)
+        else:
+            self.unrelayed[why] += 1
 
     # -- UDP: mapping requests (point 3) ------------------------------------
 
@@ -485,23 +727,30 @@ class Rendezvous:
         """
         if plain_mapping_request(data):
             token = data[wire.HEADER_SIZE:TOKEN_END]    # the common case: no decoding
+        elif len(data) != MAPPING_SIZE or data[TYPE_OFFSET] != wire.MAPPING:
+            # A MAPPING request is all that comes to us over UDP: anything
+            # else is dropped by its size or type byte, before any decoding.
+            self.dropped['not a mapping request'] += 1
+            return
         else:
             token = self.check_datagram(data, source)
             if token is None:
                 return
-        host, family, packed = self.source_address(source[0])
+        host, family, packed, key = self.source_address(source[0])
         public = (host, source[1])
         if debug:
             log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public),
                       sock.getsockname()[1])
-        if not self.mapping_limit.allow(host, now):
-            self.dropped['rate limited'] += 1
+        if not self.mapping_limit.allow(key, now):
+            self.dropped['mappings too fast'] += 1
             return
         peer = self.by_token.get(token)
         if peer is not None:
             if not probe:
                 if peer.public != public:
                     log.info('%s has public endpoint %s', peer, wire.format_endpoint(public))
+                if peer.public is None:
+                    self.peers_reply = None     # it can be connected to now: listed
                 peer.public = public
             else:
                 peer.probed = public
@@ -520,23 +769,23 @@ class Rendezvous:
             log.debug('udp send to %s: %s', wire.format_endpoint(source), error)
 
     def check_datagram(self, data, source):
-        """Decode a datagram that is not a plain MAPPING request; its token or None.
+        """Decode a MAPPING-sized datagram that is not a plain request; its token or None.
 
-        Counts the dropped ones by reason.  A MAPPING with unusual but legal
-        header bits (a reserved byte, say) still gets its answer.
+        Counts the dropped ones.  A MAPPING with unusual but legal header
+        bits (a reserved byte, say) still gets its answer.
         """
         try:
             message = wire.decode(data)
-            if message.type != wire.MAPPING or message.flags & wire.FLAG_REPLY:
-                raise wire.ProtocolError(f'type: {message.name_of_type} over udp')
+            if message.flags & wire.FLAG_REPLY:
+                raise wire.ProtocolError('flags: a reply sent to the server')
         except wire.ProtocolError as error:
-            self.dropped[str(error).split(':')[0]] += 1
+            self.dropped['malformed mapping request'] += 1
             log.debug('< bad datagram from %s: %s', wire.format_endpoint(source), error)
             return None
         return message.token
 
     def source_address(self, host):
-        """(plain host, family byte, XORed address bytes) for a source address.
+        """(plain host, family byte, XORed address bytes, limits' key) for an address.
 
         Parsing an address string is the dearest step of a MAPPING answer,
         and the same peers ask again and again, so the answers are kept,
@@ -548,8 +797,20 @@ class Rendezvous:
                 self.addresses.clear()
             plain = wire.plain((host, 0))[0]
             encoded = wire.ENDPOINT.pack((plain, 0))
-            known = self.addresses[host] = (plain, encoded[0], encoded[3:])
+            known = self.addresses[host] = (plain, encoded[0], encoded[3:],
+                                            address_key(plain, self.limits.ipv6_prefix))
         return known
+
+
+def cut(text, size):
+    """text shortened to at most size bytes of UTF-8, never inside a character.
+
+    The wire counts bytes: 1,000 characters of an error that quotes a
+    peer's bad name ('\\x01' for each control byte, 'é' for two bytes) can
+    be 1,001 bytes, which the encoder refuses.
+    """
+    data = text.encode('utf-8')
+    return data[:size].decode('utf-8', 'ignore') if len(data) > size else text
 
 
 def plain_mapping_request(data):
@@ -599,7 +860,7 @@ class Connection:
                     return      # the message closed the connection
         except wire.FramingError as error:
             log.debug('closing %s: %s', peer, error)
-            self.server.send_error(peer, wire.E_BAD_MESSAGE, str(error))
+            self.server.send_error(peer, wire.E_BAD_MESSAGE, str(error), 'broken stream')
             self.write()
             self.server.close(peer)
 
@@ -611,7 +872,7 @@ class Connection:
             raise
         except wire.ProtocolError as error:
             log.debug('bad message from %s: %s', self.peer, error)
-            self.server.send_error(self.peer, wire.E_BAD_MESSAGE, str(error))
+            self.server.send_error(self.peer, wire.E_BAD_MESSAGE, str(error), 'bad message')
             return
         self.server.handle(self.peer, message)
 
@@ -632,7 +893,6 @@ class Connection:
 
 def parse_args(argv):
     """The command line; every limit is an option, its default in --help."""
-    defaults = Limits()
     parser = argparse.ArgumentParser(
         description='Rendezvous server for UDP hole punching: introduces peers, '
                     'tells them their public endpoints, relays when punching fails.',
@@ -648,21 +908,7 @@ def parse_args(argv):
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='log every message in and out, one line each')
     parser.add_argument('-q', '--quiet', action='store_true', help='log errors only')
-    limits = parser.add_argument_group('limits')
-    limits.add_argument('--max-per-address', type=int, default=defaults.per_address,
-                        help='open connections from one source address')
-    limits.add_argument('--register-timeout', type=float, default=defaults.register_timeout,
-                        help='seconds a new connection has to register before it is closed')
-    limits.add_argument('--max-output', type=int, default=defaults.max_output,
-                        help='bytes of unread replies before a peer that does not read '
-                             'is dropped; relayed messages to it are dropped instead once '
-                             'half of that is queued')
-    limits.add_argument('--mapping-rate', type=float, default=defaults.mapping_rate,
-                        help='MAPPING requests a second per source address, bursts of '
-                             'twice that; more are dropped (0: no limit)')
-    limits.add_argument('--connect-rate', type=float, default=defaults.connect_rate,
-                        help='CONNECT requests a second per peer, bursts of twice that; '
-                             'more get an ERROR (0: no limit)')
+    Limits.add_options(parser)
     return parser.parse_args(argv)
 
 
@@ -698,8 +944,7 @@ def main(argv=None):
     logging.basicConfig(level=level, format='%(asctime)s %(message)s', stream=sys.stderr)
     raise_descriptor_limit()
     try:
-        limits = Limits(args.max_per_address, args.register_timeout, args.max_output,
-                        args.mapping_rate, args.connect_rate)
+        limits = Limits.from_args(args)
         binds = args.bind or [default_bind()]
         server = Rendezvous(binds, args.port, limits)
     except (OSError, ValueError) as error:

@@ -426,7 +426,8 @@ def peers_part(args, tmp):
     server = subprocess.Popen(
         pinned(SERVER_CPU, server_argv(args, port, '--max-per-address', str(args.peers * 2),
                                        '--mapping-rate', '0', '--connect-rate', '0',
-                                       profile=profile)),
+                                       '--accept-rate', '0', '--request-rate', '0',
+                                       '--list-rate', '0', profile=profile)),
         stdout=subprocess.DEVNULL, stderr=log)
     affinity = os.sched_getaffinity(0)
     if os.cpu_count() > GENERATOR_CPU:

@@ -3,8 +3,9 @@
     python bench/soak.py [--minutes 10] [--clients 200] [--seed 1]
 
 Starts one ``rendezvous.py`` on a free loopback port pair, its limits
-raised (``--mapping-rate 0 --connect-rate 0 --max-per-address 100000``:
-every client comes from 127.0.0.1), and keeps about ``--clients``
+raised (``--mapping-rate 0 --connect-rate 0 --max-per-address 100000``
+and no accept, request or list rate: every client comes from 127.0.0.1),
+and keeps about ``--clients``
 ``p2pclient.py`` processes alive against it for ``--minutes``.  Each client
 registers, waits a random while (during which others may connect to it),
 then types ``/connect`` to a random idle registered client, exchanges a
@@ -56,7 +57,8 @@ from common import encode  # noqa: E402
 from procs import start_server  # noqa: E402  (the tests' driver)
 
 HOST = '127.0.0.1'
-SERVER_ARGS = ('--mapping-rate', '0', '--connect-rate', '0', '--max-per-address', '100000')
+SERVER_ARGS = ('--mapping-rate', '0', '--connect-rate', '0', '--max-per-address', '100000',
+               '--accept-rate', '0', '--request-rate', '0', '--list-rate', '0')
 SAMPLE_EVERY = 30.0         # seconds between progress lines and memory samples
 REGISTER_TIMEOUT = 20.0     # from start to "* registered"; start-up under load is slow
 CONNECT_TIMEOUT = 30.0      # the punch gives up after 5 s and relays: this is generous

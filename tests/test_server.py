@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+import identity
 import p2pcommon as wire
 from procs import command, start, start_server
 
@@ -24,6 +25,7 @@ class RawPeer:
         self.udp.bind(('127.0.0.1', 0))
         self.udp.settimeout(5)
         self.reader = wire.FrameReader()
+        self.name = name
         self.token = None
         if name:
             self.register(name)
@@ -41,14 +43,19 @@ class RawPeer:
             assert data, 'the server closed the connection'
             self.reader.feed(data)
 
-    def register(self, name):
+    def register(self, name, proof=None):
         """Register and tell the server our public UDP endpoint."""
-        self.send(wire.REGISTER, name=name, private=[self.udp.getsockname()],
-                  tcp_port=self.tcp.getsockname()[1])
+        self.send_register(name, proof)
         reply = self.receive()
         assert reply.type == wire.REGISTERED, reply
+        self.name = name
         self.token = reply.token
         self.mapping(self.token)
+
+    def send_register(self, name, proof=None):
+        """Send REGISTER; by default the proof is the name's, as if its key were fixed."""
+        self.send(wire.REGISTER, name=name, private=[self.udp.getsockname()],
+                  tcp_port=self.tcp.getsockname()[1], proof=proof or proof_of(name))
 
     def mapping(self, token, port=None):
         """Send a MAPPING request; return the reply and its size."""
@@ -68,6 +75,27 @@ class RawPeer:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def proof_of(name, key=b'test key of everyone'):
+    """The proof a user with this key sends for name (to a server on localhost)."""
+    return identity.name_proof(key, name, '127.0.0.1')
+
+
+def introduce(asker, target):
+    """asker asks, the server asks target, target agrees: the INTRODUCEs (asker's, target's)."""
+    asker.send(wire.CONNECT, target=target.name)
+    ask = target.receive()
+    assert (ask.type, ask.name) == (wire.ASK, asker.name), ask
+    target.send(wire.CONNECT, target=asker.name)
+    to_target, to_asker = target.receive(), asker.receive()
+    assert (to_asker.type, to_target.type) == (wire.INTRODUCE, wire.INTRODUCE)
+    return to_asker, to_target
+
+
+def sealed(token, type, role=0, **fields):
+    """A peer message of this session, as the peer of role would seal it."""
+    return identity.SessionKey(token, role).seal(type, **fields)
 
 
 @pytest.fixture
@@ -125,33 +153,29 @@ def test_a_wildcard_socket_answers_from_the_address_it_was_asked_at(bind):
 
 def test_introduce_goes_to_both_with_one_fresh_session(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    to_bob, to_alice = bob.receive(), alice.receive()
-    assert (to_bob.type, to_alice.type) == (wire.INTRODUCE, wire.INTRODUCE)
+    to_alice, to_bob = introduce(alice, bob)
     assert to_bob.session == to_alice.session != wire.NO_SESSION
+    assert (to_alice.role, to_bob.role) == (0, 1)       # alice asked first
     assert (to_bob.name, to_bob.public) == ('alice', alice.udp.getsockname())
     assert (to_alice.name, to_alice.public) == ('bob', bob.udp.getsockname())
     assert to_alice.private == [bob.udp.getsockname()]
     assert to_alice.port_delta == 0
-    alice.send(wire.CONNECT, target='bob')
+    alice.send(wire.CONNECT, target='bob')      # consent was given: introduced at once
     assert alice.receive().session != to_alice.session
 
 
 def test_nobody_else_can_set_a_peers_public_endpoint(peers):
     alice, bob, mallory = peers('alice'), peers('bob'), peers()
     mallory.mapping(os.urandom(wire.TOKEN_SIZE))        # answered, but files nothing
-    mallory.send(wire.REGISTER, name='mallory', private=[], tcp_port=0)
+    mallory.send_register('mallory')
     assert mallory.receive().type == wire.REGISTERED
-    bob.send(wire.CONNECT, target='alice')
-    assert bob.receive().public == alice.udp.getsockname()
+    assert introduce(bob, alice)[0].public == alice.udp.getsockname()
 
 
 def test_relay_forwards_within_the_pair_only(peers):
     alice, bob, carol = peers('alice'), peers('bob'), peers('carol')
-    alice.send(wire.CONNECT, target='bob')
-    session = alice.receive().session
-    bob.receive()
-    data = wire.encode(wire.DATA, session=session, seq=0, oldest=0, text='via the server')
+    session = introduce(alice, bob)[0].session
+    data = sealed(session, wire.DATA, seq=0, oldest=0, text='via the server')
     alice.send(wire.RELAY, session=session, message=data)
     relayed = bob.receive()
     assert relayed.type == wire.RELAY and relayed.message == data
@@ -161,23 +185,34 @@ def test_relay_forwards_within_the_pair_only(peers):
 
 
 def test_relay_carries_peer_traffic_only(peers):
-    alice = peers('alice')
-    peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    session = alice.receive().session
+    alice, bob = peers('alice'), peers('bob')
+    session = introduce(alice, bob)[0].session
     alice.send(wire.RELAY, session=session, message=wire.encode(wire.LIST))
     error = alice.receive()
     assert (error.code, error.text) == (wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
 
 
-def test_a_peer_that_leaves_is_announced_to_its_partner(peers):
+def test_relay_carries_only_messages_of_that_session(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    session = alice.receive().session
+    session = introduce(alice, bob)[0].session
+    elsewhere = sealed(os.urandom(wire.TOKEN_SIZE), wire.KEEPALIVE)
+    alice.send(wire.RELAY, session=session, message=elsewhere)
+    error = alice.receive()
+    assert (error.code, error.text) == (wire.E_BAD_MESSAGE, 'relay: carries only peer traffic')
+
+
+def test_a_peer_that_leaves_is_announced_to_its_partner_without_a_forged_bye(peers):
+    alice, bob = peers('alice'), peers('bob')
+    session = introduce(alice, bob)[0].session
     bob.close()
     relayed = alice.receive()
-    assert relayed.type == wire.RELAY
-    assert wire.decode(relayed.message) == wire.Message(wire.BYE, session=session)
+    assert (relayed.type, relayed.session, relayed.message) == (wire.RELAY, session, b'')
+
+
+def test_bye_closes_the_control_connection(peers):
+    alice = peers('alice')
+    alice.send(wire.BYE)
+    assert alice.tcp.recv(100) == b''
 
 
 def test_requests_before_registering_are_refused(peers):
@@ -189,7 +224,7 @@ def test_requests_before_registering_are_refused(peers):
 
 def test_registering_twice_is_refused(peers):
     alice = peers('alice')
-    alice.send(wire.REGISTER, name='alice2', private=[], tcp_port=0)
+    alice.send_register('alice2')
     assert alice.receive().code == wire.E_ALREADY_REGISTERED
 
 
@@ -237,9 +272,8 @@ def test_quiet_server_logs_nothing_for_a_normal_session():
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline and proc.popen.poll() is None, \
                     proc.transcript()
-        with RawPeer(port, 'alice') as alice, RawPeer(port, 'bob'):
-            alice.send(wire.CONNECT, target='bob')
-            assert alice.receive().type == wire.INTRODUCE
+        with RawPeer(port, 'alice') as alice, RawPeer(port, 'bob') as bob:
+            introduce(alice, bob)
             alice.send(wire.CONNECT, target='nobody')
             assert alice.receive().type == wire.ERROR
     finally:
@@ -250,14 +284,14 @@ def test_quiet_server_logs_nothing_for_a_normal_session():
 def test_a_new_introduction_replaces_the_old_one(peers):
     # Else every repeated CONNECT would keep a session, and memory, forever.
     alice, bob = peers('alice'), peers('bob')
-    sessions = []
-    for _ in range(3):
+    sessions = [introduce(alice, bob)[0].session]
+    for _ in range(2):
         alice.send(wire.CONNECT, target='bob')
         sessions.append(alice.receive().session)
         bob.receive()
-    hello = wire.encode(wire.KEEPALIVE, session=sessions[0])
+    hello = sealed(sessions[0], wire.KEEPALIVE)
     alice.send(wire.RELAY, session=sessions[0], message=hello)
     assert alice.receive().text == 'relay: not a session of yours'
-    hello = wire.encode(wire.KEEPALIVE, session=sessions[-1])
+    hello = sealed(sessions[-1], wire.KEEPALIVE)
     alice.send(wire.RELAY, session=sessions[-1], message=hello)
     assert bob.receive().message == hello
