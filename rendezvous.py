@@ -306,7 +306,7 @@ class Rendezvous:
             log.info('closing %s: silent for %g s', peer, timeout)
             self.close(peer)
         for asker, target in self.asks.expired(now):
-            self.send_error(asker, wire.E_NO_ANSWER, f'{target} did not answer', 'no answer')
+            self.send(asker, wire.DECLINE, name=target.name, why=wire.NO_ANSWER)
         if now >= self.next_summary:
             self.mapping_limit.forget_idle(now)
             self.owners.forget_expired(now)
@@ -382,7 +382,7 @@ class Rendezvous:
             # direct path, if there is one, may well live on.
             self.send(session.other(peer), wire.RELAY, session=token, message=b'')
         for asker, _ in self.asks.forget(peer):
-            self.send_error(asker, wire.E_NO_ANSWER, f'{peer} did not answer', 'no answer')
+            self.send(asker, wire.DECLINE, name=peer.name, why=wire.NO_ANSWER)
         if peer.key and self.peers.get(peer.key) is peer:
             del self.peers[peer.key]
             del self.by_token[peer.token]
@@ -391,12 +391,16 @@ class Rendezvous:
             self.owners.release(peer.key, peer.proof, time.monotonic())
             log.info('%s disconnected', peer)
 
-    def send(self, peer, type, **fields):
-        """Queue a reply for a peer; drop the peer if it never reads."""
+    def send(self, peer, type, request=False, **fields):
+        """Queue a reply for a peer, or with request a request of ours (point 8).
+
+        Drop the peer if it never reads.
+        """
         if peer.sock.fileno() < 0:
             return      # it left while we were working on its request
         log.debug('> %s to %s (tcp)', wire.TYPE_NAMES[type], peer)
-        self.send_encoded(peer, wire.reply(type, **fields))
+        data = wire.encode(type, **fields) if request else wire.reply(type, **fields)
+        self.send_encoded(peer, data)
 
     def send_encoded(self, peer, data):
         """Queue an encoded reply; drop the peer if it never reads."""
@@ -459,7 +463,7 @@ class Rendezvous:
                                 f'too many connect requests: at most '
                                 f'{self.limits.connect_rate:g} a second', 'connects too fast')
         elif message.type == wire.DECLINE:
-            self.decline(peer, message.target)
+            self.decline(peer, message.name)
         elif message.type == wire.BYE:
             self.close(peer)
         else:
@@ -577,14 +581,18 @@ class Rendezvous:
         elif any(session.other(peer) is target for session in peer.sessions.values()):
             self.pair(peer, target)         # consent given already: punch again
         elif (peer, target) in self.asks:
-            pass                            # the target has been asked; it may answer still
+            self.send(peer, wire.ASK, name=target.name)     # asked already: it may answer still
         elif self.asks.full(target):
             self.send_error(peer, wire.E_TOO_MANY,
                             f'{target} has {self.limits.max_asks} requests waiting; '
                             f'try again later', 'too many asks')
         else:
             self.asks.add(peer, target, time.monotonic())
-            self.send(target, wire.ASK, name=peer.name)
+            # The mediator asks the target to send a request (point 4): a
+            # request of ours, so without the reply flag.  The asker's
+            # answer, with it, says that the target was asked.
+            self.send(target, wire.ASK, request=True, name=peer.name)
+            self.send(peer, wire.ASK, name=target.name)
             log.info('%s asks to connect to %s', peer, target)
 
     def decline(self, peer, asker_name):
@@ -594,7 +602,7 @@ class Rendezvous:
             self.send_error(peer, wire.E_UNKNOWN_PEER, f'no request from {asker_name!r}',
                             'decline without ask')
             return
-        self.send_error(asker, wire.E_DECLINED, f'{peer} declined', 'declined')
+        self.send(asker, wire.DECLINE, name=peer.name, why=wire.DECLINED)
         log.info('%s declined %s', peer, asker)
 
     def find(self, name):

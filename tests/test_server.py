@@ -85,8 +85,8 @@ def proof_of(name, key=b'test key of everyone'):
 def introduce(asker, target):
     """asker asks, the server asks target, target agrees: the INTRODUCEs (asker's, target's)."""
     asker.send(wire.CONNECT, target=target.name)
-    ask = target.receive()
-    assert (ask.type, ask.name) == (wire.ASK, asker.name), ask
+    assert asker.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name=target.name)
+    assert target.receive() == wire.Message(wire.ASK, name=asker.name)   # a request
     target.send(wire.CONNECT, target=asker.name)
     to_target, to_asker = target.receive(), asker.receive()
     assert (to_asker.type, to_target.type) == (wire.INTRODUCE, wire.INTRODUCE)

@@ -50,6 +50,18 @@ def error_of(peer):
     return message.code, message.text
 
 
+def asked(asker, target):
+    """asker sends CONNECT; the server asks target and tells asker so (point 8's two flags)."""
+    asker.send(wire.CONNECT, target=target.name)
+    assert asker.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name=target.name)
+    assert target.receive() == wire.Message(wire.ASK, name=asker.name)
+
+
+def declined(peer, name, why):
+    """The next message is the server's word that name declined or did not answer."""
+    assert peer.receive() == wire.Message(wire.DECLINE, wire.FLAG_REPLY, name=name, why=why)
+
+
 def nothing_else_came(peer):
     """True when nothing is queued for peer: a LIST's answer is the next message."""
     peer.send(wire.LIST)
@@ -62,9 +74,7 @@ def nothing_else_came(peer):
 
 def test_connect_asks_the_target_and_tells_it_only_the_name(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    ask = bob.receive()
-    assert ask == wire.Message(wire.ASK, wire.FLAG_REPLY, name='alice')
+    asked(alice, bob)
     assert nothing_else_came(alice) is True         # no INTRODUCE before bob agrees
     assert nothing_else_came(bob) is True
 
@@ -78,18 +88,16 @@ def test_the_target_agrees_by_connecting_back(peers):
 
 def test_the_target_declines_and_the_asker_hears_so(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    assert bob.receive().type == wire.ASK
-    bob.send(wire.DECLINE, target='alice')
-    assert error_of(alice) == (wire.E_DECLINED, 'bob declined')
-    bob.send(wire.CONNECT, target='alice')          # a new question, not a yes
-    assert alice.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='bob')
+    asked(alice, bob)
+    bob.send(wire.DECLINE, name='alice', why=wire.DECLINED)
+    declined(alice, 'bob', wire.DECLINED)
+    asked(bob, alice)                               # a new question, not a yes
     assert nothing_else_came(bob) is True
 
 
 def test_declining_what_nobody_asked_says_so(peers):
     alice, bob = peers('alice'), peers('bob')
-    bob.send(wire.DECLINE, target='alice')
+    bob.send(wire.DECLINE, name='alice', why=wire.DECLINED)
     assert error_of(bob) == (wire.E_UNKNOWN_PEER, "no request from 'alice'")
     assert nothing_else_came(alice) is True
 
@@ -97,19 +105,16 @@ def test_declining_what_nobody_asked_says_so(peers):
 @pytest.mark.server_args('--ask-timeout', '0.5')
 def test_an_unanswered_ask_runs_out(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    assert bob.receive().type == wire.ASK
-    assert error_of(alice) == (wire.E_NO_ANSWER, 'bob did not answer')
-    bob.send(wire.CONNECT, target='alice')          # too late: a new question
-    assert alice.receive().type == wire.ASK
+    asked(alice, bob)
+    declined(alice, 'bob', wire.NO_ANSWER)
+    asked(bob, alice)                               # too late: a new question
 
 
 def test_an_ask_to_a_peer_that_leaves_ends(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    assert bob.receive().type == wire.ASK
+    asked(alice, bob)
     bob.close()
-    assert error_of(alice) == (wire.E_NO_ANSWER, 'bob did not answer')
+    declined(alice, 'bob', wire.NO_ANSWER)
 
 
 @pytest.mark.server_args('--max-asks', '2')
@@ -119,13 +124,13 @@ def test_one_target_has_a_bounded_number_of_asks_waiting(peers):
     for asker in askers:
         asker.send(wire.CONNECT, target='bob')
     assert [bob.receive().name for _ in range(2)] == ['asker0', 'asker1']
+    assert [asker.receive().type for asker in askers[:2]] == [wire.ASK, wire.ASK]
     assert error_of(askers[2]) == (wire.E_TOO_MANY, 'bob has 2 requests waiting; '
                                                     'try again later')
     assert nothing_else_came(bob) is True
     bob.send(wire.CONNECT, target='asker0')         # answering one frees a place
     assert bob.receive().type == askers[0].receive().type == wire.INTRODUCE
-    askers[2].send(wire.CONNECT, target='bob')
-    assert bob.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='asker2')
+    asked(askers[2], bob)
 
 
 # -- errors that quote a bad name ------------------------------------------------
@@ -205,7 +210,7 @@ def test_a_name_that_reads_as_a_taken_one_is_taken(peers, lookalike, reading):
         wire.E_NAME_TAKEN, f"name {lookalike!r} is taken (it reads as 'bob')", True)
     carol = peers('carol')
     carol.send(wire.CONNECT, target=lookalike)      # lookups read names the same way
-    assert bob.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='carol')
+    assert bob.receive() == wire.Message(wire.ASK, name='carol')
 
 
 @pytest.mark.parametrize('name, reason', [
@@ -237,15 +242,14 @@ def test_the_owners_new_connection_takes_the_name_over(peers):
                              'a new connection with your key took over your name')
     assert old.tcp.recv(100) == b''
     carol.send(wire.CONNECT, target='bob')
-    assert new.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='carol')
+    assert new.receive() == wire.Message(wire.ASK, name='carol')
 
 
 def test_a_name_is_kept_for_its_owner_after_the_connection_closes(peers):
     alice, bob = peers('alice'), peers('bob')
-    alice.send(wire.CONNECT, target='bob')
-    bob.receive()
+    asked(alice, bob)
     bob.close()
-    assert error_of(alice) == (wire.E_NO_ANSWER, 'bob did not answer')     # bob is gone
+    declined(alice, 'bob', wire.NO_ANSWER)          # bob is gone
     assert refused(peers(), 'bob', MALLORY)[:2] == (wire.E_NAME_TAKEN, "name 'bob' is taken")
     assert peers('bob').token                       # and its owner has it back
 
@@ -330,10 +334,9 @@ def test_the_list_follows_who_comes_and_goes(peers):
     assert listed(alice) == ['alice']
     bob = peers('bob')
     assert listed(alice) == ['alice', 'bob']
-    alice.send(wire.CONNECT, target='bob')
-    bob.receive()
+    asked(alice, bob)
     bob.close()
-    assert error_of(alice)[0] == wire.E_NO_ANSWER  # the server saw bob leave
+    declined(alice, 'bob', wire.NO_ANSWER)          # the server saw bob leave
     assert listed(alice) == ['alice']
 
 
