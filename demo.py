@@ -1,10 +1,10 @@
 """make demo: a rendezvous server and two scripted peers on this machine.
 
 Starts ``rendezvous.py`` on a free port, then ``p2pclient.py alice`` and
-``p2pclient.py bob``; alice connects to bob by name, they exchange a few
-lines and leave.  Everything each program prints is shown as it happens,
-so the transcript reads like the protocol: register, mapping, connect,
-introduce, punch, chat, bye.
+``p2pclient.py bob``; alice asks to connect to bob by name, bob says yes,
+they exchange a few lines and leave.  Everything each program prints is
+shown as it happens, so the transcript reads like the protocol: register,
+mapping, connect, ask, consent, introduce, punch, chat, bye.
 """
 
 import os
@@ -44,6 +44,10 @@ def main():
         show(alice, r'^\* peers')
         type_line(alice, '/connect bob')
         show(alice, r'^\* asking')
+        show(alice, r'^\* asked bob')
+        show(bob, r'^\* alice asks to connect')
+        type_line(bob, '/connect alice')        # bob says yes: both have asked
+        show(bob, r'^\* saying yes')
         show(alice, r'^\* introduced')
         show(bob, r'^\* introduced')
         show(alice, r'^\* connected')

@@ -294,7 +294,8 @@ class Client:
         if name == self.name:
             self.say('that is you: /connect another peer')
             return
-        link = self.asks.pop(name, None) or self.registered_link()
+        asker = self.asks.pop(name, None)
+        link = asker or self.registered_link()
         if link is None:
             self.say('not registered with any rendezvous server yet; still trying')
             return
@@ -302,8 +303,9 @@ class Client:
         link.send(wire.CONNECT, target=name)
         link.connects.append(name)
         self.asked[name] = time.monotonic()
-        self.say(f'asking the rendezvous server to introduce {name}; '
-                 f'what you type goes to {name}')
+        doing = f'saying yes to {name}' if asker else \
+            f'asking the rendezvous server to introduce {name}'
+        self.say(f'{doing}; what you type goes to {name}')
 
     def choose(self, name, quiet=False):
         """/to NAME: typed lines go to name from now on, and nowhere else."""
