@@ -169,6 +169,11 @@ class Client:
                 self.relay(session, now)
         for text in session.channel.retransmit(now):
             self.say(f'not delivered to {session.name}: {wire.safe(text)}')
+        if session.channel.exhausted:
+            self.say(f'the session with {session.name} used up its 4 billion message numbers; '
+                     f'/connect {session.name} for a new one')
+            self.end_session(session, 'the session ended')
+            return
         session.transfers.tick(now)
         if session.endpoint is None:
             return

@@ -4,6 +4,7 @@ In-process: a Client with real UDP sockets on loopback, fed the messages an
 attacker would send; what it prints and sends is what is checked.
 """
 
+import collections
 import io
 import socket
 
@@ -23,13 +24,16 @@ class FakeLink:
 
     def __init__(self):
         self.sent = []
-        self.connects = __import__('collections').deque()
+        self.connects = collections.deque()
         self.token = b'r' * wire.TOKEN_SIZE
         self.local = ('127.0.0.1', 1)
 
     def send(self, type, **fields):
         """Record one message to the server."""
         self.sent.append(wire.Message(type, **fields))
+
+    def tick(self, now):
+        """No timers here."""
 
 
 @pytest.fixture
@@ -208,3 +212,16 @@ def test_a_new_session_does_not_take_the_typed_lines(client, bob_udp):
         from_bob(alice, mallory, wire.PUNCH, mallory_udp.getsockname())
         assert '* what you type still goes to bob; /to mallory to change' in out.getvalue()
         assert alice.chosen == 'bob'
+
+
+def test_a_session_that_used_every_number_ends_with_a_word(client, bob_udp):
+    alice, out = client
+    bob = SessionKey(TOKEN, 0)
+    introduce(alice, 'bob', bob_udp.getsockname())
+    from_bob(alice, bob, wire.PUNCH, bob_udp.getsockname())
+    from_bob(alice, bob, wire.DATA, bob_udp.getsockname(), seq=2**32 - 2, oldest=2**32 - 2,
+             text='the last one')
+    alice.check_timers(1e9)
+    assert '<bob> the last one' in out.getvalue()
+    assert 'used up its 4 billion message numbers; /connect bob for a new one' in out.getvalue()
+    assert alice.sessions == {}

@@ -362,3 +362,79 @@ def test_a_mapping_request_with_a_bad_endpoint_is_dropped(server, family, paddin
             sock.recv(100)
         sock.sendto(good, ('127.0.0.1', port))             # the good one is answered
         assert len(sock.recv(100)) == len(good)
+
+
+@pytest.fixture
+def open_alice(server, pair):
+    """alice accepts anyone (--allow '*'), chatting with bob, who accepts only alice."""
+    port = server[1]
+    alice, bob = pair
+    alice.send('/quit')
+    alice.wait()
+    alice = start(command('p2pclient.py', 'alice', '--server', f'127.0.0.1:{port}', '--allow',
+                          '*'), 'alice')
+    try:
+        alice.expect(r'^\* registered as ')
+        alice.send('/connect bob')
+        bob.expect(r'^\* alice asks to connect')
+        bob.send('/connect alice')
+        alice.expect(CONNECTED.format('bob'))
+        yield alice, bob
+    finally:
+        alice.stop()
+    assert alice.err.lines == [], alice.transcript()
+
+
+def mallory_meets(alice, port):
+    """mallory, registered, asks alice (who allows anyone): (mallory, her INTRODUCE)."""
+    mallory = RawPeer(port, 'mallory')
+    mallory.send(wire.CONNECT, target='alice')
+    assert mallory.receive().type == wire.ASK
+    alice.expect(r'^\* mallory asks to connect; accepted \(--allow\)$')
+    introduction = mallory.receive()
+    assert introduction.type == wire.INTRODUCE
+    return mallory, introduction
+
+
+def test_numbers_at_their_limit_from_a_peer_crash_nobody(server, open_alice):
+    alice, bob = open_alice
+    mallory, introduction = mallory_meets(alice, server[1])
+    with mallory:
+        key = SessionKey(introduction.session, introduction.role)
+        last = 2**32 - 1
+        attacks = [key.seal(wire.DATA, seq=last, oldest=last, text='x'),
+                   key.seal(wire.DATA, seq=last - 1, oldest=last - 1, text='x'),
+                   key.seal(wire.ACK, seq=last, sack=b'\xff' * wire.SACK_BYTES),
+                   key.seal(wire.CHUNK, transfer=last, seq=last, oldest=last, data=b'x'),
+                   key.seal(wire.OFFER, transfer=last, size=2**64 - 1, sha256=bytes(32),
+                            name='../../etc/passwd')]
+        for data in attacks:
+            mallory.udp.sendto(data, introduction.public)       # straight to alice
+            mallory.send(wire.RELAY, session=introduction.session, message=data)
+        mallory.send(wire.LIST)
+        answer = mallory.receive()
+        while answer.type != wire.PEERS:                    # past relayed answers
+            answer = mallory.receive()
+        assert answer.names == ['alice', 'bob', 'mallory']
+    chat(alice, bob, 'alice is still here')
+    bob.send('and so is bob')
+    alice.expect(r'^<bob> and so is bob$')
+
+
+def test_a_stranger_who_connects_does_not_take_the_chat(server, open_alice):
+    alice, bob = open_alice
+    mallory, introduction = mallory_meets(alice, server[1])
+    with mallory:
+        key = SessionKey(introduction.session, introduction.role)
+        mallory.udp.sendto(key.seal(wire.PUNCH, nonce=bytes(16)), introduction.public)
+        alice.expect(r'^\* connected to mallory ')
+        alice.expect(r'^\* what you type still goes to bob; /to mallory to change$')
+        chat(alice, bob, 'for bob only')
+        mallory.udp.settimeout(0.5)
+        heard = []
+        try:
+            while True:
+                heard.append(wire.decode(mallory.udp.recv(2048)))
+        except TimeoutError:
+            pass
+        assert not [m for m in heard if m.type == wire.DATA]
