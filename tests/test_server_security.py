@@ -481,3 +481,20 @@ def test_a_legitimate_peer_is_served_during_a_flood(flood):
                 thread.join(10)
             proc.stop()
     assert not [line for line in proc.err.lines if 'Traceback' in line], proc.transcript()
+
+
+@pytest.mark.server_args('--connect-rate', '0', '--request-rate', '0', '--accept-rate', '0')
+def test_strangers_connecting_cannot_evict_a_session(peers):
+    alice, bob = peers('alice'), peers('bob')
+    to_alice, _ = introduce(alice, bob)
+    strangers = [peers(f'mallory{i}') for i in range(3)]
+    for _ in range(rendezvous.MAX_SESSIONS + 10):          # more than a peer may hold
+        for stranger in strangers:
+            stranger.send(wire.CONNECT, target='alice')
+    message = sealed(to_alice.session, wire.DATA, role=1, seq=0, oldest=0, text='still here')
+    bob.send(wire.RELAY, session=to_alice.session, message=message)
+    answer = alice.receive()
+    while answer.type == wire.ASK:                          # the strangers' questions
+        answer = alice.receive()
+    assert answer == wire.Message(wire.RELAY, wire.FLAG_REPLY, session=to_alice.session,
+                                  message=message)
