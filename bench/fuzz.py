@@ -860,6 +860,7 @@ def relay_pair(port, rng, n, number, stats):
         stats.add('tcp connections', 2)
         stats.add('setup frames (valid REGISTER, CONNECT)', 3)
         a.tcp.sendall(encode(wire.CONNECT, target=f'fz{number}b'))
+        a.receive(wire.ASK)                     # the server's answer: b was asked
         if b.receive(wire.ASK, wire.INTRODUCE).type == wire.ASK:    # the server asks b first
             b.tcp.sendall(encode(wire.CONNECT, target=f'fz{number}a'))
             stats.add('setup frames (valid REGISTER, CONNECT)')
@@ -955,17 +956,20 @@ class Peers:
         self.late = 0               # lines not seen within the check's timeout
         self.checks = 0
         self.failed_checks = []
+        # chat-b says yes to chat-a; witness, a public service, to anyone.
+        allow = {CHAT_A: (), CHAT_B: ('--allow', CHAT_A), WITNESS: ('--allow', '*')}
         for name in (CHAT_A, CHAT_B, WITNESS):
-            self.procs[name] = self.client(name)
+            self.procs[name] = self.client(name, *allow[name])
         for proc in self.procs.values():
             proc.expect(r'^\* registered as ', timeout=15)
         self.procs[CHAT_A].send(f'/connect {CHAT_B}')
         self.procs[CHAT_A].expect(CONNECTED.format(CHAT_B), timeout=15)
         self.procs[CHAT_B].expect(CONNECTED.format(CHAT_A), timeout=15)
 
-    def client(self, name):
+    def client(self, name, *options):
         """Start one p2pclient.py against our server."""
-        return start(command('p2pclient.py', name, '--server', f'{HOST}:{self.port}'), name)
+        return start(command('p2pclient.py', name, '--server', f'{HOST}:{self.port}',
+                             *options), name)
 
     def chat(self, number):
         """Type a line at one chat peer; wait for it at the other."""
@@ -1305,6 +1309,9 @@ def main(argv=None):
     peers).
     """
     args = parse_args(argv)
+    # The peers keep their name keys in a folder of this run, not the user's.
+    config = tempfile.TemporaryDirectory(prefix='p2pnat-fuzz-config-')
+    os.environ['XDG_CONFIG_HOME'] = config.name
     status = client_units(args.client_units, args.seed) if args.client_units else 0
     if args.datagrams or args.frames or not args.no_peers:
         status |= server_fuzz(args)

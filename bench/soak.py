@@ -48,6 +48,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +126,9 @@ class Soak:
     def __init__(self, args):
         self.args = args
         self.rng = random.Random(args.seed)
+        # Each client process its own name key: a name collision is then a
+        # stranger's, which the server refuses, not the owner coming back.
+        self.keys = tempfile.TemporaryDirectory(prefix='p2pnat-soak-keys-')
         self.selector = selectors.DefaultSelector()
         self.clients = {}               # stdout fd -> Client
         self.by_name = {}               # registered name -> Client
@@ -260,7 +264,8 @@ class Soak:
             self.counts['name collisions tried'] += 1
         popen = subprocess.Popen(
             [sys.executable, '-u', os.path.join(ROOT, 'p2pclient.py'), name,
-             '--server', f'{HOST}:{self.port}'],
+             '--server', f'{HOST}:{self.port}', '--allow', '*',     # a load test: no one asks
+             '--key', os.path.join(self.keys.name, f'{self.serial}.key')],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             bufsize=0)
         os.set_blocking(popen.stdout.fileno(), False)

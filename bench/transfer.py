@@ -244,7 +244,8 @@ class Bench:
             argv += ['-m', 'cProfile', '-o', path]
             self.profiles.append((name, path))
         argv += [os.path.join(ROOT, 'p2pclient.py'), name, '--server',
-                 f'{natlab.SERVER_ADDRS[0]}:{SERVER_PORT}', transport, '--downloads', downloads]
+                 f'{natlab.SERVER_ADDRS[0]}:{SERVER_PORT}', transport, '--downloads', downloads,
+                 '--allow', '*']        # what is measured is the transfer, not the consent
         proc = run.start(node, argv, name)
         proc.expect(rf'^\* registered as {name} ', 30)
         return proc
