@@ -34,6 +34,7 @@ CONNECT_REFUSALS = frozenset({wire.E_UNKNOWN_PEER, wire.E_NOT_REGISTERED, wire.E
 MAX_SESSIONS = 32           # peers at once: each costs sockets, and a server could flood us
 MAX_TCP_PUNCHES = 4         # TCP punches at once (a listener and a socket per target each)
 MAX_ASKS = 16               # requests to connect shown and waiting for an answer
+ASKS_KEPT = 60.0            # seconds we keep one (the server's default --ask-timeout)
 REPUNCH_EVERY = 5.0         # seconds between punch rounds a peer may ask of us over the relay
 # When the server says a peer's control connection closed, the peer may be
 # gone (killed, off the network) or only its TCP mapping: a KEEPALIVE a
@@ -72,7 +73,7 @@ class Client:
         self.chosen = None          # the peer name typed lines go to (/connect, /to)
         self.asked = {}             # peer name -> when we sent CONNECT
         self.held = []              # lines typed for the chosen peer before its session
-        self.asks = {}              # peer name -> the link whose server says it asks us
+        self.asks = {}              # peer name -> (the link whose server says it asks us, when)
         self.early_punches = []     # (message, source) before their INTRODUCE
         self.udp = None
         self.mapping = None
@@ -299,7 +300,7 @@ class Client:
         if name == self.name:
             self.say('that is you: /connect another peer')
             return
-        asker = self.asks.pop(name, None)
+        asker, _ = self.asks.pop(name, (None, None))
         link = asker or self.registered_link()
         if link is None:
             self.say('not registered with any rendezvous server yet; still trying')
@@ -325,7 +326,7 @@ class Client:
 
     def decline(self, name):
         """/reject NAME: no to name's request to connect."""
-        link = self.asks.pop(name, None)
+        link, _ = self.asks.pop(name, (None, None))
         if link is None:
             self.say(f'{wire.safe(name)} has not asked to connect')
             return
@@ -440,9 +441,11 @@ class Client:
             self.say(f'{name} asks to connect; accepted (--allow)')
             link.send(wire.CONNECT, target=name)
             return
+        now = time.monotonic()
+        self.asks = {n: ask for n, ask in self.asks.items() if now - ask[1] < ASKS_KEPT}
         if name not in self.asks and len(self.asks) >= MAX_ASKS:
             return      # the server caps asks too: a flood of them is not shown
-        self.asks[name] = link
+        self.asks[name] = (link, now)
         self.say(f'{name} asks to connect: /connect {name} to accept, /reject {name} to decline')
 
     def refused(self, message):

@@ -225,3 +225,13 @@ def test_a_session_that_used_every_number_ends_with_a_word(client, bob_udp):
     assert '<bob> the last one' in out.getvalue()
     assert 'used up its 4 billion message numbers; /connect bob for a new one' in out.getvalue()
     assert alice.sessions == {}
+
+
+def test_old_asks_make_room_for_new_ones(client):
+    alice, out = client
+    for i in range(p2pclient.MAX_ASKS):
+        alice.handle_control(alice.links[0], wire.Message(wire.ASK, name=f'asker{i}'))
+    for name, (link, when) in alice.asks.items():
+        alice.asks[name] = (link, when - p2pclient.ASKS_KEPT)     # a minute ago
+    alice.handle_control(alice.links[0], wire.Message(wire.ASK, name='bob'))
+    assert '* bob asks to connect' in out.getvalue()
