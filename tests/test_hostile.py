@@ -438,3 +438,19 @@ def test_a_stranger_who_connects_does_not_take_the_chat(server, open_alice):
         except TimeoutError:
             pass
         assert not [m for m in heard if m.type == wire.DATA]
+
+
+def test_nothing_goes_toward_an_asker_before_consent(server, pair):
+    alice, bob = pair
+    with RawPeer(server[1], 'mallory') as mallory:
+        mallory.send(wire.CONNECT, target='alice')
+        assert mallory.receive() == wire.Message(wire.ASK, wire.FLAG_REPLY, name='alice')
+        alice.expect(r'^\* mallory asks to connect: /connect mallory to accept, '
+                     r'/reject mallory to decline$')
+        alice.send('/reject mallory')
+        assert mallory.receive() == wire.Message(wire.DECLINE, wire.FLAG_REPLY,
+                                                 name='alice', why=wire.DECLINED)
+        mallory.udp.setblocking(False)
+        with pytest.raises(BlockingIOError):       # alice sent it nothing, ever
+            mallory.udp.recv(2048)
+    chat(alice, bob, 'and bob never noticed')
