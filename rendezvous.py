@@ -291,20 +291,10 @@ class Rendezvous:
 
     def check_timers(self, now):
         """Close connections that never registered or fell silent, end asks; summarise."""
-        timeout = self.limits.register_timeout
-        while self.unregistered:
-            peer = next(iter(self.unregistered.values()))
-            if now - peer.connected_at <= timeout:
-                break           # the rest connected later still
-            log.info('closing %s: not registered after %g s', peer, timeout)
-            self.close(peer)
-        timeout = self.limits.idle_timeout
-        while self.registered:
-            peer = next(iter(self.registered.values()))
-            if now - peer.heard <= timeout:
-                break           # the rest were heard later
-            log.info('closing %s: silent for %g s', peer, timeout)
-            self.close(peer)
+        self.close_stale(self.unregistered, lambda peer: peer.connected_at,
+                         self.limits.register_timeout, 'not registered after', now)
+        self.close_stale(self.registered, lambda peer: peer.heard,
+                         self.limits.idle_timeout, 'silent for', now)
         for asker, target in self.asks.expired(now):
             self.send(asker, wire.DECLINE, name=target.name, why=wire.NO_ANSWER)
         if now >= self.next_summary:
@@ -314,6 +304,19 @@ class Rendezvous:
             self.accept_limit.forget_idle(now)
             self.report_dropped()
             self.next_summary = now + SUMMARY_INTERVAL
+
+    def close_stale(self, peers, since, timeout, why, now):
+        """Close the peers whose time since(peer) is more than timeout ago.
+
+        ``peers`` is kept oldest first (dicts keep insertion order), so only
+        its expired head is looked at, not every connection.
+        """
+        while peers:
+            peer = next(iter(peers.values()))
+            if now - since(peer) <= timeout:
+                break           # the rest are younger
+            log.info('closing %s: %s %g s', peer, why, timeout)
+            self.close(peer)
 
     def report_dropped(self):
         """One log line each for what was dropped and what was refused.

@@ -98,29 +98,6 @@ def sealed(token, type, role=0, **fields):
     return identity.SessionKey(token, role).seal(type, **fields)
 
 
-@pytest.fixture
-def server():
-    """The real server, with -v so that its log shows every message."""
-    proc, port = start_server('-v')
-    yield proc, port
-    proc.stop()
-    assert not [line for line in proc.err.lines if 'Traceback' in line], proc.transcript()
-
-
-@pytest.fixture
-def peers(server):
-    """A factory for RawPeer objects, closed at the end."""
-    made = []
-
-    def peer(name=None):
-        made.append(RawPeer(server[1], name))
-        return made[-1]
-
-    yield peer
-    for p in made:
-        p.close()
-
-
 def test_mapping_reply_holds_the_source_address_and_port(peers):
     alice = peers('alice')
     reply = alice.mapping(alice.token)

@@ -19,30 +19,6 @@ from procs import start_server
 from test_server import RawPeer, introduce, proof_of, sealed
 
 
-@pytest.fixture
-def server(request):
-    """A rendezvous server (-v); a test may pass options with @pytest.mark.server_args."""
-    marker = request.node.get_closest_marker('server_args')
-    proc, port = start_server('-v', *(marker.args if marker else ()))
-    yield proc, port
-    proc.stop()
-    assert not [line for line in proc.err.lines if 'Traceback' in line], proc.transcript()
-
-
-@pytest.fixture
-def peers(server):
-    """A factory for RawPeer objects, closed at the end."""
-    made = []
-
-    def peer(name=None):
-        made.append(RawPeer(server[1], name))
-        return made[-1]
-
-    yield peer
-    for p in made:
-        p.close()
-
-
 def error_of(peer):
     """The next message, which must be an ERROR: (code, text)."""
     message = peer.receive()
