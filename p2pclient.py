@@ -494,6 +494,10 @@ class Client:
     def introduced(self, link, message):
         """A server introduced a peer: start punching toward it (points 4, 5)."""
         now = time.monotonic()
+        if message.role not in (0, 1):
+            self.say(f'{link} introduced {message.name} with role {message.role}, '
+                     f'neither 0 nor 1: ignored')
+            return
         if len(self.sessions) >= MAX_SESSIONS and self.session_named(message.name) is None:
             self.say(f'introduced to {message.name}, but {MAX_SESSIONS} sessions are open: '
                      f'ignored')

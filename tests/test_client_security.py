@@ -235,3 +235,12 @@ def test_old_asks_make_room_for_new_ones(client):
         alice.asks[name] = (link, when - p2pclient.ASKS_KEPT)     # a minute ago
     alice.handle_control(alice.links[0], wire.Message(wire.ASK, name='bob'))
     assert '* bob asks to connect' in out.getvalue()
+
+
+def test_an_introduction_with_a_role_that_is_neither_0_nor_1_is_ignored(client):
+    alice, out = client
+    alice.introduced(alice.links[0], wire.Message(
+        wire.INTRODUCE, name='bob', session=TOKEN, role=255, public=('127.0.0.1', 9),
+        port_delta=0, private=[], tcp_public=('127.0.0.1', 9), tcp_port=0))
+    assert alice.sessions == {}
+    assert 'introduced bob with role 255, neither 0 nor 1: ignored' in out.getvalue()
