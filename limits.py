@@ -81,6 +81,10 @@ class Limits:
 class TokenBucket:
     """``rate`` units a second, bursts of ``burst``; a rate of 0 means no limit."""
 
+    # Each peer has two, and every source address one: slots keep each
+    # bucket at 72 bytes instead of about 200 with a __dict__.
+    __slots__ = ('rate', 'burst', 'tokens', 'last')
+
     def __init__(self, rate, now, burst=None):
         self.rate = rate
         self.burst = 2 * rate if burst is None else burst

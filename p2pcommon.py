@@ -712,10 +712,11 @@ class UDPSocket:
 
 
 def _pack_field(fmt, value):
-    if isinstance(fmt, str) and fmt.endswith('s') and len(value) != struct.calcsize(fmt):
+    if isinstance(fmt, str) and fmt.endswith('s') and not (
+            isinstance(value, (bytes, bytearray)) and len(value) == struct.calcsize(fmt)):
         # struct would pad or cut it without a word: a token where a
         # session id belongs would go out half, and silently.
-        raise ProtocolError(f'{fmt}: {len(value)} bytes, needs {struct.calcsize(fmt)}')
+        raise ProtocolError(f'{fmt}: needs {struct.calcsize(fmt)} bytes, got {value!r:.40}')
     if isinstance(fmt, str):
         try:
             return struct.pack('!' + fmt, value)

@@ -43,6 +43,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -244,7 +245,7 @@ def register_request(name):
     fields = {'name': name, 'private': [('127.0.0.1', 40000)]}
     for field, code in wire.LAYOUTS[wire.REGISTER]:
         if field not in fields and isinstance(code, str):
-            fields[field] = 0
+            fields[field] = bytes(struct.calcsize(code)) if code.endswith('s') else 0
     return wire.encode(wire.REGISTER, **fields)
 
 
@@ -326,6 +327,11 @@ class Peers:
             if kind == wire.REGISTERED:
                 client.token = frame[wire.HEADER_SIZE:]
                 done += 1
+            elif kind == wire.ASK and not frame[4] & wire.FLAG_REPLY:
+                # The server asks this peer about a request; it says yes at
+                # once, as a client run with --allow does.
+                asker = frame[wire.HEADER_SIZE + 1:wire.HEADER_SIZE + 1 + frame[8]].decode()
+                client.sock.send(wire.encode(wire.CONNECT, target=asker))
             elif kind == wire.INTRODUCE:
                 # Only the name is needed: the payload starts with it.
                 name = frame[wire.HEADER_SIZE + 1:wire.HEADER_SIZE + 1 + frame[8]].decode()
@@ -427,7 +433,8 @@ def peers_part(args, tmp):
         pinned(SERVER_CPU, server_argv(args, port, '--max-per-address', str(args.peers * 2),
                                        '--mapping-rate', '0', '--connect-rate', '0',
                                        '--accept-rate', '0', '--request-rate', '0',
-                                       '--list-rate', '0', profile=profile)),
+                                       '--list-rate', '0', '--idle-timeout', '3600',
+                                       profile=profile)),
         stdout=subprocess.DEVNULL, stderr=log)
     affinity = os.sched_getaffinity(0)
     if os.cpu_count() > GENERATOR_CPU:
