@@ -848,6 +848,7 @@ def parse_args(argv):
                         help='plain-text UDP with --peer, as netcat does: no rendezvous, '
                              'no header, one datagram per line')
     parser.add_argument('--peer', metavar='IP:PORT', help='with --raw: the peer to talk to')
+    parser.add_argument('--version', action='version', version=f'p2pnat {wire.__version__}')
     args = parser.parse_args(argv)
     try:
         if args.raw:

@@ -916,6 +916,7 @@ def parse_args(argv):
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='log every message in and out, one line each')
     parser.add_argument('-q', '--quiet', action='store_true', help='log errors only')
+    parser.add_argument('--version', action='version', version=f'p2pnat {wire.__version__}')
     Limits.add_options(parser)
     return parser.parse_args(argv)
 

@@ -1,0 +1,31 @@
+"""The command line as a new user meets it: options, exit codes, stdin that is not a terminal.
+
+Every test runs the real programs (tests/procs.py) and checks what a user
+sees: the exit code, one clear line on an error, and never a traceback.
+"""
+
+import pytest
+
+import p2pcommon as wire
+from procs import command, start
+
+
+def run(program, *args):
+    """Run one of our programs to its end with no input; return the finished Proc."""
+    proc = start(command(program, *args), program)
+    proc.close_stdin()
+    proc.wait()
+    return proc
+
+
+def no_traceback(proc):
+    """Assert that the program printed no Python traceback."""
+    assert not any('Traceback' in line for line in proc.err.lines + proc.lines), \
+        proc.transcript()
+
+
+@pytest.mark.parametrize('program', ['rendezvous.py', 'p2pclient.py'])
+def test_version_is_the_packages(program):
+    proc = run(program, '--version')
+    assert proc.popen.returncode == 0, proc.transcript()
+    assert proc.lines == [f'p2pnat {wire.__version__}'], proc.transcript()
