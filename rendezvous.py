@@ -907,7 +907,9 @@ def parse_args(argv):
         epilog=f'Control messages over {MAX_REQUEST} bytes, or a stream that is not '
                f'this protocol, close the connection.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--bind', action='append', metavar='ADDRESS',
+    # SUPPRESS: the help says the default in its own words, and the
+    # formatter would add a second one, '(default: None)', for None.
+    parser.add_argument('--bind', action='append', metavar='ADDRESS', default=argparse.SUPPRESS,
                         help=f'address to listen on, may be given several times (default: '
                              f'{default_bind()}, which is IPv6 and IPv4 alike, on every address; '
                              f'each UDP answer leaves from the address its request came to)')
@@ -918,7 +920,9 @@ def parse_args(argv):
     parser.add_argument('-q', '--quiet', action='store_true', help='log errors only')
     parser.add_argument('--version', action='version', version=f'p2pnat {wire.__version__}')
     Limits.add_options(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.bind = getattr(args, 'bind', None) or [default_bind()]
+    return args
 
 
 def answer_from(ancillary):
@@ -954,14 +958,13 @@ def main(argv=None):
     raise_descriptor_limit()
     try:
         limits = Limits.from_args(args)
-        binds = args.bind or [default_bind()]
-        server = Rendezvous(binds, args.port, limits)
+        server = Rendezvous(args.bind, args.port, limits)
     except (OSError, ValueError) as error:
-        log.error('cannot listen on %s port %d: %s', ' '.join(args.bind or []) or 'any address',
+        log.error('cannot listen on %s port %d: %s', ' '.join(args.bind),
                   args.port, getattr(error, 'strerror', None) or error)
         return 1
     log.info('rendezvous listening on %s (tcp, udp) and udp port %d for probes',
-             ' '.join(wire.format_endpoint((bind, server.port)) for bind in binds),
+             ' '.join(wire.format_endpoint((bind, server.port)) for bind in args.bind),
              server.port + 1)
     signal.signal(signal.SIGTERM, stop)
     try:

@@ -29,3 +29,21 @@ def test_version_is_the_packages(program):
     proc = run(program, '--version')
     assert proc.popen.returncode == 0, proc.transcript()
     assert proc.lines == [f'p2pnat {wire.__version__}'], proc.transcript()
+
+
+def test_bind_help_gives_one_default():
+    proc = run('rendezvous.py', '--help')
+    assert proc.popen.returncode == 0, proc.transcript()
+    entry = help_entry(proc.lines, '--bind')
+    assert entry.count('default') == 1, entry
+
+
+def help_entry(lines, option):
+    """The text of one option's entry in --help: its line and the indented ones after it."""
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(option))
+    entry = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith(' ' * 8):
+            break
+        entry.append(line)
+    return ' '.join(entry)
