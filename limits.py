@@ -8,8 +8,10 @@ and ``RateLimit`` measure rates; ``address_key`` says which addresses count
 as one source.
 """
 
+import argparse
 import functools
 import ipaddress
+import math
 
 
 class Limits:
@@ -69,13 +71,30 @@ class Limits:
         """One option per limit, in a group of its own, each with its default."""
         group = parser.add_argument_group('limits')
         for name, default, help in cls.OPTIONS:
-            group.add_argument('--' + name.replace('_', '-'), type=type(default),
+            group.add_argument('--' + name.replace('_', '-'), type=non_negative(type(default)),
                                default=default, metavar='N', help=help)
 
     @classmethod
     def from_args(cls, args):
         """The limits that parsed command-line options give."""
         return cls(**{name: getattr(args, name) for name, _, _ in cls.OPTIONS})
+
+
+def non_negative(kind):
+    """An argparse type: a number of kind (int, float) that is 0 or more, and finite.
+
+    Every limit is a count, a rate or a time: -5 bytes of output, or a
+    timeout of -1 s that closes every connection at once, means nothing.
+    """
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if not (math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f'{text} is not allowed: give 0 or more')
+        return value
+    return parse
 
 
 class TokenBucket:

@@ -16,6 +16,7 @@ and then, in one loop over stdin, the control socket and the UDP socket:
 """
 
 import argparse
+import math
 import os
 import selectors
 import sys
@@ -810,6 +811,28 @@ def split_utf8(text, limit):
     return pieces
 
 
+def udp_port(text):
+    """An argparse type: a UDP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f'{port} is not a port: give 0-65535')
+    return port
+
+
+def seconds(text):
+    """An argparse type: a time in seconds, 0 or more (a negative interval means nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f'{text} is not allowed: give 0 or more seconds')
+    return value
+
+
 def parse_args(argv):
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -820,10 +843,10 @@ def parse_args(argv):
     parser.add_argument('--server', action='append', metavar='HOST[:PORT]',
                         help=f'a rendezvous server; give several to register with all '
                              f'(default: 127.0.0.1:{wire.DEFAULT_PORT})')
-    parser.add_argument('--port', type=int, default=0, metavar='UDP_PORT',
+    parser.add_argument('--port', type=udp_port, default=0, metavar='UDP_PORT',
                         help='local UDP port to punch from (default: any free port)')
     parser.add_argument('--connect', metavar='PEER', help='connect to PEER at once')
-    parser.add_argument('--keepalive', type=float, default=punch.KEEPALIVE_INTERVAL,
+    parser.add_argument('--keepalive', type=seconds, default=punch.KEEPALIVE_INTERVAL,
                         metavar='SECONDS',
                         help=f'keepalive interval; 0 turns keepalives off '
                              f'(default: {punch.KEEPALIVE_INTERVAL:.0f})')
@@ -834,7 +857,7 @@ def parse_args(argv):
                       help='punch TCP only; relay if that fails')
     parser.add_argument('--downloads', default='.', metavar='DIR',
                         help='where files that peers send are saved (default: here)')
-    parser.add_argument('--punch-timeout', type=float, default=punch.PUNCH_TIMEOUT,
+    parser.add_argument('--punch-timeout', type=seconds, default=punch.PUNCH_TIMEOUT,
                         metavar='SECONDS',
                         help=f'give up punching and relay after this long '
                              f'(default: {punch.PUNCH_TIMEOUT:.0f})')

@@ -899,6 +899,18 @@ class Connection:
             self.server.selector.modify(peer.sock, selectors.EVENT_READ, self.ready)
 
 
+def server_port(text):
+    """An argparse type: a port for TCP and UDP that leaves room for the probe port, PORT+1."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0 <= port <= 65534:
+        raise argparse.ArgumentTypeError(f'{port} is not a port for the server: give 0-65534 '
+                                         f'(65535 would leave no room for the probe port, PORT+1)')
+    return port
+
+
 def parse_args(argv):
     """The command line; every limit is an option, its default in --help."""
     parser = argparse.ArgumentParser(
@@ -913,7 +925,7 @@ def parse_args(argv):
                         help=f'address to listen on, may be given several times (default: '
                              f'{default_bind()}, which is IPv6 and IPv4 alike, on every address; '
                              f'each UDP answer leaves from the address its request came to)')
-    parser.add_argument('--port', type=int, default=wire.DEFAULT_PORT,
+    parser.add_argument('--port', type=server_port, default=wire.DEFAULT_PORT,
                         help='TCP and UDP port; PORT+1 is the UDP probe port (0: any free)')
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='log every message in and out, one line each')

@@ -4,17 +4,26 @@ Every test runs the real programs (tests/procs.py) and checks what a user
 sees: the exit code, one clear line on an error, and never a traceback.
 """
 
+import subprocess
+
 import pytest
 
 import p2pcommon as wire
 from procs import command, start
 
 
-def run(program, *args):
-    """Run one of our programs to its end with no input; return the finished Proc."""
+def run(program, *args, timeout=10.0):
+    """Run one of our programs to its end with no input; return the finished Proc.
+
+    A program that is still running after timeout (it took a bad command
+    line and started) is killed, and the caller's checks fail on its code.
+    """
     proc = start(command(program, *args), program)
     proc.close_stdin()
-    proc.wait()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.stop()
     return proc
 
 
@@ -47,3 +56,23 @@ def help_entry(lines, option):
             break
         entry.append(line)
     return ' '.join(entry)
+
+
+@pytest.mark.parametrize('program, option, value', [
+    ('rendezvous.py', '--port', '70000'),
+    ('rendezvous.py', '--port', '-5'),
+    ('rendezvous.py', '--port', '65535'),       # its probe port would be 65536
+    ('rendezvous.py', '--max-output', '-1'),
+    ('rendezvous.py', '--register-timeout', '-3'),
+    ('rendezvous.py', '--idle-timeout', 'nan'),
+    ('p2pclient.py', '--port', '99999'),
+    ('p2pclient.py', '--keepalive', '-1'),
+    ('p2pclient.py', '--punch-timeout', '-2'),
+])
+def test_a_bad_number_is_a_bad_command_line(program, option, value):
+    # A server that takes the bad value listens on a free port, not on 7777.
+    first = ['alice'] if program == 'p2pclient.py' else ['--port', '0']
+    proc = run(program, *first, option, value, timeout=3.0)
+    assert proc.popen.returncode == 2, proc.transcript()
+    assert f'error: argument {option}: {value} ' in proc.err.lines[-1], proc.transcript()
+    no_traceback(proc)
