@@ -264,8 +264,16 @@ class Rendezvous:
 
     @staticmethod
     def _open(family, kind, bind, port):
+        """One non-blocking socket of kind bound to (bind, port).
+
+        SO_REUSEADDR on the TCP listener only: a restarted server may then
+        listen again while its old connections are in TIME_WAIT.  On UDP
+        it lets a second socket share the port: a server started later on
+        PORT - 1, whose probe port is our PORT, would get our MAPPINGs.
+        """
         sock = socket.socket(family, kind)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if bind == '::':
             # One socket for both: IPv4 peers appear as ::ffff:a.b.c.d.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -972,8 +980,9 @@ def main(argv=None):
         limits = Limits.from_args(args)
         server = Rendezvous(args.bind, args.port, limits)
     except (OSError, ValueError) as error:
-        log.error('cannot listen on %s port %d: %s', ' '.join(args.bind),
-                  args.port, getattr(error, 'strerror', None) or error)
+        log.error('cannot listen on %s port %d (tcp, udp) and %d (udp): %s',
+                  ' '.join(args.bind), args.port, args.port + 1,
+                  getattr(error, 'strerror', None) or error)
         return 1
     log.info('rendezvous listening on %s (tcp, udp) and udp port %d for probes',
              ' '.join(wire.format_endpoint((bind, server.port)) for bind in args.bind),

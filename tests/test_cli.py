@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 import p2pcommon as wire
-from procs import command, start
+from procs import command, start, start_server
+from rendezvous import default_bind
 
 
 def run(program, *args, timeout=10.0):
@@ -76,3 +77,16 @@ def test_a_bad_number_is_a_bad_command_line(program, option, value):
     assert proc.popen.returncode == 2, proc.transcript()
     assert f'error: argument {option}: {value} ' in proc.err.lines[-1], proc.transcript()
     no_traceback(proc)
+
+
+def test_a_second_server_cannot_take_the_first_ones_port():
+    """A server on PORT - 1 would need UDP PORT, the first server's: it must not share it."""
+    first, port = start_server()
+    try:
+        second = run('rendezvous.py', '--port', port - 1, timeout=5.0)
+        assert second.popen.returncode == 1, second.transcript()
+        assert len(second.err.lines) == 1, second.transcript()
+        assert f'cannot listen on {default_bind()} port {port - 1} (tcp, udp) and {port} ' \
+               f'(udp): Address already in use' in second.err.lines[0], second.transcript()
+    finally:
+        first.stop()
