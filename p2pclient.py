@@ -40,6 +40,11 @@ REPUNCH_EVERY = 5.0         # seconds between punch rounds a peer may ask of us 
 # gone (killed, off the network) or only its TCP mapping: a KEEPALIVE a
 # second, each bounced by a live peer, tells which within DOUBT_WAIT.
 DOUBT_WAIT = 3.0
+# After the end of input the client quits once what the input asked for is
+# done (Client.finished), or after this long: an unanswered request to
+# connect takes the server's --ask-timeout (60 s), then punching (3 s TCP,
+# 5 s UDP) and the chat's resends (30 s) may follow.
+END_WAIT = 120.0
 HELP = """commands:
   /connect PEER   ask PEER to connect (or say yes to PEER's request), then punch
   /reject PEER    say no to PEER's request to connect
@@ -79,6 +84,8 @@ class Client:
         self.mapping = None
         self.networks = []          # ours: where a peer's private address may be punched
         self.stdin = None
+        self.ending = None          # when the input ended: quit once what it asked is done
+        self.listing = 0            # /list requests the server has not answered yet
         self.selector = selectors.DefaultSelector()
         self.running = True
 
@@ -139,19 +146,32 @@ class Client:
     # -- the loop -----------------------------------------------------------
 
     def run(self, stdin_fd=0):
-        """Serve stdin, the control sockets and the UDP socket until /quit."""
+        """Serve stdin, the control sockets and the UDP socket until /quit.
+
+        stdin may be a file of commands (or /dev/null), which epoll refuses
+        (EPERM: a file is always ready to read); the loop then reads it
+        itself, one chunk a turn, without waiting in select.
+        """
         self.stdin = LineReader(stdin_fd)
-        self.selector.register(stdin_fd, selectors.EVENT_READ, self.read_stdin)
+        try:
+            self.selector.register(stdin_fd, selectors.EVENT_READ, self.read_stdin)
+        except PermissionError:
+            self.stdin.polled = True
         self.selector.register(self.udp, selectors.EVENT_READ, self.read_udp)
         while self.running:
             busy = any(s.punching or s.trying_tcp or s.transfers.busy
                        for s in self.sessions.values())
-            timeout = 0.01 if busy else 0.2
+            timeout = 0 if self.stdin.polled else 0.01 if busy else 0.2
             for key, mask in self.selector.select(timeout):
                 # An earlier handler of this batch may have closed this one.
                 if self.selector.get_map().get(key.fd) is key:
                     key.data(key.fileobj, mask)
-            self.check_timers(time.monotonic())
+            if self.stdin.polled and self.running:
+                self.read_stdin(stdin_fd, selectors.EVENT_READ)
+            now = time.monotonic()
+            self.check_timers(now)
+            if self.ending is not None and self.running and self.finished(now):
+                self.quit()
 
     def check_timers(self, now):
         """Drive punches, retransmissions, keepalives and reconnects."""
@@ -244,13 +264,43 @@ class Client:
     # -- stdin: commands and chat -------------------------------------------
 
     def read_stdin(self, fd, mask):
-        """Act on each complete line the user typed; quit at end of input."""
+        """Act on each complete line the user typed, in order; note the end of input."""
         lines, ended = self.stdin.read()
         for line in lines:
             if self.running:
                 self.command(line)
         if ended and self.running:
-            self.quit()
+            self.input_ended()
+
+    def input_ended(self):
+        """End of input (Ctrl-D, the end of a file or pipe) is /quit, once the input is done.
+
+        A script's last lines are often '/connect bob' and a line for bob,
+        or '/list': quitting at once would send the line to nobody, or
+        leave before the answer.  So the loop quits when finished() says
+        that nothing the input asked for is still under way.
+        """
+        if self.stdin.fd in self.selector.get_map():
+            self.selector.unregister(self.stdin.fd)     # at its end a pipe is always readable
+        self.stdin.polled = False
+        self.ending = time.monotonic()
+        if not self.finished(self.ending):
+            self.say('end of input: quitting once what it asked for is done (Ctrl-C: now)')
+
+    def finished(self, now):
+        """True when what the input asked for is done, or END_WAIT has passed.
+
+        Done: every /list answered, every /connect introduced or refused,
+        no line held for a peer, no session still punching, every chat
+        line acknowledged (or given up) and every file we send ended.
+        """
+        if now - self.ending > END_WAIT:
+            self.say(f'end of input {END_WAIT:.0f} s ago, and still not done: quitting')
+            return True
+        if self.listing or self.asked or self.held:
+            return False
+        return not any(s.punching or s.trying_tcp or s.transfers.busy or not s.channel.idle
+                       for s in self.sessions.values())
 
     def command(self, line):
         """Act on one line: a /command, or chat to the chosen peer."""
@@ -264,7 +314,8 @@ class Client:
         elif words[0] == '/reject' and len(words) == 2:
             self.decline(words[1])
         elif words[0] == '/list' and len(words) == 1:
-            self.ask_server(wire.LIST)
+            if self.ask_server(wire.LIST):
+                self.listing += 1
         elif words[0] == '/send' and len(words) > 1:
             self.send_file(line[len('/send'):].strip())
         elif words[0] in ('/accept', '/reject') and len(words) == 1:
@@ -418,6 +469,7 @@ class Client:
         elif message.type == wire.RELAY:
             self.relayed(message)
         elif message.type == wire.PEERS:
+            self.listing = max(0, self.listing - 1)
             names = ', '.join(message.names) or 'nobody'
             self.say(f'peers: {names}')
         elif message.type == wire.REGISTERED:
@@ -470,6 +522,8 @@ class Client:
             if message.code == wire.E_UNKNOWN_PEER and self.ask_next_server(link, refused):
                 return
         self.say(f'error from the rendezvous server: {wire.safe(message.text)}')
+        if refused is None and message.code == wire.E_RATE_LIMITED:
+            self.listing = max(0, self.listing - 1)     # too many /list: that was the answer
         if refused is not None and refused == self.chosen and self.session_named(refused) is None:
             self.asked.pop(refused, None)
             self.drop_held()
@@ -726,6 +780,7 @@ class LineReader:
     def __init__(self, fd):
         self.fd = fd
         self.partial = bytearray()
+        self.polled = False     # a file the selector refused: the loop reads it each turn
         os.set_blocking(fd, False)
 
     def read(self):
@@ -766,13 +821,16 @@ class RawChat:
         """Send each line typed; print each datagram from the peer."""
         stdin = LineReader(stdin_fd)
         selector = selectors.DefaultSelector()
-        selector.register(stdin_fd, selectors.EVENT_READ)
+        try:
+            selector.register(stdin_fd, selectors.EVENT_READ)
+        except PermissionError:
+            stdin.polled = True     # a file or /dev/null: always ready, as in Client.run
         selector.register(self.udp, selectors.EVENT_READ)
         while True:
-            for key, _ in selector.select():
-                if key.fileobj is self.udp:
-                    self.receive()
-                    continue
+            ready = [key.fileobj for key, _ in selector.select(0 if stdin.polled else None)]
+            if self.udp in ready:
+                self.receive()
+            if stdin.polled or stdin_fd in ready:
                 lines, ended = stdin.read()
                 for line in lines:
                     self.send(line + '\n')

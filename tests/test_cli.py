@@ -4,6 +4,8 @@ Every test runs the real programs (tests/procs.py) and checks what a user
 sees: the exit code, one clear line on an error, and never a traceback.
 """
 
+import os
+import socket
 import subprocess
 
 import pytest
@@ -90,3 +92,94 @@ def test_a_second_server_cannot_take_the_first_ones_port():
                f'(udp): Address already in use' in second.err.lines[0], second.transcript()
     finally:
         first.stop()
+
+
+@pytest.fixture
+def server():
+    """A rendezvous server on a free port; yields its port."""
+    proc, port = start_server()
+    yield port
+    proc.stop()
+    no_traceback(proc)
+
+
+def reading(stdin):
+    """A popen for procs.start that gives the program stdin, an open file, instead of a pipe."""
+    def popen(argv, **kwargs):
+        return subprocess.Popen(argv, **{**kwargs, 'stdin': stdin})
+    return popen
+
+
+def client(name, port, *args, stdin=None):
+    """Start p2pclient.py NAME against the server; stdin an open file, or a pipe to type in."""
+    argv = command('p2pclient.py', name, '--server', f'127.0.0.1:{port}', *args)
+    return start(argv, name) if stdin is None else start(argv, name, reading(stdin))
+
+
+def registered(proc, port):
+    """Wait for the line that says proc registered."""
+    proc.expect(rf'^\* registered as {proc.label} with 127\.0\.0\.1:{port}; ')
+
+
+def test_stdin_from_dev_null_registers_and_exits_0(server):
+    with open(os.devnull) as nothing:
+        alice = client('alice', server, stdin=nothing)
+    try:
+        registered(alice, server)
+        assert alice.wait() == 0, alice.transcript()
+    finally:
+        alice.stop()
+    assert alice.err.lines == [], alice.transcript()
+
+
+def test_stdin_from_a_file_runs_its_commands_in_order_then_quits(server, tmp_path):
+    """The file's /connect and the line for bob both happen before end of input quits."""
+    bob = client('bob', server, '--allow', '*')
+    registered(bob, server)
+    script = tmp_path / 'commands.txt'
+    script.write_text('/list\n/connect bob\nhello bob, from a file\n')
+    with open(script) as commands:
+        alice = client('alice', server, stdin=commands)
+    try:
+        registered(alice, server)
+        alice.expect(r'^\* peers: alice, bob$')
+        alice.expect(r'^\* connected to bob ')
+        bob.expect(r'^<alice> hello bob, from a file$')
+        assert alice.wait() == 0, alice.transcript()
+        bob.expect(r'^\* alice left$')
+    finally:
+        alice.stop()
+        bob.stop()
+    assert alice.err.lines == [] and bob.err.lines == [], alice.transcript() + bob.transcript()
+
+
+def test_a_piped_list_prints_the_peers_then_exits_0(server):
+    """printf '/list\\n' | p2pclient.py alice: the answer comes before the end of input quits."""
+    alice = client('alice', server)
+    try:
+        registered(alice, server)
+        alice.send('/list')
+        alice.close_stdin()
+        alice.expect(r'^\* peers: alice$')
+        assert alice.wait() == 0, alice.transcript()
+    finally:
+        alice.stop()
+    assert alice.err.lines == [], alice.transcript()
+
+
+def test_raw_mode_sends_a_files_lines_then_exits_0(tmp_path):
+    """--raw < lines.txt: each line is one datagram to the peer, as netcat sends it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(('127.0.0.1', 0))
+        peer.settimeout(10.0)
+        script = tmp_path / 'lines.txt'
+        script.write_text('one\ntwo\n')
+        with open(script) as lines:
+            proc = start(command('p2pclient.py', '--raw', '--peer',
+                                 f'127.0.0.1:{peer.getsockname()[1]}'), 'raw', reading(lines))
+        try:
+            assert [peer.recv(100), peer.recv(100)] == [b'one\n', b'two\n']
+            assert proc.wait() == 0, proc.transcript()
+        finally:
+            proc.stop()
+    assert proc.err.lines == [], proc.transcript()
