@@ -68,6 +68,7 @@ def help_entry(lines, option):
     ('rendezvous.py', '--max-output', '-1'),
     ('rendezvous.py', '--register-timeout', '-3'),
     ('rendezvous.py', '--idle-timeout', 'nan'),
+    ('rendezvous.py', '--ipv6-prefix', '200'),  # the first IPv6 peer crashed the server
     ('p2pclient.py', '--port', '99999'),
     ('p2pclient.py', '--keepalive', '-1'),
     ('p2pclient.py', '--punch-timeout', '-2'),
