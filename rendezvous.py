@@ -980,8 +980,9 @@ def main(argv=None):
         limits = Limits.from_args(args)
         server = Rendezvous(args.bind, args.port, limits)
     except (OSError, ValueError) as error:
-        log.error('cannot listen on %s port %d (tcp, udp) and %d (udp): %s',
-                  ' '.join(args.bind), args.port, args.port + 1,
+        ports = f'port {args.port} (tcp, udp) and {args.port + 1} (udp)' if args.port \
+            else 'port 0 (any free pair)'
+        log.error('cannot listen on %s %s: %s', ' '.join(args.bind), ports,
                   getattr(error, 'strerror', None) or error)
         return 1
     log.info('rendezvous listening on %s (tcp, udp) and udp port %d for probes',
