@@ -8,8 +8,10 @@ and ``RateLimit`` measure rates; ``address_key`` says which addresses count
 as one source.
 """
 
+import argparse
 import functools
 import ipaddress
+import math
 
 
 class Limits:
@@ -57,6 +59,8 @@ class Limits:
          'IPv6 addresses count as one source per network of this prefix length: one '
          'host is usually given a whole /64'),
     ]
+    # The few limits with a ceiling of their own; every one has 0 as its floor.
+    MOST = {'ipv6_prefix': 128}     # bits in an IPv6 address
 
     def __init__(self, **values):
         for name, default, _ in self.OPTIONS:
@@ -69,13 +73,33 @@ class Limits:
         """One option per limit, in a group of its own, each with its default."""
         group = parser.add_argument_group('limits')
         for name, default, help in cls.OPTIONS:
-            group.add_argument('--' + name.replace('_', '-'), type=type(default),
+            group.add_argument('--' + name.replace('_', '-'),
+                               type=non_negative(type(default), cls.MOST.get(name)),
                                default=default, metavar='N', help=help)
 
     @classmethod
     def from_args(cls, args):
         """The limits that parsed command-line options give."""
         return cls(**{name: getattr(args, name) for name, _, _ in cls.OPTIONS})
+
+
+def non_negative(kind, most=None):
+    """An argparse type: a number of kind (int, float), finite, from 0 to most (if given).
+
+    Every limit is a count, a rate or a time: -5 bytes of output, or a
+    timeout of -1 s that closes every connection at once, means nothing;
+    nor does a /200 IPv6 network, which would fail at the first IPv6 peer.
+    """
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+        if not math.isfinite(value) or value < 0 or (most is not None and value > most):
+            allowed = '0 or more' if most is None else f'0 to {most}'
+            raise argparse.ArgumentTypeError(f'{text} is not allowed: give {allowed}')
+        return value
+    return parse
 
 
 class TokenBucket:

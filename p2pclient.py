@@ -16,6 +16,7 @@ and then, in one loop over stdin, the control socket and the UDP socket:
 """
 
 import argparse
+import math
 import os
 import selectors
 import sys
@@ -40,6 +41,11 @@ REPUNCH_EVERY = 5.0         # seconds between punch rounds a peer may ask of us 
 # gone (killed, off the network) or only its TCP mapping: a KEEPALIVE a
 # second, each bounced by a live peer, tells which within DOUBT_WAIT.
 DOUBT_WAIT = 3.0
+# After the end of input the client quits once what the input asked for is
+# done (Client.finished), or after this long: an unanswered request to
+# connect takes the server's --ask-timeout (60 s), then punching (3 s TCP,
+# 5 s UDP) and the chat's resends (30 s) may follow.
+END_WAIT = 120.0
 HELP = """commands:
   /connect PEER   ask PEER to connect (or say yes to PEER's request), then punch
   /reject PEER    say no to PEER's request to connect
@@ -79,6 +85,8 @@ class Client:
         self.mapping = None
         self.networks = []          # ours: where a peer's private address may be punched
         self.stdin = None
+        self.ending = None          # when the input ended: quit once what it asked is done
+        self.listing = 0            # /list requests the server has not answered yet
         self.selector = selectors.DefaultSelector()
         self.running = True
 
@@ -139,19 +147,32 @@ class Client:
     # -- the loop -----------------------------------------------------------
 
     def run(self, stdin_fd=0):
-        """Serve stdin, the control sockets and the UDP socket until /quit."""
+        """Serve stdin, the control sockets and the UDP socket until /quit.
+
+        stdin may be a file of commands (or /dev/null), which epoll refuses
+        (EPERM: a file is always ready to read); the loop then reads it
+        itself, one chunk a turn, without waiting in select.
+        """
         self.stdin = LineReader(stdin_fd)
-        self.selector.register(stdin_fd, selectors.EVENT_READ, self.read_stdin)
+        try:
+            self.selector.register(stdin_fd, selectors.EVENT_READ, self.read_stdin)
+        except PermissionError:
+            self.stdin.polled = True
         self.selector.register(self.udp, selectors.EVENT_READ, self.read_udp)
         while self.running:
             busy = any(s.punching or s.trying_tcp or s.transfers.busy
                        for s in self.sessions.values())
-            timeout = 0.01 if busy else 0.2
+            timeout = 0 if self.stdin.polled else 0.01 if busy else 0.2
             for key, mask in self.selector.select(timeout):
                 # An earlier handler of this batch may have closed this one.
                 if self.selector.get_map().get(key.fd) is key:
                     key.data(key.fileobj, mask)
-            self.check_timers(time.monotonic())
+            if self.stdin.polled and self.running:
+                self.read_stdin(stdin_fd, selectors.EVENT_READ)
+            now = time.monotonic()
+            self.check_timers(now)
+            if self.ending is not None and self.running and self.finished(now):
+                self.quit()
 
     def check_timers(self, now):
         """Drive punches, retransmissions, keepalives and reconnects."""
@@ -244,13 +265,43 @@ class Client:
     # -- stdin: commands and chat -------------------------------------------
 
     def read_stdin(self, fd, mask):
-        """Act on each complete line the user typed; quit at end of input."""
+        """Act on each complete line the user typed, in order; note the end of input."""
         lines, ended = self.stdin.read()
         for line in lines:
             if self.running:
                 self.command(line)
         if ended and self.running:
-            self.quit()
+            self.input_ended()
+
+    def input_ended(self):
+        """End of input (Ctrl-D, the end of a file or pipe) is /quit, once the input is done.
+
+        A script's last lines are often '/connect bob' and a line for bob,
+        or '/list': quitting at once would send the line to nobody, or
+        leave before the answer.  So the loop quits when finished() says
+        that nothing the input asked for is still under way.
+        """
+        if self.stdin.fd in self.selector.get_map():
+            self.selector.unregister(self.stdin.fd)     # at its end a pipe is always readable
+        self.stdin.polled = False
+        self.ending = time.monotonic()
+        if not self.finished(self.ending):
+            self.say('end of input: quitting once what it asked for is done (Ctrl-C: now)')
+
+    def finished(self, now):
+        """True when what the input asked for is done, or END_WAIT has passed.
+
+        Done: every /list answered, every /connect introduced or refused,
+        no line held for a peer, no session still punching, every chat
+        line acknowledged (or given up) and every file we send ended.
+        """
+        if now - self.ending > END_WAIT:
+            self.say(f'end of input {END_WAIT:.0f} s ago, and still not done: quitting')
+            return True
+        if self.listing or self.asked or self.held:
+            return False
+        return not any(s.punching or s.trying_tcp or s.transfers.busy or not s.channel.idle
+                       for s in self.sessions.values())
 
     def command(self, line):
         """Act on one line: a /command, or chat to the chosen peer."""
@@ -264,7 +315,8 @@ class Client:
         elif words[0] == '/reject' and len(words) == 2:
             self.decline(words[1])
         elif words[0] == '/list' and len(words) == 1:
-            self.ask_server(wire.LIST)
+            if self.ask_server(wire.LIST):
+                self.listing += 1
         elif words[0] == '/send' and len(words) > 1:
             self.send_file(line[len('/send'):].strip())
         elif words[0] in ('/accept', '/reject') and len(words) == 1:
@@ -418,6 +470,7 @@ class Client:
         elif message.type == wire.RELAY:
             self.relayed(message)
         elif message.type == wire.PEERS:
+            self.listing = max(0, self.listing - 1)
             names = ', '.join(message.names) or 'nobody'
             self.say(f'peers: {names}')
         elif message.type == wire.REGISTERED:
@@ -472,6 +525,8 @@ class Client:
             if message.code == wire.E_UNKNOWN_PEER and self.ask_next_server(link, refused):
                 return
         self.say(f'error from the rendezvous server: {wire.safe(message.text)}')
+        if refused is None and message.code == wire.E_RATE_LIMITED:
+            self.listing = max(0, self.listing - 1)     # too many /list: that was the answer
         if refused is not None and refused == self.chosen and self.session_named(refused) is None:
             self.asked.pop(refused, None)
             self.drop_held()
@@ -732,6 +787,7 @@ class LineReader:
     def __init__(self, fd):
         self.fd = fd
         self.partial = bytearray()
+        self.polled = False     # a file the selector refused: the loop reads it each turn
         os.set_blocking(fd, False)
 
     def read(self):
@@ -772,13 +828,16 @@ class RawChat:
         """Send each line typed; print each datagram from the peer."""
         stdin = LineReader(stdin_fd)
         selector = selectors.DefaultSelector()
-        selector.register(stdin_fd, selectors.EVENT_READ)
+        try:
+            selector.register(stdin_fd, selectors.EVENT_READ)
+        except PermissionError:
+            stdin.polled = True     # a file or /dev/null: always ready, as in Client.run
         selector.register(self.udp, selectors.EVENT_READ)
         while True:
-            for key, _ in selector.select():
-                if key.fileobj is self.udp:
-                    self.receive()
-                    continue
+            ready = [key.fileobj for key, _ in selector.select(0 if stdin.polled else None)]
+            if self.udp in ready:
+                self.receive()
+            if stdin.polled or stdin_fd in ready:
                 lines, ended = stdin.read()
                 for line in lines:
                     self.send(line + '\n')
@@ -817,6 +876,28 @@ def split_utf8(text, limit):
     return pieces
 
 
+def udp_port(text):
+    """An argparse type: a UDP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f'{port} is not a port: give 0-65535')
+    return port
+
+
+def seconds(text):
+    """An argparse type: a time in seconds, 0 or more (a negative interval means nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f'{text} is not allowed: give 0 or more seconds')
+    return value
+
+
 def parse_args(argv):
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -827,10 +908,10 @@ def parse_args(argv):
     parser.add_argument('--server', action='append', metavar='HOST[:PORT]',
                         help=f'a rendezvous server; give several to register with all '
                              f'(default: 127.0.0.1:{wire.DEFAULT_PORT})')
-    parser.add_argument('--port', type=int, default=0, metavar='UDP_PORT',
+    parser.add_argument('--port', type=udp_port, default=0, metavar='UDP_PORT',
                         help='local UDP port to punch from (default: any free port)')
     parser.add_argument('--connect', metavar='PEER', help='connect to PEER at once')
-    parser.add_argument('--keepalive', type=float, default=punch.KEEPALIVE_INTERVAL,
+    parser.add_argument('--keepalive', type=seconds, default=punch.KEEPALIVE_INTERVAL,
                         metavar='SECONDS',
                         help=f'keepalive interval; 0 turns keepalives off '
                              f'(default: {punch.KEEPALIVE_INTERVAL:.0f})')
@@ -841,7 +922,7 @@ def parse_args(argv):
                       help='punch TCP only; relay if that fails')
     parser.add_argument('--downloads', default='.', metavar='DIR',
                         help='where files that peers send are saved (default: here)')
-    parser.add_argument('--punch-timeout', type=float, default=punch.PUNCH_TIMEOUT,
+    parser.add_argument('--punch-timeout', type=seconds, default=punch.PUNCH_TIMEOUT,
                         metavar='SECONDS',
                         help=f'give up punching and relay after this long '
                              f'(default: {punch.PUNCH_TIMEOUT:.0f})')
@@ -855,6 +936,7 @@ def parse_args(argv):
                         help='plain-text UDP with --peer, as netcat does: no rendezvous, '
                              'no header, one datagram per line')
     parser.add_argument('--peer', metavar='IP:PORT', help='with --raw: the peer to talk to')
+    parser.add_argument('--version', action='version', version=f'p2pnat {wire.__version__}')
     args = parser.parse_args(argv)
     try:
         if args.raw:

@@ -28,6 +28,8 @@ import selectors
 import socket
 import struct
 
+__version__ = '0.1.0'   # of p2pnat: setup.cfg and both programs' --version read it here
+
 MAGIC = 0x5032          # "P2"
 VERSION = 3             # 3: peer messages carry a MAC, not the session token
 DEFAULT_PORT = 7777     # TCP and UDP; the server probes mappings on PORT + 1

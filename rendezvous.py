@@ -270,8 +270,16 @@ class Rendezvous:
 
     @staticmethod
     def _open(family, kind, bind, port):
+        """One non-blocking socket of kind bound to (bind, port).
+
+        SO_REUSEADDR on the TCP listener only: a restarted server may then
+        listen again while its old connections are in TIME_WAIT.  On UDP
+        it lets a second socket share the port: a server started later on
+        PORT - 1, whose probe port is our PORT, would get our MAPPINGs.
+        """
         sock = socket.socket(family, kind)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if bind == '::':
             # One socket for both: IPv4 peers appear as ::ffff:a.b.c.d.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -908,6 +916,18 @@ class Connection:
             self.server.selector.modify(peer.sock, selectors.EVENT_READ, self.ready)
 
 
+def server_port(text):
+    """An argparse type: a port for TCP and UDP that leaves room for the probe port, PORT+1."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0 <= port <= 65534:
+        raise argparse.ArgumentTypeError(f'{port} is not a port for the server: give 0-65534 '
+                                         f'(65535 would leave no room for the probe port, PORT+1)')
+    return port
+
+
 def parse_args(argv):
     """The command line; every limit is an option, its default in --help."""
     parser = argparse.ArgumentParser(
@@ -916,17 +936,22 @@ def parse_args(argv):
         epilog=f'Control messages over {MAX_REQUEST} bytes, or a stream that is not '
                f'this protocol, close the connection.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--bind', action='append', metavar='ADDRESS',
+    # SUPPRESS: the help says the default in its own words, and the
+    # formatter would add a second one, '(default: None)', for None.
+    parser.add_argument('--bind', action='append', metavar='ADDRESS', default=argparse.SUPPRESS,
                         help=f'address to listen on, may be given several times (default: '
                              f'{default_bind()}, which is IPv6 and IPv4 alike, on every address; '
                              f'each UDP answer leaves from the address its request came to)')
-    parser.add_argument('--port', type=int, default=wire.DEFAULT_PORT,
+    parser.add_argument('--port', type=server_port, default=wire.DEFAULT_PORT,
                         help='TCP and UDP port; PORT+1 is the UDP probe port (0: any free)')
     parser.add_argument('-v', '--verbose', action='store_true',
                         help='log every message in and out, one line each')
     parser.add_argument('-q', '--quiet', action='store_true', help='log errors only')
+    parser.add_argument('--version', action='version', version=f'p2pnat {wire.__version__}')
     Limits.add_options(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.bind = getattr(args, 'bind', None) or [default_bind()]
+    return args
 
 
 def answer_from(ancillary):
@@ -962,14 +987,15 @@ def main(argv=None):
     raise_descriptor_limit()
     try:
         limits = Limits.from_args(args)
-        binds = args.bind or [default_bind()]
-        server = Rendezvous(binds, args.port, limits)
+        server = Rendezvous(args.bind, args.port, limits)
     except (OSError, ValueError) as error:
-        log.error('cannot listen on %s port %d: %s', ' '.join(args.bind or []) or 'any address',
-                  args.port, getattr(error, 'strerror', None) or error)
+        ports = f'port {args.port} (tcp, udp) and {args.port + 1} (udp)' if args.port \
+            else 'port 0 (any free pair)'
+        log.error('cannot listen on %s %s: %s', ' '.join(args.bind), ports,
+                  getattr(error, 'strerror', None) or error)
         return 1
     log.info('rendezvous listening on %s (tcp, udp) and udp port %d for probes',
-             ' '.join(wire.format_endpoint((bind, server.port)) for bind in binds),
+             ' '.join(wire.format_endpoint((bind, server.port)) for bind in args.bind),
              server.port + 1)
     signal.signal(signal.SIGTERM, stop)
     try:
