@@ -144,6 +144,14 @@ class ServerLink:
         self.sock = self.stream = None
         self.token = None
 
+    def state(self, now):
+        """Where we stand with this server, for /status."""
+        if self.token is not None:
+            return f'registered, last heard {now - self.last_heard:.0f} s ago'
+        if self.retry_at is not None:
+            return f'lost; trying again in {max(0.0, self.retry_at - now):.0f} s'
+        return 'registering'
+
     def tick(self, now):
         """Reconnect when due; refresh the server's view of our mapping."""
         if self.sock is None and self.retry_at is not None and now >= self.retry_at:

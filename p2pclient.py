@@ -46,17 +46,20 @@ DOUBT_WAIT = 3.0
 # connect takes the server's --ask-timeout (60 s), then punching (3 s TCP,
 # 5 s UDP) and the chat's resends (30 s) may follow.
 END_WAIT = 120.0
+# Commands that need an argument, and how to give it.
+USAGE = {'/connect': '/connect PEER', '/to': '/to PEER', '/send': '/send PATH'}
 HELP = """commands:
   /connect PEER   ask PEER to connect (or say yes to PEER's request), then punch
   /reject PEER    say no to PEER's request to connect
   /to PEER        send what you type to PEER, one of the peers you are connected to
   /list           the names registered with the server
+  /status         where you stand: servers, peers, paths, who you type to
   /send PATH      offer a file to the peer you type to
   /accept         accept the file a peer offers (/reject: refuse it)
   /quit           say goodbye and exit (so does end of input)
   /help           this text
 anything else is a chat message to the peer you chose last with /connect or /to
-(until it is connected it waits, and then goes with the punches)"""
+(until it is connected it waits, and then goes with the punches); //text says /text"""
 
 
 class Client:
@@ -308,6 +311,10 @@ class Client:
         words = line.split()
         if not line.startswith('/'):
             self.chat(line)
+        elif line.startswith('//'):
+            self.chat(line[1:])         # '//etc' says '/etc'
+        elif words[0] in ('/status', '/peers') and len(words) == 1:
+            self.status()
         elif words[0] == '/connect' and len(words) == 2:
             self.connect(words[1])
         elif words[0] == '/to' and len(words) == 2:
@@ -326,8 +333,29 @@ class Client:
         elif words[0] == '/help':
             self.out.write(HELP + '\n')
             self.out.flush()
+        elif words[0] in USAGE:
+            self.say(f'usage: {USAGE[words[0]]}')
         else:
             self.say(f'unknown command {wire.safe(line)!r}; /help lists the commands')
+
+    def status(self):
+        """/status: our endpoint, each server, each session and its path, who we type to."""
+        if self.mapping is not None:
+            self.say(f'you are {self.name}, public endpoint '
+                     f'{wire.format_endpoint(self.mapping.public)} ({self.mapping.describe()})')
+        for link in self.links:
+            self.say(f'server {link}: {link.state(time.monotonic())}')
+        for session in self.sessions.values():
+            rtt = session.channel.srtt
+            rtt = f', round trip {rtt * 1000:.0f} ms' if rtt is not None else ''
+            typing = ' <- what you type goes here' if session.name == self.chosen else ''
+            self.say(f'{session.name}: {session.path}{rtt}{typing}')
+        if self.chosen is not None and self.session_named(self.chosen) is None:
+            self.say(f'what you type goes to {self.chosen}, not connected yet')
+        for name in self.asks:
+            self.say(f'{name} asks to connect: /connect {name} or /reject {name}')
+        if not self.sessions and not self.asks:
+            self.say('no peers yet: /connect PEER')
 
     def ask_server(self, type, **fields):
         """Send a request to the first server we are registered with."""

@@ -77,6 +77,18 @@ class Session:
         """True while PUNCH datagrams are still going out."""
         return self.tcp is None and self.endpoint is None and not self.relayed
 
+    @property
+    def path(self):
+        """How messages to the peer travel now, in a few words for /status."""
+        if self.on_tcp:
+            peer = wire.plain(self.tcp.locked.sock.getpeername())
+            return f'direct, tcp, at {wire.format_endpoint(peer)}'
+        if self.endpoint is not None:
+            return f'direct, udp, at {wire.format_endpoint(self.endpoint)}'
+        if self.relayed:
+            return f'relayed through {self.link}'
+        return 'punching TCP' if self.trying_tcp else 'punching'
+
     def stop_tcp(self):
         """Close the TCP attempt and its connections."""
         if self.tcp is not None:

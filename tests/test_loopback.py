@@ -438,3 +438,49 @@ def test_a_connect_goes_through_whichever_server_knows_the_peer():
     finally:
         for proc in (first, second, *procs):
             proc.stop()
+
+
+def test_status_says_where_each_peer_stands_and_who_gets_the_lines(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    alice.send('hello')                     # a round trip measured
+    bob.expect(r'^<alice> hello$')
+    alice.send('/status')
+    alice.expect(r'^\* you are alice, public endpoint 127\.0\.0\.1:\d+ \(')
+    alice.expect(r'^\* server 127\.0\.0\.1:\d+: registered, last heard \d+ s ago$')
+    alice.expect(r'^\* bob: direct, (tcp|udp), at 127\.0\.0\.1:\d+, round trip \d+ ms '
+                 r'<- what you type goes here$')
+
+
+@pytest.mark.parametrize('line, usage', [('/connect', '/connect PEER'), ('/to', '/to PEER'),
+                                         ('/send', '/send PATH')])
+def test_a_command_without_its_argument_says_how(clients, line, usage):
+    alice = clients('alice')
+    alice.send(line)
+    alice.expect(rf'^\* usage: {usage}$')
+
+
+def test_a_line_that_starts_with_a_slash_can_be_said(clients):
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    alice.send('//etc/hosts is where it is')
+    bob.expect(r'^<alice> /etc/hosts is where it is$')
+
+
+def test_a_line_typed_after_connecting_to_another_goes_to_that_one_only(clients):
+    alice, bob, carol = clients('alice'), clients('bob'), clients('carol')
+    connect(alice, bob)
+    alice.send('/connect carol')
+    alice.send('hi carol, secret for you only')
+    consent(alice, carol)
+    carol.expect(r'^<alice> hi carol, secret for you only$')
+    alice.send('/connect erin')             # nobody of that name
+    alice.expect(r"^\* error from the rendezvous server: no peer named 'erin'$")
+    alice.send('and this?')
+    alice.expect(r'^\* not connected to erin: /connect erin first')
+    bob.send('/quit')
+    alice.expect(r'^\* bob left$')
+    alice.send('/to carol')
+    alice.send('only carol')
+    carol.expect(r'^<alice> only carol$')
+    assert not [line for line in bob.lines if 'secret' in line or 'this?' in line]
