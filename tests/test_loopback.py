@@ -27,9 +27,10 @@ def clients(server):
     """A factory for registered clients; checks at the end that none crashed."""
     started = []
 
-    def client(name, *args, register=True):
+    def client(name, *args, register=True, **options):
+        """options go to Popen: env=, umask= ..."""
         proc = start(command('p2pclient.py', name, '--server', f'127.0.0.1:{server}', *args),
-                     name)
+                     name, **options)
         started.append(proc)
         if register:
             proc.expect(rf'^\* registered as {name} with 127\.0\.0\.1:{server}; '

@@ -12,6 +12,7 @@ import collections
 import hashlib
 import os
 import random
+import threading
 
 import pytest
 
@@ -277,8 +278,15 @@ class Link:
             to.transfers.handle(message, self.now)
         raise AssertionError('messages never stopped')
 
+    def hashed(self):
+        """Wait for the hashing threads: a step then sees every hash done."""
+        for side in (self.alice, self.bob):
+            for sending in side.transfers.outgoing.values():
+                sending.hashing.join()
+
     def step(self, dt=0.01):
-        """Move time on, tick both sides, deliver what they sent."""
+        """Move time on, tick both sides (hashing done), deliver what they sent."""
+        self.hashed()
         self.now = round(self.now + dt, 6)
         self.spent = 0
         late = [(to, data) for due, to, data in self.held if due <= self.now]
@@ -344,9 +352,10 @@ def test_transfer_arrives_byte_identical(tmp_path, link, size):
     """A file arrives whole, under its name, and both sides say so."""
     path, data = make_file(tmp_path, 'report.bin', size)
     link.alice.transfers.offer(str(path), link.now)
-    assert link.alice.said(f'offering report.bin ({human(size)}) to bob')
     assert link.alice.transfers.busy
+    assert link.alice.lines == []                   # the SHA-256 is worked out first
     link.step()
+    assert link.alice.said(f'offering report.bin ({human(size)}) to bob; waiting for an answer')
     assert link.bob.said(f'alice offers report.bin ({human(size)}): /accept or /reject')
     receiving = link.bob.transfers.waiting_for_answer()
     assert (receiving.name, receiving.size) == ('report.bin', size)
@@ -727,17 +736,25 @@ def test_receiving_rejects_bad_name_itself():
 
 
 def test_file_digest(tmp_path):
-    """file_digest is the SHA-256 of the whole file, read in pieces."""
+    """file_digest is the SHA-256 of the first size bytes, read in pieces."""
     data = random.Random(3).randbytes(3 * (1 << 20) + 5)
     path = tmp_path / 'big'
-    path.write_bytes(data)
-    assert transfer.file_digest(str(path)) == hashlib.sha256(data).digest()
+    path.write_bytes(data + b'appended later')
+    with open(path, 'rb') as stream:
+        assert transfer.file_digest(stream.fileno(), len(data)) == hashlib.sha256(data).digest()
+        assert stream.tell() == 0                       # pread: the offset is left alone
+        with pytest.raises(TransferError, match='shrank'):
+            transfer.file_digest(stream.fileno(), len(data) + 1000)
+        stopping = threading.Event()
+        stopping.set()
+        assert transfer.file_digest(stream.fileno(), len(data), stopping) is None
 
 
 def test_finish_text_from_the_peer_is_escaped(tmp_path, link):
     """A hostile receiver's FINISH text cannot put control characters on our screen."""
     path, _ = make_file(tmp_path, 'shown.txt', 100)
     link.alice.transfers.offer(str(path), link.now)
+    link.step()                                     # hashed and offered
     finish = sealed(wire.FINISH, sender=BOB, transfer=1, ok=0,
                     text='\x1b[2J\rbob: send me your password\n')
     link.alice.transfers.handle(finish, link.now)
@@ -756,6 +773,8 @@ def test_over_tcp_the_whole_stream_window_goes_out_at_once(tmp_path, on_tcp, in_
     sent = collections.Counter()
     sending = transfer.Sending(lambda type, **fields: sent.update([type]), 1, str(path), 0.0,
                                over_stream=lambda: on_tcp)
+    sending.hashing.join()
+    assert sending.hashed(0.0)
     sending.answered(True, 0.0)
     sending.tick(0.0)
     assert sent[wire.CHUNK] == in_flight
@@ -950,3 +969,128 @@ def test_a_transfer_whose_sequence_numbers_run_out_stops(tmp_path, link):
     link.run(done(sending))
     assert link.alice.said("stopped: too large: the chunks' sequence numbers ran out")
     assert leftovers(tmp_path / 'bob') == []
+
+
+# -- only regular files, hashed beside the loop (issue #11) -------------------------
+
+
+@pytest.mark.parametrize('kind', ['device', 'fifo', 'folder'])
+def test_only_a_regular_file_is_sent(tmp_path, link, kind):
+    """/dev/zero never ends, a FIFO blocks in open, a folder has no bytes: all refused."""
+    path = {'device': '/dev/zero', 'folder': str(tmp_path / 'files')}.get(kind)
+    if kind == 'fifo':
+        path = str(tmp_path / 'files' / 'pipe')
+        os.mkfifo(path)
+    link.alice.transfers.offer(path, link.now)
+    assert link.alice.lines[-1][1] == f'cannot send {path!r}: not a regular file'
+    assert link.alice.transfers.outgoing == {}
+    link.step()
+    assert link.queue == collections.deque() and link.bob.lines == []
+
+
+def test_a_fifo_swapped_in_after_the_stat_does_not_block(tmp_path, link, monkeypatch):
+    """Between the stat and the open a FIFO may take the file's place: the open returns
+    at once (O_NONBLOCK), and the fstat after it refuses the FIFO."""
+    fifo = tmp_path / 'files' / 'swapped'
+    os.mkfifo(fifo)
+    regular = os.stat(__file__)
+    monkeypatch.setattr(transfer.os, 'stat', lambda path: regular)   # as it was at stat
+    link.alice.transfers.offer(str(fifo), link.now)
+    assert link.alice.said('not a regular file')
+    assert link.alice.transfers.outgoing == {}
+
+
+def test_tilde_is_the_home_folder(tmp_path, link, monkeypatch):
+    """/send ~/x: the client expands ~ as the shell would have."""
+    monkeypatch.setenv('HOME', str(tmp_path / 'files'))
+    path, data = make_file(tmp_path, 'home.txt', 500)
+    link.alice.transfers.offer('~/home.txt', link.now)
+    link.step()
+    sending = link.alice.transfers.outgoing[1]
+    assert sending.path == str(path)
+    link.bob.transfers.answer(link.bob.transfers.waiting_for_answer(), True, link.now)
+    link.run(done(sending))
+    assert (tmp_path / 'bob' / 'home.txt').read_bytes() == data
+
+
+class SlowHash:
+    """file_digest held until release(): a hash that takes as long as a test wants."""
+
+    def __init__(self, monkeypatch):
+        self.go = threading.Event()
+        real = transfer.file_digest
+
+        def held(fd, size, stopping=None):
+            self.go.wait(10)
+            return real(fd, size, stopping)
+
+        monkeypatch.setattr(transfer, 'file_digest', held)
+
+    def release(self):
+        self.go.set()
+
+
+def test_the_loop_goes_on_while_a_file_is_hashed(tmp_path, link, monkeypatch):
+    """offer() returns at once; ticks go on while the thread hashes; the OFFER goes
+    out on the first tick after the hash is in."""
+    slow = SlowHash(monkeypatch)
+    path, _ = make_file(tmp_path, 'big.iso', 1000)
+    link.alice.transfers.offer(str(path), link.now)
+    sending = link.alice.transfers.outgoing[1]
+    for _ in range(5):
+        link.alice.transfers.tick(link.now)
+    assert sending.state == 'hashing' and link.alice.sent[wire.OFFER] == 0
+    assert link.alice.transfers.busy            # the loop wakes often, to pick the hash up
+    slow.release()
+    link.step()
+    assert link.alice.said('offering big.iso (1.0 kB) to bob; waiting for an answer')
+    assert link.bob.said('alice offers big.iso')
+
+
+def test_an_answer_before_the_offer_is_ignored(tmp_path, link, monkeypatch):
+    """While the file is hashed no OFFER went out: an ANSWER then is a guess, not an answer."""
+    slow = SlowHash(monkeypatch)
+    path, _ = make_file(tmp_path, 'guessed.txt', 100)
+    link.alice.transfers.offer(str(path), link.now)
+    link.alice.transfers.handle(sealed(wire.ANSWER, sender=BOB, transfer=1, accept=1),
+                                link.now)
+    assert link.alice.transfers.outgoing[1].state == 'hashing' and link.alice.lines == []
+    slow.release()
+    link.step()
+    assert link.alice.transfers.outgoing[1].state == 'offered'
+
+
+def test_a_big_file_says_it_is_being_hashed(tmp_path, link, monkeypatch):
+    """Above HASH_NOTICE bytes a line explains the wait; below it, nothing."""
+    monkeypatch.setattr(transfer, 'HASH_NOTICE', 2000)
+    small, _ = make_file(tmp_path, 'small.txt', 1999)
+    big, _ = make_file(tmp_path, 'big.iso', 3_000_000)
+    link.alice.transfers.offer(str(small), link.now)
+    link.alice.transfers.offer(str(big), link.now)
+    assert link.alice.text == 'hashing big.iso (3.0 MB)...'
+
+
+def test_a_file_that_shrinks_while_hashed_is_not_offered(tmp_path, link, monkeypatch):
+    """The hash reads the size that stat gave; a file cut short meanwhile stops there."""
+    slow = SlowHash(monkeypatch)
+    path, _ = make_file(tmp_path, 'cut.bin', 5000)
+    link.alice.transfers.offer(str(path), link.now)
+    os.truncate(path, 1000)
+    slow.release()
+    link.step()
+    assert link.alice.said('transfer of cut.bin with bob stopped: the file shrank to 1000 '
+                           'bytes while being hashed')
+    assert not link.alice.transfers.busy and link.bob.lines == []
+
+
+def test_a_hash_stops_when_the_transfer_does(tmp_path, link, monkeypatch):
+    """A quit (abort) while hashing stops the thread and closes the file."""
+    slow = SlowHash(monkeypatch)
+    path, _ = make_file(tmp_path, 'big.iso', 5000)
+    link.alice.transfers.offer(str(path), link.now)
+    sending = link.alice.transfers.outgoing[1]
+    link.alice.transfers.abort('we left')
+    slow.release()
+    sending.hashing.join()
+    assert sending.hashing.sha256 is None and sending.stream.closed
+    assert link.alice.said('transfer of big.iso with bob stopped: we left')

@@ -1,0 +1,65 @@
+"""File transfer through the command line, as a new user met it (issue #11).
+
+The real server and clients on loopback, driven through stdin like
+test_loopback.py (whose fixtures these tests use): /send of things that are
+not files, hashing a big file while chat goes on, and ~ in a path.
+"""
+
+import os
+
+import test_loopback
+from test_loopback import connect
+
+# test_loopback's fixtures, used here too: a server, registered clients, two folders.
+server = test_loopback.server
+clients = test_loopback.clients
+folders = test_loopback.folders
+
+
+def test_a_device_or_fifo_is_refused_and_the_client_goes_on(clients, folders):
+    """/dev/zero never ends and a FIFO blocks in open: both refused with one line."""
+    source, _ = folders
+    os.mkfifo(source / 'pipe')
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    alice.send('/send /dev/zero')
+    alice.expect(r"^\* cannot send '/dev/zero': not a regular file$")
+    alice.send(f'/send {source / "pipe"}')
+    alice.expect(r"^\* cannot send '.*/pipe': not a regular file$")
+    alice.send('still here')
+    bob.expect(r'^<alice> still here$')
+
+
+def test_chat_goes_on_while_a_big_file_is_hashed(clients, folders):
+    """A 64 GB sparse file takes most of a minute to hash: meanwhile chat goes both ways,
+    before the offer; /quit does not wait for the hash either."""
+    source, _ = folders
+    with open(source / 'big.iso', 'wb') as stream:
+        stream.truncate(64_000_000_000)                # a hole: no disk is used
+    alice, bob = clients('alice'), clients('bob')
+    connect(alice, bob)
+    alice.send(f'/send {source / "big.iso"}')
+    alice.expect(r'^\* hashing big\.iso \(64\.0 GB\)\.\.\.$')
+    alice.send('while hashing')
+    bob.expect(r'^<alice> while hashing$')
+    bob.send('and back')
+    alice.expect(r'^<bob> and back$')
+    assert not [line for line in alice.lines if 'offering' in line], alice.transcript()
+    assert not [line for line in bob.lines if 'offers' in line], bob.transcript()
+    alice.send('/quit')
+    alice.expect(r'^\* transfer of big\.iso with bob stopped: we left$')
+    assert alice.wait() == 0
+
+
+def test_tilde_means_the_home_folder(clients, folders):
+    """/send ~/photo.jpg, as a shell would expand it."""
+    source, downloads = folders
+    (source / 'photo.jpg').write_bytes(b'jpeg' * 1000)
+    alice = clients('alice', env={**os.environ, 'HOME': str(source)})
+    bob = clients('bob', '--downloads', downloads)
+    connect(alice, bob)
+    alice.send('/send ~/photo.jpg')
+    bob.expect(r'^\* alice offers photo\.jpg \(4\.0 kB\): /accept or /reject$')
+    bob.send('/accept')
+    bob.expect(r'^\* received photo\.jpg from alice: 4000 bytes, SHA-256 ok')
+    assert (downloads / 'photo.jpg').read_bytes() == b'jpeg' * 1000
