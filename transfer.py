@@ -52,6 +52,23 @@ HASH_PIECE = 1 << 20        # bytes read and hashed at a time
 MAX_FILE_NAME = 200         # bytes of UTF-8
 
 
+def read_umask():
+    """The process's umask, read once at start-up.
+
+    os.umask can only set the mask, returning the old one: set a strict
+    one for that instant, then put the old one back.  (Not thread-safe:
+    it runs when this module is imported, before any thread starts.)
+    """
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+# A received file gets the mode cp would give it, 0o644 under umask 022,
+# not the 0o600 of the temporary file it was written as.
+FILE_MODE = 0o666 & ~read_umask()
+
+
 class TransferError(Exception):
     """A transfer cannot go on; the text says why, for the user."""
 
@@ -364,6 +381,7 @@ class Receiving:
         if self.digest.digest() != self.sha256:
             self.discard()
             return False, 'SHA-256 mismatch; deleted'
+        os.chmod(self.temporary, FILE_MODE)        # mkstemp made it 0o600
         while True:
             final = unused_name(self.downloads, self.name)
             try:

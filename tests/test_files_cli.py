@@ -2,10 +2,13 @@
 
 The real server and clients on loopback, driven through stdin like
 test_loopback.py (whose fixtures these tests use): /send of things that are
-not files, hashing a big file while chat goes on, and ~ in a path.
+not files, hashing a big file while chat goes on, ~ in a path, and the mode of
+a received file.
 """
 
 import os
+
+import pytest
 
 import test_loopback
 from test_loopback import connect
@@ -63,3 +66,18 @@ def test_tilde_means_the_home_folder(clients, folders):
     bob.send('/accept')
     bob.expect(r'^\* received photo\.jpg from alice: 4000 bytes, SHA-256 ok')
     assert (downloads / 'photo.jpg').read_bytes() == b'jpeg' * 1000
+
+
+@pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o027, 0o640)])
+def test_a_received_file_has_the_mode_cp_would_give(clients, folders, umask, mode):
+    """0o666 less the receiver's umask, not the temporary file's 0o600."""
+    source, downloads = folders
+    (source / 'notes.txt').write_text('shared')
+    alice = clients('alice')
+    bob = clients('bob', '--downloads', downloads, umask=umask)
+    connect(alice, bob)
+    alice.send(f'/send {source / "notes.txt"}')
+    bob.expect(r'offers notes\.txt')
+    bob.send('/accept')
+    bob.expect(r'^\* received notes\.txt from alice: ')
+    assert (downloads / 'notes.txt').stat().st_mode & 0o777 == mode

@@ -1094,3 +1094,16 @@ def test_a_hash_stops_when_the_transfer_does(tmp_path, link, monkeypatch):
     sending.hashing.join()
     assert sending.hashing.sha256 is None and sending.stream.closed
     assert link.alice.said('transfer of big.iso with bob stopped: we left')
+
+
+# -- the file's mode ------------------------------------------------------------------
+
+
+def test_a_received_file_gets_the_mode_cp_would_give(tmp_path, link):
+    """0o666 less the umask (0o644 under 022), not the temporary file's 0o600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert transfer.FILE_MODE == 0o666 & ~mask
+    path, _ = make_file(tmp_path, 'shared.txt', 100)
+    link.run(done(link.offer(path)))
+    assert (tmp_path / 'bob' / 'shared.txt').stat().st_mode & 0o777 == transfer.FILE_MODE
