@@ -622,8 +622,8 @@ class Transfers:
     def fail(self, table, transfer, why, tell=True):
         """Stop one transfer, leaving no partial file; tell the user, and the peer."""
         item = table.get(transfer)
-        if item is None or item.state == 'done':
-            return
+        if item is None or item.state in ('done', 'rejected'):
+            return                  # over already: nothing to stop, nothing to report
         item.stop()
         self.say(f'transfer of {item.name} with {self.peer} stopped: {why}')
         if tell and table is self.outgoing:

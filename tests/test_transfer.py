@@ -1096,7 +1096,7 @@ def test_a_hash_stops_when_the_transfer_does(tmp_path, link, monkeypatch):
     assert link.alice.said('transfer of big.iso with bob stopped: we left')
 
 
-# -- the file's mode ------------------------------------------------------------------
+# -- the file's mode, what is reported at quit ---------------------------------------
 
 
 def test_a_received_file_gets_the_mode_cp_would_give(tmp_path, link):
@@ -1107,3 +1107,15 @@ def test_a_received_file_gets_the_mode_cp_would_give(tmp_path, link):
     path, _ = make_file(tmp_path, 'shared.txt', 100)
     link.run(done(link.offer(path)))
     assert (tmp_path / 'bob' / 'shared.txt').stat().st_mode & 0o777 == transfer.FILE_MODE
+
+
+def test_a_rejected_or_finished_transfer_is_not_stopped_again(tmp_path, link):
+    """At quit (abort) only transfers still going are reported: not one /reject-ed."""
+    rejected, _ = make_file(tmp_path, 'no.txt', 100)
+    finished, _ = make_file(tmp_path, 'yes.txt', 100)
+    link.offer(rejected, accept=False)
+    link.run(done(link.offer(finished)))
+    link.bob.transfers.abort('we left')
+    link.alice.transfers.abort('we left')
+    assert 'stopped' not in link.alice.text + link.bob.text
+    assert link.bob.sent[wire.FINISH] == 1          # only yes.txt's verdict
