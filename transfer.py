@@ -190,6 +190,11 @@ class Progress:
         return f'{percent}% at {human(rate)}/s, {left:.0f} s left'
 
 
+def took(size, seconds):
+    """' in 1.2 s (830.0 kB/s)': how long a transfer took, and its average speed."""
+    return f' in {seconds:.1f} s ({human(size / max(seconds, 1e-3))}/s)'
+
+
 def human(count):
     """1234567 -> '1.2 MB'."""
     for unit in ('bytes', 'kB', 'MB', 'GB'):
@@ -529,7 +534,8 @@ class Transfers:
             self.send(wire.FINISH, transfer=message.transfer, ok=int(ok), text=text)
             if first and ok:
                 self.say(f'received {receiving.name} from {self.peer}: {receiving.size} bytes, '
-                         f'SHA-256 ok, saved as {receiving.saved_as}')
+                         f'SHA-256 ok, saved as {receiving.saved_as}'
+                         f'{took(receiving.size, now - receiving.progress.started)}')
             elif first:
                 self.say(f'{receiving.name} from {self.peer} failed: {text}')
 
@@ -571,7 +577,8 @@ class Transfers:
             sending.chunk_acked(message.seq, message.sack, now)
         elif message.type == wire.FINISH and message.ok:
             sending.close()
-            self.say(f'{self.peer} received {sending.name}: {wire.safe(message.text)}')
+            self.say(f'{self.peer} received {sending.name}: {wire.safe(message.text)}'
+                     f'{took(sending.size, now - sending.progress.started)}')
         elif message.type == wire.FINISH:
             self.fail(self.outgoing, message.transfer,
                       f'{self.peer} refused it: {wire.safe(message.text)}', tell=False)

@@ -3,7 +3,7 @@
 The real server and clients on loopback, driven through stdin like
 test_loopback.py (whose fixtures these tests use): /send of things that are
 not files, hashing a big file while chat goes on, ~ in a path, the mode of
-a received file, and what /quit reports.
+a received file, what /quit reports, and the time and speed on the completion lines.
 """
 
 import os
@@ -17,6 +17,8 @@ from test_loopback import connect
 server = test_loopback.server
 clients = test_loopback.clients
 folders = test_loopback.folders
+
+SPEED = r' in \d+\.\d s \(\d+(?:\.\d)? (?:bytes|kB|MB|GB)/s\)$'
 
 
 def test_a_device_or_fifo_is_refused_and_the_client_goes_on(clients, folders):
@@ -98,3 +100,18 @@ def test_quit_after_a_reject_reports_nothing_stopped(clients, folders):
     alice.expect(r'^\* bob left$')
     assert not [line for line in bob.lines + alice.lines if 'stopped' in line], \
         bob.transcript() + alice.transcript()
+
+
+def test_completion_lines_say_time_and_speed(clients, folders):
+    """Both sides end with how long it took and the average speed."""
+    source, downloads = folders
+    (source / 'photo.jpg').write_bytes(os.urandom(1_000_000))
+    alice, bob = clients('alice'), clients('bob', '--downloads', downloads)
+    connect(alice, bob)
+    alice.send(f'/send {source / "photo.jpg"}')
+    bob.expect(r'offers photo\.jpg')
+    bob.send('/accept')
+    bob.expect(r'^\* received photo\.jpg from alice: 1000000 bytes, SHA-256 ok, saved as '
+               r'\S+/photo\.jpg' + SPEED, timeout=30)
+    alice.expect(r'^\* bob received photo\.jpg: 1000000 bytes, SHA-256 ok, saved as '
+                 r'photo\.jpg' + SPEED, timeout=30)

@@ -363,7 +363,7 @@ def test_an_existing_file_is_never_overwritten(clients, folders):
     alice.send(f'/send {source / "notes.txt"}')
     bob.expect(r'offers notes\.txt')
     bob.send('/accept')
-    bob.expect(r'^\* received notes\.txt from alice: .* saved as .*notes-1\.txt$')
+    bob.expect(r'^\* received notes\.txt from alice: .* saved as .*notes-1\.txt in ')
     assert (downloads / 'notes.txt').read_text() == 'mine'
     assert (downloads / 'notes-1.txt').read_text() == 'theirs'
 

@@ -12,6 +12,7 @@ import collections
 import hashlib
 import os
 import random
+import re
 import threading
 
 import pytest
@@ -1096,7 +1097,7 @@ def test_a_hash_stops_when_the_transfer_does(tmp_path, link, monkeypatch):
     assert link.alice.said('transfer of big.iso with bob stopped: we left')
 
 
-# -- the file's mode, what is reported at quit ---------------------------------------
+# -- the file's mode, what is reported at quit, how long it took ---------------------
 
 
 def test_a_received_file_gets_the_mode_cp_would_give(tmp_path, link):
@@ -1119,3 +1120,24 @@ def test_a_rejected_or_finished_transfer_is_not_stopped_again(tmp_path, link):
     link.alice.transfers.abort('we left')
     assert 'stopped' not in link.alice.text + link.bob.text
     assert link.bob.sent[wire.FINISH] == 1          # only yes.txt's verdict
+
+
+def test_completion_lines_say_time_and_speed(tmp_path, link):
+    """1 MB over a 200 kB/s path: about 5 s, on both sides, after the usual words."""
+    path, _ = make_file(tmp_path, 'big.bin', 1_000_000)
+    link.chunks_per_step = 2                    # 2 chunks every 10 ms
+    link.run(done(link.offer(path)))
+    received = link.bob.said('received big.bin from alice: ')[0]
+    told = link.alice.said('bob received big.bin: ')[0]
+    for line, saved in [(received, r'\S+/big\.bin'), (told, r'big\.bin')]:
+        match = re.search(r': 1000000 bytes, SHA-256 ok, saved as ' + saved +
+                          r' in (\d+\.\d) s \((\d+\.\d) kB/s\)$', line)
+        assert match, line
+        seconds, rate = map(float, match.groups())
+        assert 4.5 <= seconds <= 5.5 and abs(rate - 1000 / seconds) < 5, line
+
+
+def test_took():
+    """Seconds with one decimal, and the average speed; no division by zero."""
+    assert transfer.took(1_000_000, 1.2) == ' in 1.2 s (833.3 kB/s)'
+    assert transfer.took(0, 0.0) == ' in 0.0 s (0 bytes/s)'
