@@ -427,6 +427,63 @@ def unused_name(folder, name):
     return candidate
 
 
+class Numbering:
+    """Transfers the user names by number or by file name, whichever peer they are with.
+
+    A client has one Transfers per peer, but '/accept 2' must name one
+    offer whatever peer made it: so the numbers live here, in one Numbering
+    for the offers waiting for an answer (OFFERS), shared by every
+    Transfers in the program.  An entry leaves once it is over (``live``
+    says when), and the numbers start again at 1 once none is left: a lone
+    entry is always #1, and its line needs no number.
+    """
+
+    def __init__(self, live, noun):
+        self.live = live            # live(item): still something the user may name
+        self.noun = noun            # 'is on offer': for 'no file is on offer'
+        self.entries = {}           # number -> (transfers, item), oldest first
+        self.last = 0
+
+    def add(self, transfers, item):
+        """Give a new item the next number, and return it."""
+        if not self.current():
+            self.last = 0
+        self.last += 1
+        self.entries[self.last] = (transfers, item)
+        return self.last
+
+    def current(self):
+        """{number: (transfers, item)} of the items still live, oldest first."""
+        self.entries = {n: entry for n, entry in self.entries.items() if self.live(entry[1])}
+        return self.entries
+
+    def pick(self, which, among):
+        """The (transfers, item) that which names, from the Transfers in among.
+
+        which is '' for the oldest, a number ('2' or '#2') or a file name.
+        Raises TransferError, saying why, when it names none or several
+        (the same name twice).
+        """
+        entries = [(n, t, item) for n, (t, item) in self.current().items() if t in among]
+        number = which.removeprefix('#')
+        if not which:
+            found = entries[:1]
+        elif number.isascii() and number.isdecimal():
+            found = [entry for entry in entries if entry[0] == int(number)]
+        else:
+            found = [entry for entry in entries if entry[2].name == which]
+        if len(found) == 1:
+            return found[0][1:]
+        if found:
+            numbers = ' or '.join(f'#{n}' for n, _, _ in found)
+            raise TransferError(f'{len(found)} files are called {wire.safe(which)}: '
+                                f'say which by number, {numbers}')
+        raise TransferError(f'no file {wire.safe(which) + " " if which else ""}{self.noun}')
+
+
+OFFERS = Numbering(lambda receiving: receiving.state == 'asked', 'is on offer')
+
+
 class Transfers:
     """The files going each way between us and one peer.
 
@@ -440,8 +497,10 @@ class Transfers:
                           wire.END, wire.FINISH, wire.CANCEL})
     TO_RECEIVER = frozenset({wire.OFFER, wire.CHUNK, wire.END, wire.CANCEL})
 
-    def __init__(self, peer, send, say, downloads, over_stream=lambda: False):
+    def __init__(self, peer, send, say, downloads, over_stream=lambda: False,
+                 offers=OFFERS):
         self.peer = peer
+        self.offers = offers        # the numbers of offers to us, for /accept N
         self.send = send
         self.over_stream = over_stream
         self.say = say
@@ -552,8 +611,10 @@ class Transfers:
             self.say(f'{self.peer} offered a file; {error}')
             return
         self.incoming[offer.transfer] = receiving
-        self.say(f'{self.peer} offers {offer.name} ({human(offer.size)}): '
-                 f'/accept or /reject')
+        number = self.offers.add(self, receiving)
+        how = f' as #{number}: /accept {number} or /reject {number}' if number > 1 else \
+            ': /accept or /reject'
+        self.say(f'{self.peer} offers {offer.name} ({human(offer.size)}){how}')
 
     def refuse_beyond_limit(self, offer):
         """Refuse an offer while MAX_OPEN_OFFERS wait; say so once, not once per offer."""

@@ -3,7 +3,8 @@
 The real server and clients on loopback, driven through stdin like
 test_loopback.py (whose fixtures these tests use): /send of things that are
 not files, hashing a big file while chat goes on, ~ in a path, the mode of
-a received file, what /quit reports, and the time and speed on the completion lines.
+a received file, what /quit reports, choosing among offers, and
+the time and speed on the completion lines.
 """
 
 import os
@@ -102,6 +103,51 @@ def test_quit_after_a_reject_reports_nothing_stopped(clients, folders):
         bob.transcript() + alice.transcript()
 
 
+def test_choose_among_offers_by_number_or_name(clients, folders):
+    """The second offer says its number; /accept 2, /reject NAME, /accept (the oldest)."""
+    source, downloads = folders
+    for name in ('photo.jpg', 'report.pdf', 'spam.bin'):
+        (source / name).write_bytes(name.encode() * 100)
+    alice, bob = clients('alice'), clients('bob', '--downloads', downloads)
+    connect(alice, bob)
+    alice.send(f'/send {source / "photo.jpg"}')
+    bob.expect(r'^\* alice offers photo\.jpg \(900 bytes\): /accept or /reject$')
+    alice.send(f'/send {source / "report.pdf"}')
+    bob.expect(r'^\* alice offers report\.pdf \(1\.0 kB\) as #2: /accept 2 or /reject 2$')
+    alice.send(f'/send {source / "spam.bin"}')
+    bob.expect(r'^\* alice offers spam\.bin \(800 bytes\) as #3: /accept 3 or /reject 3$')
+    bob.send('/accept 2')
+    bob.expect(r'^\* received report\.pdf from alice: ')
+    bob.send('/reject spam.bin')
+    alice.expect(r'^\* bob rejected spam\.bin$')
+    bob.send('/accept 3')
+    bob.expect(r'^\* no file 3 is on offer$')
+    bob.send('/accept')
+    bob.expect(r'^\* received photo\.jpg from alice: ')
+    assert sorted(os.listdir(downloads)) == ['photo.jpg', 'report.pdf']
+
+
+def test_reject_a_peer_name_declines_its_request_not_a_file(clients, folders):
+    """/reject carol with carol asking to connect declines carol; alice's offer still waits.
+    /reject with a file's name rejects the file."""
+    source, downloads = folders
+    (source / 'photo.jpg').write_bytes(b'x' * 100)
+    alice, bob = clients('alice'), clients('bob', '--downloads', downloads)
+    carol = clients('carol')
+    connect(alice, bob)
+    alice.send(f'/send {source / "photo.jpg"}')
+    bob.expect(r'offers photo\.jpg')
+    carol.send('/connect bob')
+    bob.expect(r'^\* carol asks to connect: /connect carol to accept, /reject carol to decline$')
+    bob.send('/reject carol')
+    bob.expect(r'^\* declined carol$')
+    carol.expect(r'^\* bob declined$')
+    bob.send('/reject dave')
+    bob.expect(r'^\* no file dave is on offer, and dave has not asked to connect$')
+    bob.send('/reject photo.jpg')
+    alice.expect(r'^\* bob rejected photo\.jpg$')
+
+
 def test_completion_lines_say_time_and_speed(clients, folders):
     """Both sides end with how long it took and the average speed."""
     source, downloads = folders
@@ -115,3 +161,12 @@ def test_completion_lines_say_time_and_speed(clients, folders):
                r'\S+/photo\.jpg' + SPEED, timeout=30)
     alice.expect(r'^\* bob received photo\.jpg: 1000000 bytes, SHA-256 ok, saved as '
                  r'photo\.jpg' + SPEED, timeout=30)
+
+
+def test_help_lists_the_file_commands(clients):
+    """/help says how to name an offer and that a file on offer comes before a peer."""
+    alice = clients('alice')
+    alice.send('/help')
+    alice.expect(r'^  /accept \[N\] +accept a file on offer: the oldest, or number N')
+    alice.expect(r'^  /reject \[N\] +refuse a file on offer the same way; a file on offer')
+    alice.expect(r'^ +comes before a request to connect from a peer NAME$')

@@ -218,7 +218,10 @@ class Side:
         self.downloads = downloads
         self.lines = []                     # (now, text)
         self.sent = collections.Counter()   # message type -> count
-        self.transfers = Transfers(peer, self.send, self.say, str(downloads))
+        # Each peer is a program of its own: its own numbers for /accept N.
+        self.offers = transfer.Numbering(transfer.OFFERS.live, 'is on offer')
+        self.transfers = Transfers(peer, self.send, self.say, str(downloads),
+                                   offers=self.offers)
         self.key = identity.SessionKey(TOKEN, role=int(name == 'bob'))
         self.other = None
 
@@ -799,7 +802,9 @@ def test_offers_beyond_the_limit_are_refused_at_once(link):
     assert len(list(bob.open_offers())) == transfer.MAX_OPEN_OFFERS
     assert answers_sent(link.bob) == [(9, 0), (10, 0), (11, 0)]
     assert len(link.bob.said('offers more files than the 8 waiting')) == 1
-    assert len(link.bob.said('/accept or /reject')) == transfer.MAX_OPEN_OFFERS + 1
+    assert link.bob.said('alice offers f1.txt (10 bytes): /accept or /reject')
+    assert link.bob.said('alice offers f8.txt (10 bytes) as #8: /accept 8 or /reject 8')
+    assert len(link.bob.said('alice offers f')) == transfer.MAX_OPEN_OFFERS
 
 
 def test_an_answer_makes_room_for_the_next_offer(link):
@@ -1141,3 +1146,57 @@ def test_took():
     """Seconds with one decimal, and the average speed; no division by zero."""
     assert transfer.took(1_000_000, 1.2) == ' in 1.2 s (833.3 kB/s)'
     assert transfer.took(0, 0.0) == ' in 0.0 s (0 bytes/s)'
+
+
+# -- choosing an offer -----------------------------------------------------------------
+
+
+def offers_to_bob(link, *names):
+    """Forged offers to bob, transfer ids 1, 2 ...; returns bob's Transfers."""
+    bob = link.bob.transfers
+    for transfer_id, name in enumerate(names, 1):
+        bob.handle(forged_offer(name, transfer_id=transfer_id), link.now)
+    return bob
+
+
+def test_offers_are_numbered_when_more_than_one_waits(link):
+    """A lone offer reads as before; the second says its number and how to use it."""
+    offers_to_bob(link, 'photo.jpg', 'report.pdf')
+    assert [text for _, text in link.bob.lines] == [
+        'alice offers photo.jpg (10 bytes): /accept or /reject',
+        'alice offers report.pdf (10 bytes) as #2: /accept 2 or /reject 2']
+
+
+@pytest.mark.parametrize('which, chosen', [('', 1), ('2', 2), ('#2', 2), ('report.pdf', 2),
+                                           ('photo.jpg', 1), ('3', 3)])
+def test_pick_an_offer(link, which, chosen):
+    """The oldest, by number (with or without #), or by file name."""
+    bob = offers_to_bob(link, 'photo.jpg', 'report.pdf', '7')
+    transfers, receiving = link.bob.offers.pick(which, [bob])
+    assert transfers is bob and receiving.transfer == chosen
+
+
+@pytest.mark.parametrize('which, why', [
+    ('5', 'no file 5 is on offer'), ('x.txt', 'no file x.txt is on offer'),
+    ('same.txt', '2 files are called same.txt: say which by number, #3 or #4'),
+])
+def test_pick_says_why_not(link, which, why):
+    """Nothing by that number or name, or a name on two offers: the user is told."""
+    bob = offers_to_bob(link, 'photo.jpg', 'report.pdf', 'same.txt', 'same.txt')
+    with pytest.raises(TransferError) as error:
+        link.bob.offers.pick(which, [bob])
+    assert str(error.value) == why
+
+
+def test_pick_only_among_our_own_and_only_waiting_offers(link):
+    """An answered offer has no number any more; numbers start again when none waits."""
+    bob = offers_to_bob(link, 'a.txt', 'b.txt')
+    with pytest.raises(TransferError, match='no file is on offer'):
+        link.bob.offers.pick('', [])
+    bob.answer(link.bob.offers.pick('1', [bob])[1], False, link.now)
+    assert link.bob.offers.pick('', [bob])[1].name == 'b.txt'
+    with pytest.raises(TransferError):
+        link.bob.offers.pick('1', [bob])
+    bob.answer(link.bob.offers.pick('b.txt', [bob])[1], True, link.now)
+    bob.handle(forged_offer('c.txt', transfer_id=3), link.now)
+    assert link.bob.said('alice offers c.txt (10 bytes): /accept or /reject')
