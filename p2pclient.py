@@ -49,6 +49,7 @@ HELP = """commands:
   /accept [N]     accept a file on offer: the oldest, or number N, or by its file name
   /reject [N]     refuse a file on offer the same way; a file on offer called NAME
                   comes before a request to connect from a peer NAME
+  /cancel [N]     stop sending a file: the newest, or number N, or by its file name
   /quit           say goodbye and exit (so does end of input)
   /help           this text
 anything else is a chat message to the peer you chose last with /connect or /to
@@ -269,6 +270,8 @@ class Client:
             self.send_file(line[len('/send'):].strip())
         elif words[0] in ('/accept', '/reject'):
             self.answer_offer(words[0] == '/accept', line[len(words[0]):].strip())
+        elif words[0] == '/cancel':
+            self.cancel_file(line[len('/cancel'):].strip())
         elif words[0] == '/quit':
             self.quit()
         elif words[0] == '/help':
@@ -394,6 +397,15 @@ class Client:
                 self.say(str(error))
             return
         transfers.answer(receiving, accept, time.monotonic())
+
+    def cancel_file(self, which):
+        """/cancel [N | FILE]: stop sending a file, the newest if none is named."""
+        try:
+            transfers, sending = transfer.SENDS.pick(which, self.our_transfers(), newest=True)
+        except transfer.TransferError as error:
+            self.say(str(error))
+            return
+        transfers.cancel(sending)
 
     def our_transfers(self):
         """The Transfers of each of our sessions, for the numbers shared by all peers."""

@@ -1,6 +1,6 @@
 """File transfer over the punched path: the article's "transfer files" idea.
 
-    /send report.pdf        (the sender)
+    /send report.pdf        (the sender; /cancel stops it)
     /accept  or  /reject    (the receiver, asked first)
 
 The sender hashes the file in a thread beside the event loop (a 3 GB file
@@ -11,7 +11,7 @@ acknowledgements, a timeout from the measured round trip and a congestion
 window that backs off on loss.  When
 every chunk is acknowledged the sender asks for the verdict (END, repeated)
 and the receiver, having checked size and SHA-256, says how it went
-(FINISH).
+(FINISH).  The sender may CANCEL at any point before that.
 
 The receiver writes into a hidden temporary file in its download folder
 and gives it its name only once the checks pass: an interrupted or corrupt
@@ -50,6 +50,7 @@ HASH_PIECE = 1 << 20        # bytes read and hashed at a time
 # Linux allows 255 bytes in a file name; the hidden temporary file adds 15
 # ('.' NAME '.' 8 random '.part') and a name already taken gets '-1', '-2'...
 MAX_FILE_NAME = 200         # bytes of UTF-8
+CANCELLED = 'cancelled'     # a CANCEL's text when the sender's user stopped it, not a failure
 
 
 def read_umask():
@@ -431,11 +432,12 @@ class Numbering:
     """Transfers the user names by number or by file name, whichever peer they are with.
 
     A client has one Transfers per peer, but '/accept 2' must name one
-    offer whatever peer made it: so the numbers live here, in one Numbering
-    for the offers waiting for an answer (OFFERS), shared by every
-    Transfers in the program.  An entry leaves once it is over (``live``
-    says when), and the numbers start again at 1 once none is left: a lone
-    entry is always #1, and its line needs no number.
+    offer whatever peer made it: so the numbers live here, one Numbering
+    for the offers waiting for an answer (OFFERS) and one for the files we
+    send (SENDS), shared by every Transfers in the program.  An entry
+    leaves once it is over (``live`` says when), and the numbers start
+    again at 1 once none is left: a lone entry is always #1, and its line
+    needs no number.
     """
 
     def __init__(self, live, noun):
@@ -457,17 +459,17 @@ class Numbering:
         self.entries = {n: entry for n, entry in self.entries.items() if self.live(entry[1])}
         return self.entries
 
-    def pick(self, which, among):
+    def pick(self, which, among, newest=False):
         """The (transfers, item) that which names, from the Transfers in among.
 
-        which is '' for the oldest, a number ('2' or '#2') or a file name.
-        Raises TransferError, saying why, when it names none or several
-        (the same name twice).
+        which is '' for the oldest (the newest with newest=True), a number
+        ('2' or '#2') or a file name.  Raises TransferError, saying why,
+        when it names none or several (the same name twice).
         """
         entries = [(n, t, item) for n, (t, item) in self.current().items() if t in among]
         number = which.removeprefix('#')
         if not which:
-            found = entries[:1]
+            found = entries[-1:] if newest else entries[:1]
         elif number.isascii() and number.isdecimal():
             found = [entry for entry in entries if entry[0] == int(number)]
         else:
@@ -482,6 +484,7 @@ class Numbering:
 
 
 OFFERS = Numbering(lambda receiving: receiving.state == 'asked', 'is on offer')
+SENDS = Numbering(lambda sending: sending.state != 'done', 'is being sent')
 
 
 class Transfers:
@@ -498,9 +501,10 @@ class Transfers:
     TO_RECEIVER = frozenset({wire.OFFER, wire.CHUNK, wire.END, wire.CANCEL})
 
     def __init__(self, peer, send, say, downloads, over_stream=lambda: False,
-                 offers=OFFERS):
+                 offers=OFFERS, sends=SENDS):
         self.peer = peer
         self.offers = offers        # the numbers of offers to us, for /accept N
+        self.sends = sends          # the numbers of our files going out, for /cancel N
         self.send = send
         self.over_stream = over_stream
         self.say = say
@@ -525,13 +529,21 @@ class Transfers:
             return
         self.outgoing[self.next_id] = sending
         self.next_id += 1
+        sending.number = self.sends.add(self, sending)
         if sending.size >= HASH_NOTICE:
             self.say(f'hashing {sending.name} ({human(sending.size)})...')
 
     def offering(self, sending):
-        """Say that the OFFER goes out."""
-        self.say(f'offering {sending.name} ({human(sending.size)}) to {self.peer}; '
+        """Say that the OFFER goes out, with its number when another file goes out too."""
+        number = f' as #{sending.number}' if sending.number > 1 else ''
+        self.say(f'offering {sending.name} ({human(sending.size)}) to {self.peer}{number}; '
                  f'waiting for an answer')
+
+    def cancel(self, sending):
+        """/cancel: stop sending a file; the receiver hears so and keeps nothing of it."""
+        sending.close()
+        self.send(wire.CANCEL, transfer=sending.transfer, text=CANCELLED)
+        self.say(f'cancelled {sending.name} to {self.peer}')
 
     def waiting_for_answer(self):
         """The oldest offer we have not answered yet, or None."""
@@ -579,6 +591,8 @@ class Transfers:
                           accept=int(receiving.state != 'rejected'))
         elif receiving is None:
             return
+        elif message.type == wire.CANCEL and message.text == CANCELLED:
+            self.cancelled(receiving)
         elif message.type == wire.CANCEL:
             self.fail(self.incoming, message.transfer,
                       f'{self.peer} stopped sending: {wire.safe(message.text)}', tell=False)
@@ -615,6 +629,13 @@ class Transfers:
         how = f' as #{number}: /accept {number} or /reject {number}' if number > 1 else \
             ': /accept or /reject'
         self.say(f'{self.peer} offers {offer.name} ({human(offer.size)}){how}')
+
+    def cancelled(self, receiving):
+        """The sender's user cancelled: drop the offer, or what arrived of the file."""
+        if receiving.state in ('done', 'rejected'):
+            return
+        receiving.stop()
+        self.say(f'{self.peer} cancelled {receiving.name}')
 
     def refuse_beyond_limit(self, offer):
         """Refuse an offer while MAX_OPEN_OFFERS wait; say so once, not once per offer."""

@@ -3,7 +3,7 @@
 The real server and clients on loopback, driven through stdin like
 test_loopback.py (whose fixtures these tests use): /send of things that are
 not files, hashing a big file while chat goes on, ~ in a path, the mode of
-a received file, what /quit reports, choosing among offers, and
+a received file, what /quit reports, choosing among offers, /cancel, and
 the time and speed on the completion lines.
 """
 
@@ -148,6 +148,30 @@ def test_reject_a_peer_name_declines_its_request_not_a_file(clients, folders):
     alice.expect(r'^\* bob rejected photo\.jpg$')
 
 
+def test_the_sender_cancels_and_the_receiver_keeps_nothing(clients, folders):
+    """/cancel mid-transfer: the receiver hears it, and no part of the file stays."""
+    source, downloads = folders
+    with open(source / 'big.iso', 'wb') as stream:
+        stream.truncate(1_000_000_000)
+    # UDP: slower than TCP on loopback, so the cancel comes mid-transfer.
+    alice = clients('alice', '--udp-only')
+    bob = clients('bob', '--udp-only', '--downloads', downloads)
+    connect(alice, bob)
+    alice.send('/cancel')
+    alice.expect(r'^\* no file is being sent$')
+    alice.send(f'/send {source / "big.iso"}')
+    bob.expect(r'offers big\.iso', timeout=30)
+    bob.send('/accept')
+    bob.expect(r'^\* receiving big\.iso from alice: \d+%', timeout=30)
+    alice.send('/cancel big.iso')
+    alice.expect(r'^\* cancelled big\.iso to bob$')
+    bob.expect(r'^\* alice cancelled big\.iso$')
+    assert os.listdir(downloads) == []
+    alice.send('/quit')
+    assert alice.wait() == 0
+    assert not [line for line in alice.lines + bob.lines if 'stopped' in line]
+
+
 def test_completion_lines_say_time_and_speed(clients, folders):
     """Both sides end with how long it took and the average speed."""
     source, downloads = folders
@@ -170,3 +194,4 @@ def test_help_lists_the_file_commands(clients):
     alice.expect(r'^  /accept \[N\] +accept a file on offer: the oldest, or number N')
     alice.expect(r'^  /reject \[N\] +refuse a file on offer the same way; a file on offer')
     alice.expect(r'^ +comes before a request to connect from a peer NAME$')
+    alice.expect(r'^  /cancel \[N\] +stop sending a file: the newest')

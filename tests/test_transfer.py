@@ -218,10 +218,11 @@ class Side:
         self.downloads = downloads
         self.lines = []                     # (now, text)
         self.sent = collections.Counter()   # message type -> count
-        # Each peer is a program of its own: its own numbers for /accept N.
+        # Each peer is a program of its own: its own numbers for /accept N and /cancel N.
         self.offers = transfer.Numbering(transfer.OFFERS.live, 'is on offer')
+        self.sends = transfer.Numbering(transfer.SENDS.live, 'is being sent')
         self.transfers = Transfers(peer, self.send, self.say, str(downloads),
-                                   offers=self.offers)
+                                   offers=self.offers, sends=self.sends)
         self.key = identity.SessionKey(TOKEN, role=int(name == 'bob'))
         self.other = None
 
@@ -1148,7 +1149,7 @@ def test_took():
     assert transfer.took(0, 0.0) == ' in 0.0 s (0 bytes/s)'
 
 
-# -- choosing an offer -----------------------------------------------------------------
+# -- choosing an offer, cancelling -----------------------------------------------------
 
 
 def offers_to_bob(link, *names):
@@ -1200,3 +1201,46 @@ def test_pick_only_among_our_own_and_only_waiting_offers(link):
     bob.answer(link.bob.offers.pick('b.txt', [bob])[1], True, link.now)
     bob.handle(forged_offer('c.txt', transfer_id=3), link.now)
     assert link.bob.said('alice offers c.txt (10 bytes): /accept or /reject')
+
+
+def test_cancel_while_sending(tmp_path, link):
+    """The sender cancels: the receiver says so and keeps nothing, not even the part."""
+    path, _ = make_file(tmp_path, 'half.bin', 300_000)
+    sending = link.offer(path)
+    receiving = link.bob.transfers.incoming[1]
+    link.run(lambda: receiving.received >= 50_000)
+    link.alice.transfers.cancel(sending)
+    link.deliver()
+    assert link.alice.said('cancelled half.bin to bob')
+    assert link.bob.lines[-1][1] == 'alice cancelled half.bin'
+    assert leftovers(tmp_path / 'bob') == []
+    assert not link.alice.transfers.busy and sending.stream.closed
+    link.alice.transfers.abort('we left')
+    link.bob.transfers.abort('we left')
+    assert 'stopped' not in link.alice.text + link.bob.text
+
+
+def test_cancel_an_offer_not_yet_answered(tmp_path, link):
+    """Cancelled before the receiver answered: the offer is gone from its list."""
+    path, _ = make_file(tmp_path, 'maybe.txt', 100)
+    link.alice.transfers.offer(str(path), link.now)
+    link.step()
+    link.alice.transfers.cancel(link.alice.transfers.outgoing[1])
+    link.deliver()
+    assert link.bob.said('alice cancelled maybe.txt')
+    assert link.bob.transfers.waiting_for_answer() is None
+    with pytest.raises(TransferError, match='no file is on offer'):
+        link.bob.offers.pick('', [link.bob.transfers])
+
+
+def test_cancel_picks_the_newest_of_ours(tmp_path, link):
+    """/cancel alone means the file we offered last; the numbers name the others."""
+    first, _ = make_file(tmp_path, 'first.txt', 100)
+    second, _ = make_file(tmp_path, 'second.txt', 100)
+    alice = link.alice.transfers
+    alice.offer(str(first), link.now)
+    alice.offer(str(second), link.now)
+    link.step()
+    assert link.alice.said('offering second.txt (100 bytes) to bob as #2; waiting for an answer')
+    assert link.alice.sends.pick('', [alice], newest=True)[1].name == 'second.txt'
+    assert link.alice.sends.pick('1', [alice], newest=True)[1].name == 'first.txt'
