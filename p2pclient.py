@@ -25,6 +25,7 @@ import time
 import identity
 import p2pcommon as wire
 import punch
+import transfer
 from control import Fatal, ServerLink
 from session import Session
 
@@ -55,7 +56,10 @@ HELP = """commands:
   /list           the names registered with the server
   /status         where you stand: servers, peers, paths, who you type to
   /send PATH      offer a file to the peer you type to
-  /accept         accept the file a peer offers (/reject: refuse it)
+  /accept [N]     accept a file on offer: the oldest, or number N, or by its file name
+  /reject [N]     refuse a file on offer the same way; a file on offer called NAME
+                  comes before a request to connect from a peer NAME
+  /cancel [N]     stop sending a file: the newest, or number N, or by its file name
   /quit           say goodbye and exit (so does end of input)
   /help           this text
 anything else is a chat message to the peer you chose last with /connect or /to
@@ -319,15 +323,15 @@ class Client:
             self.connect(words[1])
         elif words[0] == '/to' and len(words) == 2:
             self.choose(words[1])
-        elif words[0] == '/reject' and len(words) == 2:
-            self.decline(words[1])
         elif words[0] == '/list' and len(words) == 1:
             if self.ask_server(wire.LIST):
                 self.listing += 1
         elif words[0] == '/send' and len(words) > 1:
             self.send_file(line[len('/send'):].strip())
-        elif words[0] in ('/accept', '/reject') and len(words) == 1:
-            self.answer_offer(words[0] == '/accept')
+        elif words[0] in ('/accept', '/reject'):
+            self.answer_offer(words[0] == '/accept', line[len(words[0]):].strip())
+        elif words[0] == '/cancel':
+            self.cancel_file(line[len('/cancel'):].strip())
         elif words[0] == '/quit':
             self.quit()
         elif words[0] == '/help':
@@ -457,14 +461,36 @@ class Client:
             return
         session.transfers.offer(path, time.monotonic())
 
-    def answer_offer(self, accept):
-        """/accept or /reject: answer the oldest file offer still open."""
-        for session in self.sessions.values():
-            receiving = session.transfers.waiting_for_answer()
-            if receiving:
-                session.transfers.answer(receiving, accept, time.monotonic())
-                return
-        self.say('no file is on offer')
+    def answer_offer(self, accept, which=''):
+        """/accept or /reject [N | FILE]: answer a file offer, the oldest if none is named.
+
+        /reject NAME also says no to a request to connect: a file on offer
+        called NAME comes first, then a peer NAME asking to connect.
+        """
+        try:
+            transfers, receiving = transfer.OFFERS.pick(which, self.our_transfers())
+        except transfer.TransferError as error:
+            if not accept and which in self.asks:
+                self.decline(which)
+            elif not accept and which:
+                self.say(f'{error}, and {wire.safe(which)} has not asked to connect')
+            else:
+                self.say(str(error))
+            return
+        transfers.answer(receiving, accept, time.monotonic())
+
+    def cancel_file(self, which):
+        """/cancel [N | FILE]: stop sending a file, the newest if none is named."""
+        try:
+            transfers, sending = transfer.SENDS.pick(which, self.our_transfers(), newest=True)
+        except transfer.TransferError as error:
+            self.say(str(error))
+            return
+        transfers.cancel(sending)
+
+    def our_transfers(self):
+        """The Transfers of each of our sessions, for the numbers shared by all peers."""
+        return [session.transfers for session in self.sessions.values()]
 
     def quit(self):
         """Say BYE to every peer and to the servers, then stop the loop."""

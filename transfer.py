@@ -1,15 +1,17 @@
 """File transfer over the punched path: the article's "transfer files" idea.
 
-    /send report.pdf        (the sender)
+    /send report.pdf        (the sender; /cancel stops it)
     /accept  or  /reject    (the receiver, asked first)
 
-The sender OFFERs the file's name, size and SHA-256, repeating the offer
-until the receiver ANSWERs.  The chunks then ride chat's reliable layer
-(reliable.py), with selective acknowledgements, a timeout from the
-measured round trip and a congestion window that backs off on loss.  When
+The sender hashes the file in a thread beside the event loop (a 3 GB file
+takes seconds, and chat must go on meanwhile), then OFFERs its name, size
+and SHA-256, repeating the offer until the receiver ANSWERs.  The chunks
+then ride chat's reliable layer (reliable.py), with selective
+acknowledgements, a timeout from the measured round trip and a congestion
+window that backs off on loss.  When
 every chunk is acknowledged the sender asks for the verdict (END, repeated)
 and the receiver, having checked size and SHA-256, says how it went
-(FINISH).
+(FINISH).  The sender may CANCEL at any point before that.
 
 The receiver writes into a hidden temporary file in its download folder
 and gives it its name only once the checks pass: an interrupted or corrupt
@@ -19,7 +21,9 @@ overwritten.
 
 import hashlib
 import os
+import stat
 import tempfile
+import threading
 
 import p2pcommon as wire
 from reliable import ReliableChannel
@@ -39,22 +43,113 @@ PROGRESS_EVERY = 1.0        # seconds between progress lines
 # minutes (the sender repeats its OFFER every second until it is answered).
 MAX_OPEN_OFFERS = 8
 OFFER_TIMEOUT = 600.0
+# Files this large are hashed with a line that says so: at 250 MB/s (a
+# laptop without SHA instructions) 100 MB is 0.4 s, a wait worth explaining.
+HASH_NOTICE = 100_000_000
+HASH_PIECE = 1 << 20        # bytes read and hashed at a time
 # Linux allows 255 bytes in a file name; the hidden temporary file adds 15
 # ('.' NAME '.' 8 random '.part') and a name already taken gets '-1', '-2'...
 MAX_FILE_NAME = 200         # bytes of UTF-8
+CANCELLED = 'cancelled'     # a CANCEL's text when the sender's user stopped it, not a failure
+
+
+def read_umask():
+    """The process's umask, read once at start-up.
+
+    os.umask can only set the mask, returning the old one: set a strict
+    one for that instant, then put the old one back.  (Not thread-safe:
+    it runs when this module is imported, before any thread starts.)
+    """
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+# A received file gets the mode cp would give it, 0o644 under umask 022,
+# not the 0o600 of the temporary file it was written as.
+FILE_MODE = 0o666 & ~read_umask()
 
 
 class TransferError(Exception):
     """A transfer cannot go on; the text says why, for the user."""
 
 
-def file_digest(path):
-    """SHA-256 of a file, read in pieces so a large file needs little memory."""
+def open_regular(path):
+    """(stream, size) of path opened for reading; TransferError unless a regular file.
+
+    /dev/zero never ends and a FIFO blocks in open until a writer comes:
+    both would hang the client, so anything but a regular file is refused,
+    by stat before we open it, and by fstat after, in case a FIFO took its
+    place in between (O_NONBLOCK makes even that open return at once).
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise TransferError('not a regular file')
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise TransferError('not a regular file')
+    return os.fdopen(fd, 'rb'), info.st_size
+
+
+def file_digest(fd, size, stopping=None):
+    """SHA-256 of the first size bytes of the open file fd, read in pieces.
+
+    os.pread leaves the file's offset alone, so the sender's stream is
+    untouched.  Stops early (returning None) once the event stopping is set.
+    """
     digest = hashlib.sha256()
-    with open(path, 'rb') as stream:
-        for piece in iter(lambda: stream.read(1 << 20), b''):
-            digest.update(piece)
+    done = 0
+    while done < size:
+        if stopping is not None and stopping.is_set():
+            return None
+        piece = os.pread(fd, min(HASH_PIECE, size - done), done)
+        if not piece:
+            raise TransferError(f'the file shrank to {done} bytes while being hashed')
+        digest.update(piece)
+        done += len(piece)
     return digest.digest()
+
+
+class Hashing(threading.Thread):
+    """The SHA-256 of a file to send, computed in a thread beside the event loop.
+
+    hashlib and os.pread let go of Python's global lock while they work on
+    a large buffer, so the loop keeps serving chat while a 3 GB file is
+    hashed (12 s at 250 MB/s).  The loop asks ``result()`` on each tick.
+    """
+
+    def __init__(self, fd, size):
+        super().__init__(daemon=True)       # a quit does not wait for it
+        self.fd = os.dup(fd)                # ours to close, whenever the sender closes its own
+        self.size = size
+        self.stopping = threading.Event()
+        self.sha256 = None
+        self.error = None
+        self.start()
+
+    def run(self):
+        """Hash the file; keep the digest, or the reason it failed."""
+        try:
+            self.sha256 = file_digest(self.fd, self.size, self.stopping)
+        except TransferError as error:
+            self.error = str(error)
+        except OSError as error:
+            self.error = f'cannot read it: {error.strerror}'
+        finally:
+            os.close(self.fd)
+
+    def result(self):
+        """The digest once the thread is done, None before; TransferError if it failed."""
+        if self.is_alive():
+            return None
+        if self.error:
+            raise TransferError(self.error)
+        return self.sha256
+
+    def stop(self):
+        """Ask the thread to stop after the piece it is hashing (1 MiB: a moment)."""
+        self.stopping.set()
 
 
 def check_file_name(name):
@@ -96,6 +191,11 @@ class Progress:
         return f'{percent}% at {human(rate)}/s, {left:.0f} s left'
 
 
+def took(size, seconds):
+    """' in 1.2 s (830.0 kB/s)': how long a transfer took, and its average speed."""
+    return f' in {seconds:.1f} s ({human(size / max(seconds, 1e-3))}/s)'
+
+
 def human(count):
     """1234567 -> '1.2 MB'."""
     for unit in ('bytes', 'kB', 'MB', 'GB'):
@@ -113,15 +213,24 @@ class Sending:
         self.transfer = transfer
         self.path = path
         self.name = os.path.basename(path)
-        self.size = os.path.getsize(path)
-        self.sha256 = file_digest(path)
-        self.stream = open(path, 'rb')
+        self.stream, self.size = open_regular(path)
+        self.hashing = Hashing(self.stream.fileno(), self.size)
+        self.sha256 = None
         self.channel = ReliableChannel(self.transmit, window=WINDOW, congestion=True,
                                        over_stream=over_stream, stream_window=STREAM_WINDOW)
-        self.state = 'offered'      # offered -> sending -> ending -> done
+        self.state = 'hashing'      # hashing -> offered -> sending -> ending -> done
         self.next_repeat = now
         self.progress = Progress(self.size, now)
         self.acked = 0
+
+    def hashed(self, now):
+        """True once the SHA-256 is in and the OFFER can go; TransferError if it failed."""
+        self.sha256 = self.hashing.result()
+        if self.sha256 is None:
+            return False
+        self.state = 'offered'
+        self.next_repeat = now
+        return True
 
     def tick(self, now):
         """Repeat what is unanswered, feed the window, resend what is lost.
@@ -182,6 +291,7 @@ class Sending:
     def close(self):
         """Done with the file, whatever the outcome."""
         self.state = 'done'
+        self.hashing.stop()
         self.stream.close()
 
     stop = close
@@ -277,6 +387,7 @@ class Receiving:
         if self.digest.digest() != self.sha256:
             self.discard()
             return False, 'SHA-256 mismatch; deleted'
+        os.chmod(self.temporary, FILE_MODE)        # mkstemp made it 0o600
         while True:
             final = unused_name(self.downloads, self.name)
             try:
@@ -317,6 +428,65 @@ def unused_name(folder, name):
     return candidate
 
 
+class Numbering:
+    """Transfers the user names by number or by file name, whichever peer they are with.
+
+    A client has one Transfers per peer, but '/accept 2' must name one
+    offer whatever peer made it: so the numbers live here, one Numbering
+    for the offers waiting for an answer (OFFERS) and one for the files we
+    send (SENDS), shared by every Transfers in the program.  An entry
+    leaves once it is over (``live`` says when), and the numbers start
+    again at 1 once none is left: a lone entry is always #1, and its line
+    needs no number.
+    """
+
+    def __init__(self, live, noun):
+        self.live = live            # live(item): still something the user may name
+        self.noun = noun            # 'is on offer': for 'no file is on offer'
+        self.entries = {}           # number -> (transfers, item), oldest first
+        self.last = 0
+
+    def add(self, transfers, item):
+        """Give a new item the next number, and return it."""
+        if not self.current():
+            self.last = 0
+        self.last += 1
+        self.entries[self.last] = (transfers, item)
+        return self.last
+
+    def current(self):
+        """{number: (transfers, item)} of the items still live, oldest first."""
+        self.entries = {n: entry for n, entry in self.entries.items() if self.live(entry[1])}
+        return self.entries
+
+    def pick(self, which, among, newest=False):
+        """The (transfers, item) that which names, from the Transfers in among.
+
+        which is '' for the oldest (the newest with newest=True), a number
+        ('2' or '#2') or a file name.  Raises TransferError, saying why,
+        when it names none or several (the same name twice).
+        """
+        entries = [(n, t, item) for n, (t, item) in self.current().items() if t in among]
+        number = which.removeprefix('#')
+        if not which:
+            found = entries[-1:] if newest else entries[:1]
+        elif number.isascii() and number.isdecimal():
+            found = [entry for entry in entries if entry[0] == int(number)]
+        else:
+            found = [entry for entry in entries if entry[2].name == which]
+        if len(found) == 1:
+            return found[0][1:]
+        if found:
+            numbers = ' or '.join(f'#{n}' for n, _, _ in found)
+            raise TransferError(f'{len(found)} files are called {wire.safe(which)}: '
+                                f'say which by number, {numbers}')
+        raise TransferError(f'no file {wire.safe(which) + " " if which else ""}{self.noun}')
+
+
+OFFERS = Numbering(lambda receiving: receiving.state == 'asked', 'is on offer')
+SENDS = Numbering(lambda sending: sending.state != 'done', 'is being sent')
+
+
 class Transfers:
     """The files going each way between us and one peer.
 
@@ -330,8 +500,11 @@ class Transfers:
                           wire.END, wire.FINISH, wire.CANCEL})
     TO_RECEIVER = frozenset({wire.OFFER, wire.CHUNK, wire.END, wire.CANCEL})
 
-    def __init__(self, peer, send, say, downloads, over_stream=lambda: False):
+    def __init__(self, peer, send, say, downloads, over_stream=lambda: False,
+                 offers=OFFERS, sends=SENDS):
         self.peer = peer
+        self.offers = offers        # the numbers of offers to us, for /accept N
+        self.sends = sends          # the numbers of our files going out, for /cancel N
         self.send = send
         self.over_stream = over_stream
         self.say = say
@@ -344,16 +517,33 @@ class Transfers:
     # -- the user's commands ------------------------------------------------
 
     def offer(self, path, now):
-        """/send PATH: offer a file to the peer."""
+        """/send PATH: hash the file beside the loop; tick() offers it once hashed."""
+        path = os.path.expanduser(path)     # '~/x': the shell would have done it
         try:
             sending = Sending(self.send, self.next_id, path, now, self.over_stream)
         except OSError as error:
             self.say(f'cannot send {path!r}: {error.strerror}')
             return
+        except TransferError as error:
+            self.say(f'cannot send {path!r}: {error}')
+            return
         self.outgoing[self.next_id] = sending
         self.next_id += 1
-        self.say(f'offering {sending.name} ({human(sending.size)}) to {self.peer}; '
+        sending.number = self.sends.add(self, sending)
+        if sending.size >= HASH_NOTICE:
+            self.say(f'hashing {sending.name} ({human(sending.size)})...')
+
+    def offering(self, sending):
+        """Say that the OFFER goes out, with its number when another file goes out too."""
+        number = f' as #{sending.number}' if sending.number > 1 else ''
+        self.say(f'offering {sending.name} ({human(sending.size)}) to {self.peer}{number}; '
                  f'waiting for an answer')
+
+    def cancel(self, sending):
+        """/cancel: stop sending a file; the receiver hears so and keeps nothing of it."""
+        sending.close()
+        self.send(wire.CANCEL, transfer=sending.transfer, text=CANCELLED)
+        self.say(f'cancelled {sending.name} to {self.peer}')
 
     def waiting_for_answer(self):
         """The oldest offer we have not answered yet, or None."""
@@ -401,6 +591,8 @@ class Transfers:
                           accept=int(receiving.state != 'rejected'))
         elif receiving is None:
             return
+        elif message.type == wire.CANCEL and message.text == CANCELLED:
+            self.cancelled(receiving)
         elif message.type == wire.CANCEL:
             self.fail(self.incoming, message.transfer,
                       f'{self.peer} stopped sending: {wire.safe(message.text)}', tell=False)
@@ -415,7 +607,8 @@ class Transfers:
             self.send(wire.FINISH, transfer=message.transfer, ok=int(ok), text=text)
             if first and ok:
                 self.say(f'received {receiving.name} from {self.peer}: {receiving.size} bytes, '
-                         f'SHA-256 ok, saved as {receiving.saved_as}')
+                         f'SHA-256 ok, saved as {receiving.saved_as}'
+                         f'{took(receiving.size, now - receiving.progress.started)}')
             elif first:
                 self.say(f'{receiving.name} from {self.peer} failed: {text}')
 
@@ -432,8 +625,17 @@ class Transfers:
             self.say(f'{self.peer} offered a file; {error}')
             return
         self.incoming[offer.transfer] = receiving
-        self.say(f'{self.peer} offers {offer.name} ({human(offer.size)}): '
-                 f'/accept or /reject')
+        number = self.offers.add(self, receiving)
+        how = f' as #{number}: /accept {number} or /reject {number}' if number > 1 else \
+            ': /accept or /reject'
+        self.say(f'{self.peer} offers {offer.name} ({human(offer.size)}){how}')
+
+    def cancelled(self, receiving):
+        """The sender's user cancelled: drop the offer, or what arrived of the file."""
+        if receiving.state in ('done', 'rejected'):
+            return
+        receiving.stop()
+        self.say(f'{self.peer} cancelled {receiving.name}')
 
     def refuse_beyond_limit(self, offer):
         """Refuse an offer while MAX_OPEN_OFFERS wait; say so once, not once per offer."""
@@ -446,8 +648,8 @@ class Transfers:
     def to_sender(self, message, now):
         """ANSWER, CHUNK_ACK and FINISH: we are the sending side."""
         sending = self.outgoing.get(message.transfer)
-        if sending is None or sending.state == 'done':
-            return
+        if sending is None or sending.state in ('hashing', 'done'):
+            return                  # while hashing, no OFFER has gone out to answer
         if message.type == wire.ANSWER:
             if sending.answered(message.accept, now):
                 self.say(f'{self.peer} accepted {sending.name}; sending')
@@ -457,7 +659,8 @@ class Transfers:
             sending.chunk_acked(message.seq, message.sack, now)
         elif message.type == wire.FINISH and message.ok:
             sending.close()
-            self.say(f'{self.peer} received {sending.name}: {wire.safe(message.text)}')
+            self.say(f'{self.peer} received {sending.name}: {wire.safe(message.text)}'
+                     f'{took(sending.size, now - sending.progress.started)}')
         elif message.type == wire.FINISH:
             self.fail(self.outgoing, message.transfer,
                       f'{self.peer} refused it: {wire.safe(message.text)}', tell=False)
@@ -481,6 +684,10 @@ class Transfers:
             if sending.state == 'done':
                 continue
             try:
+                if sending.state == 'hashing':
+                    if not sending.hashed(now):
+                        continue
+                    self.offering(sending)
                 line = sending.tick(now)
             except TransferError as error:
                 self.fail(self.outgoing, sending.transfer, str(error))
@@ -504,8 +711,8 @@ class Transfers:
     def fail(self, table, transfer, why, tell=True):
         """Stop one transfer, leaving no partial file; tell the user, and the peer."""
         item = table.get(transfer)
-        if item is None or item.state == 'done':
-            return
+        if item is None or item.state in ('done', 'rejected'):
+            return                  # over already: nothing to stop, nothing to report
         item.stop()
         self.say(f'transfer of {item.name} with {self.peer} stopped: {why}')
         if tell and table is self.outgoing:

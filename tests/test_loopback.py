@@ -27,9 +27,10 @@ def clients(server):
     """A factory for registered clients; checks at the end that none crashed."""
     started = []
 
-    def client(name, *args, register=True):
+    def client(name, *args, register=True, **options):
+        """options go to Popen: env=, umask= ..."""
         proc = start(command('p2pclient.py', name, '--server', f'127.0.0.1:{server}', *args),
-                     name)
+                     name, **options)
         started.append(proc)
         if register:
             proc.expect(rf'^\* registered as {name} with 127\.0\.0\.1:{server}; '
@@ -362,7 +363,7 @@ def test_an_existing_file_is_never_overwritten(clients, folders):
     alice.send(f'/send {source / "notes.txt"}')
     bob.expect(r'offers notes\.txt')
     bob.send('/accept')
-    bob.expect(r'^\* received notes\.txt from alice: .* saved as .*notes-1\.txt$')
+    bob.expect(r'^\* received notes\.txt from alice: .* saved as .*notes-1\.txt in ')
     assert (downloads / 'notes.txt').read_text() == 'mine'
     assert (downloads / 'notes-1.txt').read_text() == 'theirs'
 

@@ -12,6 +12,8 @@ import collections
 import hashlib
 import os
 import random
+import re
+import threading
 
 import pytest
 
@@ -216,7 +218,11 @@ class Side:
         self.downloads = downloads
         self.lines = []                     # (now, text)
         self.sent = collections.Counter()   # message type -> count
-        self.transfers = Transfers(peer, self.send, self.say, str(downloads))
+        # Each peer is a program of its own: its own numbers for /accept N and /cancel N.
+        self.offers = transfer.Numbering(transfer.OFFERS.live, 'is on offer')
+        self.sends = transfer.Numbering(transfer.SENDS.live, 'is being sent')
+        self.transfers = Transfers(peer, self.send, self.say, str(downloads),
+                                   offers=self.offers, sends=self.sends)
         self.key = identity.SessionKey(TOKEN, role=int(name == 'bob'))
         self.other = None
 
@@ -277,8 +283,15 @@ class Link:
             to.transfers.handle(message, self.now)
         raise AssertionError('messages never stopped')
 
+    def hashed(self):
+        """Wait for the hashing threads: a step then sees every hash done."""
+        for side in (self.alice, self.bob):
+            for sending in side.transfers.outgoing.values():
+                sending.hashing.join()
+
     def step(self, dt=0.01):
-        """Move time on, tick both sides, deliver what they sent."""
+        """Move time on, tick both sides (hashing done), deliver what they sent."""
+        self.hashed()
         self.now = round(self.now + dt, 6)
         self.spent = 0
         late = [(to, data) for due, to, data in self.held if due <= self.now]
@@ -344,9 +357,10 @@ def test_transfer_arrives_byte_identical(tmp_path, link, size):
     """A file arrives whole, under its name, and both sides say so."""
     path, data = make_file(tmp_path, 'report.bin', size)
     link.alice.transfers.offer(str(path), link.now)
-    assert link.alice.said(f'offering report.bin ({human(size)}) to bob')
     assert link.alice.transfers.busy
+    assert link.alice.lines == []                   # the SHA-256 is worked out first
     link.step()
+    assert link.alice.said(f'offering report.bin ({human(size)}) to bob; waiting for an answer')
     assert link.bob.said(f'alice offers report.bin ({human(size)}): /accept or /reject')
     receiving = link.bob.transfers.waiting_for_answer()
     assert (receiving.name, receiving.size) == ('report.bin', size)
@@ -727,17 +741,25 @@ def test_receiving_rejects_bad_name_itself():
 
 
 def test_file_digest(tmp_path):
-    """file_digest is the SHA-256 of the whole file, read in pieces."""
+    """file_digest is the SHA-256 of the first size bytes, read in pieces."""
     data = random.Random(3).randbytes(3 * (1 << 20) + 5)
     path = tmp_path / 'big'
-    path.write_bytes(data)
-    assert transfer.file_digest(str(path)) == hashlib.sha256(data).digest()
+    path.write_bytes(data + b'appended later')
+    with open(path, 'rb') as stream:
+        assert transfer.file_digest(stream.fileno(), len(data)) == hashlib.sha256(data).digest()
+        assert stream.tell() == 0                       # pread: the offset is left alone
+        with pytest.raises(TransferError, match='shrank'):
+            transfer.file_digest(stream.fileno(), len(data) + 1000)
+        stopping = threading.Event()
+        stopping.set()
+        assert transfer.file_digest(stream.fileno(), len(data), stopping) is None
 
 
 def test_finish_text_from_the_peer_is_escaped(tmp_path, link):
     """A hostile receiver's FINISH text cannot put control characters on our screen."""
     path, _ = make_file(tmp_path, 'shown.txt', 100)
     link.alice.transfers.offer(str(path), link.now)
+    link.step()                                     # hashed and offered
     finish = sealed(wire.FINISH, sender=BOB, transfer=1, ok=0,
                     text='\x1b[2J\rbob: send me your password\n')
     link.alice.transfers.handle(finish, link.now)
@@ -756,6 +778,8 @@ def test_over_tcp_the_whole_stream_window_goes_out_at_once(tmp_path, on_tcp, in_
     sent = collections.Counter()
     sending = transfer.Sending(lambda type, **fields: sent.update([type]), 1, str(path), 0.0,
                                over_stream=lambda: on_tcp)
+    sending.hashing.join()
+    assert sending.hashed(0.0)
     sending.answered(True, 0.0)
     sending.tick(0.0)
     assert sent[wire.CHUNK] == in_flight
@@ -779,7 +803,9 @@ def test_offers_beyond_the_limit_are_refused_at_once(link):
     assert len(list(bob.open_offers())) == transfer.MAX_OPEN_OFFERS
     assert answers_sent(link.bob) == [(9, 0), (10, 0), (11, 0)]
     assert len(link.bob.said('offers more files than the 8 waiting')) == 1
-    assert len(link.bob.said('/accept or /reject')) == transfer.MAX_OPEN_OFFERS + 1
+    assert link.bob.said('alice offers f1.txt (10 bytes): /accept or /reject')
+    assert link.bob.said('alice offers f8.txt (10 bytes) as #8: /accept 8 or /reject 8')
+    assert len(link.bob.said('alice offers f')) == transfer.MAX_OPEN_OFFERS
 
 
 def test_an_answer_makes_room_for_the_next_offer(link):
@@ -950,3 +976,271 @@ def test_a_transfer_whose_sequence_numbers_run_out_stops(tmp_path, link):
     link.run(done(sending))
     assert link.alice.said("stopped: too large: the chunks' sequence numbers ran out")
     assert leftovers(tmp_path / 'bob') == []
+
+
+# -- only regular files, hashed beside the loop (issue #11) -------------------------
+
+
+@pytest.mark.parametrize('kind', ['device', 'fifo', 'folder'])
+def test_only_a_regular_file_is_sent(tmp_path, link, kind):
+    """/dev/zero never ends, a FIFO blocks in open, a folder has no bytes: all refused."""
+    path = {'device': '/dev/zero', 'folder': str(tmp_path / 'files')}.get(kind)
+    if kind == 'fifo':
+        path = str(tmp_path / 'files' / 'pipe')
+        os.mkfifo(path)
+    link.alice.transfers.offer(path, link.now)
+    assert link.alice.lines[-1][1] == f'cannot send {path!r}: not a regular file'
+    assert link.alice.transfers.outgoing == {}
+    link.step()
+    assert link.queue == collections.deque() and link.bob.lines == []
+
+
+def test_a_fifo_swapped_in_after_the_stat_does_not_block(tmp_path, link, monkeypatch):
+    """Between the stat and the open a FIFO may take the file's place: the open returns
+    at once (O_NONBLOCK), and the fstat after it refuses the FIFO."""
+    fifo = tmp_path / 'files' / 'swapped'
+    os.mkfifo(fifo)
+    regular = os.stat(__file__)
+    monkeypatch.setattr(transfer.os, 'stat', lambda path: regular)   # as it was at stat
+    link.alice.transfers.offer(str(fifo), link.now)
+    assert link.alice.said('not a regular file')
+    assert link.alice.transfers.outgoing == {}
+
+
+def test_tilde_is_the_home_folder(tmp_path, link, monkeypatch):
+    """/send ~/x: the client expands ~ as the shell would have."""
+    monkeypatch.setenv('HOME', str(tmp_path / 'files'))
+    path, data = make_file(tmp_path, 'home.txt', 500)
+    link.alice.transfers.offer('~/home.txt', link.now)
+    link.step()
+    sending = link.alice.transfers.outgoing[1]
+    assert sending.path == str(path)
+    link.bob.transfers.answer(link.bob.transfers.waiting_for_answer(), True, link.now)
+    link.run(done(sending))
+    assert (tmp_path / 'bob' / 'home.txt').read_bytes() == data
+
+
+class SlowHash:
+    """file_digest held until release(): a hash that takes as long as a test wants."""
+
+    def __init__(self, monkeypatch):
+        self.go = threading.Event()
+        real = transfer.file_digest
+
+        def held(fd, size, stopping=None):
+            self.go.wait(10)
+            return real(fd, size, stopping)
+
+        monkeypatch.setattr(transfer, 'file_digest', held)
+
+    def release(self):
+        self.go.set()
+
+
+def test_the_loop_goes_on_while_a_file_is_hashed(tmp_path, link, monkeypatch):
+    """offer() returns at once; ticks go on while the thread hashes; the OFFER goes
+    out on the first tick after the hash is in."""
+    slow = SlowHash(monkeypatch)
+    path, _ = make_file(tmp_path, 'big.iso', 1000)
+    link.alice.transfers.offer(str(path), link.now)
+    sending = link.alice.transfers.outgoing[1]
+    for _ in range(5):
+        link.alice.transfers.tick(link.now)
+    assert sending.state == 'hashing' and link.alice.sent[wire.OFFER] == 0
+    assert link.alice.transfers.busy            # the loop wakes often, to pick the hash up
+    slow.release()
+    link.step()
+    assert link.alice.said('offering big.iso (1.0 kB) to bob; waiting for an answer')
+    assert link.bob.said('alice offers big.iso')
+
+
+def test_an_answer_before_the_offer_is_ignored(tmp_path, link, monkeypatch):
+    """While the file is hashed no OFFER went out: an ANSWER then is a guess, not an answer."""
+    slow = SlowHash(monkeypatch)
+    path, _ = make_file(tmp_path, 'guessed.txt', 100)
+    link.alice.transfers.offer(str(path), link.now)
+    link.alice.transfers.handle(sealed(wire.ANSWER, sender=BOB, transfer=1, accept=1),
+                                link.now)
+    assert link.alice.transfers.outgoing[1].state == 'hashing' and link.alice.lines == []
+    slow.release()
+    link.step()
+    assert link.alice.transfers.outgoing[1].state == 'offered'
+
+
+def test_a_big_file_says_it_is_being_hashed(tmp_path, link, monkeypatch):
+    """Above HASH_NOTICE bytes a line explains the wait; below it, nothing."""
+    monkeypatch.setattr(transfer, 'HASH_NOTICE', 2000)
+    small, _ = make_file(tmp_path, 'small.txt', 1999)
+    big, _ = make_file(tmp_path, 'big.iso', 3_000_000)
+    link.alice.transfers.offer(str(small), link.now)
+    link.alice.transfers.offer(str(big), link.now)
+    assert link.alice.text == 'hashing big.iso (3.0 MB)...'
+
+
+def test_a_file_that_shrinks_while_hashed_is_not_offered(tmp_path, link, monkeypatch):
+    """The hash reads the size that stat gave; a file cut short meanwhile stops there."""
+    slow = SlowHash(monkeypatch)
+    path, _ = make_file(tmp_path, 'cut.bin', 5000)
+    link.alice.transfers.offer(str(path), link.now)
+    os.truncate(path, 1000)
+    slow.release()
+    link.step()
+    assert link.alice.said('transfer of cut.bin with bob stopped: the file shrank to 1000 '
+                           'bytes while being hashed')
+    assert not link.alice.transfers.busy and link.bob.lines == []
+
+
+def test_a_hash_stops_when_the_transfer_does(tmp_path, link, monkeypatch):
+    """A quit (abort) while hashing stops the thread and closes the file."""
+    slow = SlowHash(monkeypatch)
+    path, _ = make_file(tmp_path, 'big.iso', 5000)
+    link.alice.transfers.offer(str(path), link.now)
+    sending = link.alice.transfers.outgoing[1]
+    link.alice.transfers.abort('we left')
+    slow.release()
+    sending.hashing.join()
+    assert sending.hashing.sha256 is None and sending.stream.closed
+    assert link.alice.said('transfer of big.iso with bob stopped: we left')
+
+
+# -- the file's mode, what is reported at quit, how long it took ---------------------
+
+
+def test_a_received_file_gets_the_mode_cp_would_give(tmp_path, link):
+    """0o666 less the umask (0o644 under 022), not the temporary file's 0o600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert transfer.FILE_MODE == 0o666 & ~mask
+    path, _ = make_file(tmp_path, 'shared.txt', 100)
+    link.run(done(link.offer(path)))
+    assert (tmp_path / 'bob' / 'shared.txt').stat().st_mode & 0o777 == transfer.FILE_MODE
+
+
+def test_a_rejected_or_finished_transfer_is_not_stopped_again(tmp_path, link):
+    """At quit (abort) only transfers still going are reported: not one /reject-ed."""
+    rejected, _ = make_file(tmp_path, 'no.txt', 100)
+    finished, _ = make_file(tmp_path, 'yes.txt', 100)
+    link.offer(rejected, accept=False)
+    link.run(done(link.offer(finished)))
+    link.bob.transfers.abort('we left')
+    link.alice.transfers.abort('we left')
+    assert 'stopped' not in link.alice.text + link.bob.text
+    assert link.bob.sent[wire.FINISH] == 1          # only yes.txt's verdict
+
+
+def test_completion_lines_say_time_and_speed(tmp_path, link):
+    """1 MB over a 200 kB/s path: about 5 s, on both sides, after the usual words."""
+    path, _ = make_file(tmp_path, 'big.bin', 1_000_000)
+    link.chunks_per_step = 2                    # 2 chunks every 10 ms
+    link.run(done(link.offer(path)))
+    received = link.bob.said('received big.bin from alice: ')[0]
+    told = link.alice.said('bob received big.bin: ')[0]
+    for line, saved in [(received, r'\S+/big\.bin'), (told, r'big\.bin')]:
+        match = re.search(r': 1000000 bytes, SHA-256 ok, saved as ' + saved +
+                          r' in (\d+\.\d) s \((\d+\.\d) kB/s\)$', line)
+        assert match, line
+        seconds, rate = map(float, match.groups())
+        assert 4.5 <= seconds <= 5.5 and abs(rate - 1000 / seconds) < 5, line
+
+
+def test_took():
+    """Seconds with one decimal, and the average speed; no division by zero."""
+    assert transfer.took(1_000_000, 1.2) == ' in 1.2 s (833.3 kB/s)'
+    assert transfer.took(0, 0.0) == ' in 0.0 s (0 bytes/s)'
+
+
+# -- choosing an offer, cancelling -----------------------------------------------------
+
+
+def offers_to_bob(link, *names):
+    """Forged offers to bob, transfer ids 1, 2 ...; returns bob's Transfers."""
+    bob = link.bob.transfers
+    for transfer_id, name in enumerate(names, 1):
+        bob.handle(forged_offer(name, transfer_id=transfer_id), link.now)
+    return bob
+
+
+def test_offers_are_numbered_when_more_than_one_waits(link):
+    """A lone offer reads as before; the second says its number and how to use it."""
+    offers_to_bob(link, 'photo.jpg', 'report.pdf')
+    assert [text for _, text in link.bob.lines] == [
+        'alice offers photo.jpg (10 bytes): /accept or /reject',
+        'alice offers report.pdf (10 bytes) as #2: /accept 2 or /reject 2']
+
+
+@pytest.mark.parametrize('which, chosen', [('', 1), ('2', 2), ('#2', 2), ('report.pdf', 2),
+                                           ('photo.jpg', 1), ('3', 3)])
+def test_pick_an_offer(link, which, chosen):
+    """The oldest, by number (with or without #), or by file name."""
+    bob = offers_to_bob(link, 'photo.jpg', 'report.pdf', '7')
+    transfers, receiving = link.bob.offers.pick(which, [bob])
+    assert transfers is bob and receiving.transfer == chosen
+
+
+@pytest.mark.parametrize('which, why', [
+    ('5', 'no file 5 is on offer'), ('x.txt', 'no file x.txt is on offer'),
+    ('same.txt', '2 files are called same.txt: say which by number, #3 or #4'),
+])
+def test_pick_says_why_not(link, which, why):
+    """Nothing by that number or name, or a name on two offers: the user is told."""
+    bob = offers_to_bob(link, 'photo.jpg', 'report.pdf', 'same.txt', 'same.txt')
+    with pytest.raises(TransferError) as error:
+        link.bob.offers.pick(which, [bob])
+    assert str(error.value) == why
+
+
+def test_pick_only_among_our_own_and_only_waiting_offers(link):
+    """An answered offer has no number any more; numbers start again when none waits."""
+    bob = offers_to_bob(link, 'a.txt', 'b.txt')
+    with pytest.raises(TransferError, match='no file is on offer'):
+        link.bob.offers.pick('', [])
+    bob.answer(link.bob.offers.pick('1', [bob])[1], False, link.now)
+    assert link.bob.offers.pick('', [bob])[1].name == 'b.txt'
+    with pytest.raises(TransferError):
+        link.bob.offers.pick('1', [bob])
+    bob.answer(link.bob.offers.pick('b.txt', [bob])[1], True, link.now)
+    bob.handle(forged_offer('c.txt', transfer_id=3), link.now)
+    assert link.bob.said('alice offers c.txt (10 bytes): /accept or /reject')
+
+
+def test_cancel_while_sending(tmp_path, link):
+    """The sender cancels: the receiver says so and keeps nothing, not even the part."""
+    path, _ = make_file(tmp_path, 'half.bin', 300_000)
+    sending = link.offer(path)
+    receiving = link.bob.transfers.incoming[1]
+    link.run(lambda: receiving.received >= 50_000)
+    link.alice.transfers.cancel(sending)
+    link.deliver()
+    assert link.alice.said('cancelled half.bin to bob')
+    assert link.bob.lines[-1][1] == 'alice cancelled half.bin'
+    assert leftovers(tmp_path / 'bob') == []
+    assert not link.alice.transfers.busy and sending.stream.closed
+    link.alice.transfers.abort('we left')
+    link.bob.transfers.abort('we left')
+    assert 'stopped' not in link.alice.text + link.bob.text
+
+
+def test_cancel_an_offer_not_yet_answered(tmp_path, link):
+    """Cancelled before the receiver answered: the offer is gone from its list."""
+    path, _ = make_file(tmp_path, 'maybe.txt', 100)
+    link.alice.transfers.offer(str(path), link.now)
+    link.step()
+    link.alice.transfers.cancel(link.alice.transfers.outgoing[1])
+    link.deliver()
+    assert link.bob.said('alice cancelled maybe.txt')
+    assert link.bob.transfers.waiting_for_answer() is None
+    with pytest.raises(TransferError, match='no file is on offer'):
+        link.bob.offers.pick('', [link.bob.transfers])
+
+
+def test_cancel_picks_the_newest_of_ours(tmp_path, link):
+    """/cancel alone means the file we offered last; the numbers name the others."""
+    first, _ = make_file(tmp_path, 'first.txt', 100)
+    second, _ = make_file(tmp_path, 'second.txt', 100)
+    alice = link.alice.transfers
+    alice.offer(str(first), link.now)
+    alice.offer(str(second), link.now)
+    link.step()
+    assert link.alice.said('offering second.txt (100 bytes) to bob as #2; waiting for an answer')
+    assert link.alice.sends.pick('', [alice], newest=True)[1].name == 'second.txt'
+    assert link.alice.sends.pick('1', [alice], newest=True)[1].name == 'first.txt'
