@@ -30,6 +30,10 @@ from control import Fatal, ServerLink
 from session import Session
 
 MAX_LINE = 64 * 1024        # an endless stdin line is cut here
+# A terminal in its usual (canonical) mode hands us at most 4,095 bytes of
+# one line (Linux's N_TTY_BUF_SIZE less the newline) and drops the rest of
+# it, before we see any of it: all we can do is say so.
+TERMINAL_LINE = 4095
 # The ERRORs that answer a CONNECT instead of an INTRODUCE or an ASK.
 CONNECT_REFUSALS = frozenset({wire.E_UNKNOWN_PEER, wire.E_NOT_REGISTERED, wire.E_RATE_LIMITED,
                               wire.E_TOO_MANY})
@@ -275,6 +279,9 @@ class Client:
         """Act on each complete line the user typed, in order; note the end of input."""
         lines, ended = self.stdin.read()
         for line in lines:
+            if self.stdin.terminal and len(line.encode('utf-8')) >= TERMINAL_LINE:
+                self.say(f'your terminal cut that line at {TERMINAL_LINE:,} bytes, its limit; '
+                         f'the rest was not sent (send long text in pieces, or as a file)')
             if self.running:
                 self.command(line)
         if ended and self.running:
@@ -842,6 +849,7 @@ class LineReader:
         self.fd = fd
         self.partial = bytearray()
         self.polled = False     # a file the selector refused: the loop reads it each turn
+        self.terminal = os.isatty(fd)
         os.set_blocking(fd, False)
 
     def read(self):

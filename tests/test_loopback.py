@@ -1,14 +1,17 @@
 """End to end on loopback: the real server and clients, driven through stdin."""
 
 import os
+import pty
 import signal
 import socket
+import subprocess
+import termios
 
 import pytest
 
 import p2pcommon as wire
 from labpeers import chat_both_ways
-from procs import command, start, start_server
+from procs import Proc, command, start, start_server
 
 CONNECTED = r'^\* connected to {} at 127\.0\.0\.1:\d+ \(direct, (?:tcp, )?\d+ ms\)$'
 
@@ -485,3 +488,43 @@ def test_a_line_typed_after_connecting_to_another_goes_to_that_one_only(clients)
     alice.send('only carol')
     carol.expect(r'^<alice> only carol$')
     assert not [line for line in bob.lines if 'secret' in line or 'this?' in line]
+
+
+class AtTerminal(Proc):
+    """A client whose stdin is a pseudo-terminal, as when a person types into it."""
+
+    def __init__(self, argv, label):
+        self.master, slave = pty.openpty()
+        attributes = termios.tcgetattr(slave)
+        attributes[3] &= ~termios.ECHO          # nobody reads the echo: do not make one
+        termios.tcsetattr(slave, termios.TCSANOW, attributes)
+        popen = subprocess.Popen(argv, stdin=slave, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, encoding='utf-8', bufsize=1)
+        os.close(slave)
+        super().__init__(popen, label)
+
+    def send(self, line):
+        """Type one line at the terminal."""
+        os.write(self.master, (line + '\n').encode())
+
+    def stop(self):
+        """Kill the client, close the terminal."""
+        super().stop()
+        os.close(self.master)
+
+
+def test_a_line_longer_than_the_terminal_takes_is_not_cut_without_a_word(server, clients):
+    bob = clients('bob')
+    alice = AtTerminal(command('p2pclient.py', 'alice', '--server', f'127.0.0.1:{server}'),
+                       'alice')
+    try:
+        alice.expect(r'^\* registered as alice ')
+        connect(alice, bob)
+        alice.send('x' * 5000)
+        alice.expect(r'^\* your terminal cut that line at 4,095 bytes, its limit; the rest '
+                     r'was not sent')
+        received = ''.join(bob.expect(r'^<alice> (x+)$').group(1) for _ in range(5))
+        assert len(received) == 4095                    # in pieces of 1,000 bytes
+    finally:
+        alice.stop()
+    assert alice.err.lines == [], alice.transcript()
