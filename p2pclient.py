@@ -451,7 +451,8 @@ class Client:
         elif self.chosen in self.asked:
             self.held += pieces
         else:
-            self.say(f'not connected to {self.chosen}: /connect {self.chosen} first')
+            others = ''.join(f', or /to {s.name}' for s in self.sessions.values())
+            self.say(f'not connected to {self.chosen}: /connect {self.chosen} first{others}')
 
     def session_named(self, name):
         """The newest session with the peer called name, or None."""
@@ -762,7 +763,12 @@ class Client:
                 return
 
     def peer_message(self, message, source):
-        """A datagram from a peer: taken only with the MAC of a session we hold."""
+        """A datagram from a peer: taken only with the MAC of a session we hold.
+
+        With --tcp-only we take none at all: the user asked for no UDP path.
+        """
+        if self.transport == 'tcp':
+            return
         session = self.sessions.get(message.session)
         if session is None:
             if message.type == wire.PUNCH and len(self.early_punches) < 16:

@@ -481,7 +481,7 @@ def test_a_line_typed_after_connecting_to_another_goes_to_that_one_only(clients)
     alice.send('/connect erin')             # nobody of that name
     alice.expect(r"^\* error from the rendezvous server: no peer named 'erin'$")
     alice.send('and this?')
-    alice.expect(r'^\* not connected to erin: /connect erin first')
+    alice.expect(r'^\* not connected to erin: /connect erin first, or /to bob, or /to carol$')
     bob.send('/quit')
     alice.expect(r'^\* bob left$')
     alice.send('/to carol')
@@ -528,3 +528,15 @@ def test_a_line_longer_than_the_terminal_takes_is_not_cut_without_a_word(server,
     finally:
         alice.stop()
     assert alice.err.lines == [], alice.transcript()
+
+
+def test_tcp_only_never_takes_a_udp_path(clients):
+    alice = clients('alice', '--tcp-only')
+    bob = clients('bob', '--udp-only', '--punch-timeout', '1')
+    connect_relayed = r'^\* connected to {} \(relayed through the rendezvous server\)$'
+    alice.send('/connect bob')
+    consent(alice, bob)
+    alice.expect(connect_relayed.format('bob'))
+    bob.expect(connect_relayed.format('alice'))
+    chat_both_ways(alice, bob, 'through the relay')
+    assert not [line for line in alice.lines if '(direct' in line]
