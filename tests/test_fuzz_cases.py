@@ -7,9 +7,16 @@ client delivers them, and the reply the client then sends sealed in turn
 ``python bench/fuzz.py --client-units 20000 --seed N --datagrams 0 --frames 0
 --no-peers`` (the fuzzer of commit 2980faa) found them, over 200 times per
 run, in the code before the fix (f36b9d4); the seeds are in each test.
+Those after them came from ``--client-control`` (a hostile server, a
+stranger on a punched TCP connection), each on the code before its fix.
 """
 
+import collections
+import io
+import os
+
 import identity
+import p2pclient
 import p2pcommon as wire
 from reliable import MAX_SEQ, ReliableChannel
 from transfer import Transfers
@@ -72,3 +79,43 @@ def test_chunk_seq_and_oldest_max_in_an_accepted_transfer(tmp_path):
     transfers.tick(NOW + 0.01)
     acks = [m for m in sent if m.type == wire.CHUNK_ACK]
     assert [m.seq for m in acks] == [0]
+
+
+class ServerLinkStub:
+    """A control connection that takes what the client sends, and a free port to punch from."""
+
+    def __init__(self):
+        self.connects = collections.deque()
+        self.token = b'r' * wire.TOKEN_SIZE
+        self.local = ('127.0.0.1', 0)
+
+    def __str__(self):
+        return 'the server'
+
+    def send(self, type, **fields):
+        """Encode and forget."""
+        wire.encode(type, **fields)
+
+
+def test_a_second_name_with_a_token_in_use_is_ignored(tmp_path):
+    """Found by --client-control 2000 --seed 1 (a hostile server): two INTRODUCEs, one token.
+
+    The second session took the first one's place under the same session
+    id, and the first one's TCP punch (a listening socket) was left open
+    and uncounted: a server that does this again and again takes every
+    descriptor the client has.  Now the second introduction is ignored.
+    """
+    client = p2pclient.Client('alice', [('127.0.0.1', 9)], out=io.StringIO(),
+                              downloads=str(tmp_path))
+    client.links = [ServerLinkStub()]
+    opened = len(os.listdir('/proc/self/fd'))
+    for name in ['bob', 'carol']:
+        client.handle_control(client.links[0], wire.decode(wire.reply(
+            wire.INTRODUCE, name=name, session=TOKEN, role=1, public=('127.0.0.1', 9),
+            port_delta=0, private=[], tcp_public=('127.0.0.1', 9), tcp_port=9)))
+    assert [s.name for s in client.sessions.values()] == ['bob']
+    assert 'introduced carol with the session of bob: ignored' in client.out.getvalue()
+    for session in list(client.sessions.values()):
+        client.end_session(session, 'the test ended')
+    assert len(os.listdir('/proc/self/fd')) == opened
+    client.selector.close()
