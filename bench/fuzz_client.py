@@ -125,7 +125,7 @@ class Side:
 # control: a hostile server's messages into a real Client.
 
 OUR_NAME = 'alice'
-CONTROL_RESET = 500             # inputs before a fresh client, so early states get fuzz too
+CONTROL_RESET = 1000            # inputs before a fresh client, so early states get fuzz too
 PEER_NAMES = ['b', 'bob', 'x' * 32, 'é' * 16, 'ñandú', '名前', OUR_NAME, 'mallory']
 TEXTS = ['', 'x', 'some error', '\x1b[2J\x1b[H* registered as alice', 'a\r\nb', '\x00\x07',
          '\u202eevil', '\x9b31m', 'é' * 500, 'x' * wire.MAX_TEXT]
@@ -191,6 +191,8 @@ class ControlUnit:
         self.datagrams = collections.Counter()     # 'loopback' / 'elsewhere (not sent)'
         self.read = 0                               # where in out the last check stopped
         self.tokens = {}                            # session token -> our role, as introduced
+        self.peer_keys = {}                         # (token, our role) -> the peer's key
+        self.relays = collections.Counter()         # RELAYs by what they carry
 
     def send_udp(self, data, endpoint):
         """The client's UDP send: counted; only loopback really goes."""
@@ -207,11 +209,28 @@ class ControlUnit:
             message = wire.decode(value)
             if message.type == wire.INTRODUCE and message.role in (0, 1):
                 self.tokens[message.session] = message.role
+            if message.type == wire.RELAY:
+                self.relays[self.relay_kind(message)] += 1
             self.client.handle_control(self.link, message)
         elif kind == 'type':
             self.client.command(value)
         else:
             self.client.check_timers(time.monotonic() + value)
+
+    def relay_kind(self, message):
+        """What a RELAY carries, as the client will see it: for the table."""
+        session = self.client.sessions.get(identity.session_id(message.session))
+        if session is None:
+            return 'RELAY of no session we hold'
+        if not message.message:
+            return 'RELAY, empty (the peer left the server)'
+        try:
+            inner = wire.decode(message.message)
+        except wire.ProtocolError:
+            return 'RELAY of garbage'
+        if inner.type in wire.PEER_TYPES and session.key.check(inner):
+            return f'RELAY, sealed {wire.TYPE_NAMES[inner.type]}, taken'
+        return 'RELAY, not sealed by the peer'
 
     def new_lines(self):
         """The lines printed since the last call."""
@@ -235,6 +254,8 @@ def endpoint_list(rng):
 
 def a_name(rng, unit):
     """A peer name: from the pool, or one the client already knows."""
+    if rng.random() < 0.3:
+        return f'p{rng.randrange(2 * p2pclient.MAX_SESSIONS)}'    # enough to reach the caps
     known = [s.name for s in unit.client.sessions.values()] + list(unit.client.asks)
     return rng.choice(PEER_NAMES + known * 2)
 
@@ -251,8 +272,12 @@ def introduce(rng, unit):
         tcp_port=rng.choice([0, 0, 1, 65535, rng.randrange(65536)]))
 
 
-def peer_fields(rng, type):
-    """Fields for a peer message of type (seal adds session, counter and MAC)."""
+def peer_fields(rng, type, session=None):
+    """Fields for a peer message of type (seal adds session, counter and MAC).
+
+    seq sits next to what the session expects half the time, so that chat
+    lines and chunks are taken, not only refused as out of the window.
+    """
     fields = {}
     for field, fmt in wire.LAYOUTS[type]:
         if field in ('session', 'counter', 'mac'):
@@ -264,21 +289,29 @@ def peer_fields(rng, type):
         elif fmt.endswith('s'):
             size = struct.calcsize('!' + fmt)
             fields[field] = rng.choice([bytes(size), rng.randbytes(size)])
+        elif field in ('seq', 'oldest') and session and rng.random() < 0.5:
+            fields[field] = max(0, session.channel.expected + rng.choice([-1, 0, 0, 1]))
         else:
-            fields[field] = rng.choice(int_edges(fmt) + [rng.randrange(2 ** (8 * struct.calcsize(
-                '!' + fmt)))])
+            bits = 8 * struct.calcsize('!' + fmt)
+            fields[field] = rng.choice(int_edges(fmt) + [rng.randrange(2 ** bits)])
     return fields
 
 
 def relay(rng, unit):
-    """A RELAY: empty, garbage, or a sealed peer message of a session we hold (or not)."""
-    tokens = list(unit.tokens)
-    token = rng.choice(tokens) if tokens and rng.random() < 0.8 else rng.randbytes(16)
-    role = unit.tokens.get(token, 0)
+    """A RELAY: empty, garbage, or a sealed peer message of a live session (or of none).
+
+    The fuzz seals as the peer would, one key per session, so that its
+    counters grow; also with our own role (a reflection) and a wrong key.
+    """
+    live = list(unit.client.sessions.values())
+    session = rng.choice(live) if live and rng.random() < 0.8 else None
+    token = session.token if session else rng.randbytes(16)
+    role = session.key.role if session else 0
+    peer = unit.peer_keys.setdefault((token, role), identity.SessionKey(token, 1 - role))
     type = rng.choice(sorted(wire.PEER_TYPES))
-    sealed = identity.SessionKey(token, 1 - role).seal(type, **peer_fields(rng, type))
+    sealed = peer.seal(type, **peer_fields(rng, type, session))
     inner = rng.choice([
-        b'', rng.randbytes(rng.randrange(64)), sealed, sealed, sealed, sealed[:-1],
+        b'', rng.randbytes(rng.randrange(64)), sealed, sealed, sealed, sealed, sealed[:-1],
         identity.SessionKey(token, role).seal(type, **peer_fields(rng, type)),   # reflected
         identity.SessionKey(rng.randbytes(16), 1 - role).seal(type, **peer_fields(rng, type)),
         wire.encode(wire.CHALLENGE, nonce=rng.randbytes(16))])
@@ -308,6 +341,8 @@ def server_message(rng, unit):
         return 'REGISTERED', wire.reply(wire.REGISTERED, token=rng.randbytes(16))
     if pick < 0.86:
         return 'ALIVE', wire.encode(wire.ALIVE, flags)
+    if pick < 0.93:
+        return 'mutated (server fuzz)', fuzz_message(rng, UDP_MUTATORS, True)[1]
     type = rng.choice(UNEXPECTED)
     raw = valid_raw(rng, type)
     raw.flags |= flags
@@ -340,7 +375,10 @@ def control_replay(steps, transport):
 
 
 def decodable(step):
-    """False for a server message that wire.decode refuses: the link closes, nothing acts."""
+    """False for a server message that wire.decode refuses: the link closes, nothing acts.
+
+    Any other exception from decode is a crash: the link catches only ProtocolError.
+    """
     try:
         if step[0] == 'control':
             wire.decode(step[1])
@@ -358,10 +396,17 @@ def check_bounds(unit, side, baseline, step):
         side.problem(f'more than {p2pclient.MAX_TCP_PUNCHES} TCP punches', step)
     if any(len(s.targets) > wire.MAX_ENDPOINTS for s in client.sessions.values()):
         side.problem(f'more than {wire.MAX_ENDPOINTS} punch targets', step)
-    if open_fds() - baseline > p2pclient.MAX_TCP_PUNCHES + 4:
+    punches = sum(1 for s in client.sessions.values() if s.tcp is not None)
+    extra = open_fds() - baseline
+    if extra > p2pclient.MAX_TCP_PUNCHES + 4:
         side.problem('descriptors beyond the TCP punches\' (a leak)', step)
+    for what, n in [('sessions at once (most)', len(client.sessions)),
+                    ('TCP punches at once (most)', punches),
+                    ('descriptors over a new client\'s (most)', extra)]:
+        side.counts[what] = max(side.counts[what], n)
     for line in unit.new_lines():
-        side.counts['status lines'] += 1
+        side.counts['lines printed'] += 1
+        side.counts['lines printed, chat (<peer> text)'] += line.startswith('<')
         if not line.isprintable():
             side.problem('status line not printable', line)
 
@@ -384,11 +429,11 @@ def control_fuzz(count, seed):
             baseline = open_fds()
         label, step = control_step(rng, unit)
         side.by_type[label] += 1
-        if not decodable(step):
-            side.counts['not decodable (the link would close)'] += 1
-            continue
-        history.append(step)
         try:
+            if not decodable(step):
+                side.counts['not decodable (the link would close)'] += 1
+                continue
+            history.append(step)
             unit.step(step)
         except Exception as error:  # noqa: BLE001  (what we count: anything at all)
             transport = unit.client.transport
@@ -411,10 +456,9 @@ def finish_control(unit, side):
     """Add up what a client sent before it is closed."""
     for type, n in unit.link.sent.items():
         side.counts[f'sent to the server: {wire.TYPE_NAMES[type]}'] += n
+    side.counts.update(unit.relays)
     for where, n in unit.datagrams.items():
         side.counts[f'UDP datagrams: {where}'] += n
-    side.counts['sessions at a reset (most)'] = max(side.counts['sessions at a reset (most)'],
-                                                    len(unit.client.sessions))
     unit.close()
     if open_fds() > unit.fds:
         side.problem('descriptors a closed client left open', open_fds() - unit.fds)
@@ -751,14 +795,14 @@ def control_sides(count, seed):
 def report(side):
     """Print one side's table."""
     print(f'\n  {side.title}')
-    print(f'    inputs                          {sum(side.by_type.values())}')
+    print(f'    {"inputs":<44}  {sum(side.by_type.values())}')
     for label, n in sorted(side.by_type.items()):
         print(f'      {n:7d}  {label}')
     for key, n in sorted(side.counts.items()):
-        print(f'    {key:<34}  {n}')
-    print(f'    exceptions                      {sum(side.crashes.values())}')
-    print(f'    failed checks                   {sum(side.problems.values())}')
-    print(f'    elapsed                         {side.elapsed:.1f} s')
+        print(f'    {key:<44}  {n}')
+    print(f'    {"exceptions":<44}  {sum(side.crashes.values())}')
+    print(f'    {"failed checks":<44}  {sum(side.problems.values())}')
+    print(f'    {"elapsed":<44}  {side.elapsed:.1f} s')
     for key, n in side.crashes.most_common(10):
         print(f'    {n:7d}  {key[0]}: {key[1]}; the shortest inputs that raise:')
         for step in side.examples[key]:
