@@ -14,10 +14,13 @@ stranger on a punched TCP connection), each on the code before its fix.
 import collections
 import io
 import os
+import selectors
+import socket
 
 import identity
 import p2pclient
 import p2pcommon as wire
+from test_punch import frames_from, listening_punch
 from reliable import MAX_SEQ, ReliableChannel
 from transfer import Transfers
 
@@ -119,3 +122,28 @@ def test_a_second_name_with_a_token_in_use_is_ignored(tmp_path):
         client.end_session(session, 'the test ended')
     assert len(os.listdir('/proc/self/fd')) == opened
     client.selector.close()
+
+
+def test_a_second_challenge_on_a_stream_closes_it():
+    """A stranger's CHALLENGE flood (the --client-control stranger sends floods of 50).
+
+    Each CHALLENGE was answered with a sealed PUNCH, twice its size, queued
+    until the stranger read it: one that sent 10 MB and never read left
+    10.3 MB queued in our process, and more for as long as it went on (also
+    after the punch locked, on a stream nobody closed).  The peer challenges
+    once a stream, so a second CHALLENGE is not the peer: the stream closes.
+    """
+    selector = selectors.DefaultSelector()
+    locked = []
+    attempt, port = listening_punch(selector, identity.SessionKey(TOKEN, 1), locked)
+    try:
+        with socket.create_connection(('127.0.0.1', port), timeout=5) as stranger:
+            nonces = [bytes(16), b'\x01' * 16]
+            stranger.sendall(b''.join(wire.encode(wire.CHALLENGE, nonce=n) for n in nonces * 50))
+            heard = frames_from(stranger, selector)
+        assert [m.type for m in heard] == [wire.CHALLENGE, wire.PUNCH]
+        assert heard[1].nonce == nonces[0]
+        assert attempt.streams == [] and not locked
+    finally:
+        attempt.close()
+        selector.close()
