@@ -26,8 +26,8 @@ holds that one; this module the rest).  Nothing here leaves loopback:
   own PUNCH reflected back, CHALLENGE floods, lengths up to 65535), then
   half-closes; the selector is driven by hand until our side closes.  The
   stranger must never be locked onto, and must receive nothing but one
-  CHALLENGE and, for each CHALLENGE of its own, a sealed PUNCH that echoes
-  its nonce.
+  CHALLENGE and at most one sealed PUNCH, the answer to its first
+  CHALLENGE, that echoes that nonce.
 * **register**: ``control.ServerLink.wait_registered`` reading fuzzed
   frames from a socket pair whose far end then closes: each input ends in
   REGISTERED or in one printable line (``control.Fatal``).
@@ -469,7 +469,18 @@ def finish_control(unit, side):
 
 PUNCH_TOKEN = bytes(range(16, 32))
 PUNCH_ROLE = 1
-STRANGER_FRAMES = [1, 1, 2, 3, 5, 10, 40]       # frames per connection, picked at random
+# Frames per connection, picked at random: mostly few, since a stream closes
+# at the first frame that is not the peer's, and the rest are never read.
+STRANGER_FRAMES = [1, 1, 1, 1, 2, 2, 3, 10]
+DECODE = wire.decode                    # the real one, while drive counts its calls
+CHALLENGE_FIRST = 'challenge first'     # a pick: the plain CHALLENGE a peer begins with
+
+
+def frames_for(picks, nonce):
+    """A connection's frames: each pick is a seed for stranger_frame, or CHALLENGE_FIRST."""
+    return [('CHALLENGE, first', wire.encode(wire.CHALLENGE, nonce=bytes(16)))
+            if pick == CHALLENGE_FIRST else stranger_frame(random.Random(pick), nonce)
+            for pick in picks]
 
 
 def stranger_frame(rng, nonce):
@@ -521,17 +532,39 @@ class Stranger:
                                     time.monotonic(), self.locked.append,
                                     lambda stream, message: self.messages.append(message))
         self.address = self.punch.listener.getsockname()
+        self.read = 0                   # frames our side decoded (or decode refused)
+        self.taken = 0                  # of those, frames that reached TcpPunch.received
+        self.received = self.punch.received
+        self.punch.received = self.count
+
+    def count(self, stream, message):
+        """TcpPunch.received, counted: the frames that got past decoding."""
+        self.taken += 1
+        self.received(stream, message)
 
     def drive(self, until, timeout=5.0):
-        """Run the selector by hand until until() is true; False on a timeout."""
+        """Run the selector by hand until until() is true; False on a timeout.
+
+        Meanwhile every frame our side decodes (or refuses) is counted in
+        self.read: the stranger's frames that reached our code.
+        """
         deadline = time.monotonic() + timeout
-        while not until():
-            if time.monotonic() > deadline:
-                return False
-            for key, mask in self.selector.select(0.05):
-                if self.selector.get_map().get(key.fd) is key:
-                    key.data(key.fileobj, mask)
+        decode, wire.decode = wire.decode, self.decode
+        try:
+            while not until():
+                if time.monotonic() > deadline:
+                    return False
+                for key, mask in self.selector.select(0.05):
+                    if self.selector.get_map().get(key.fd) is key:
+                        key.data(key.fileobj, mask)
+        finally:
+            wire.decode = decode
         return True
+
+    def decode(self, data):
+        """wire.decode, counted (FramedStream calls it for each frame it reads)."""
+        self.read += 1
+        return DECODE(data)
 
     def close(self):
         """Close the punch and the selector."""
@@ -551,6 +584,8 @@ def stranger_connection(target, frames_of):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
     sock.setblocking(False)
     stranger = StrangerSocket(sock)
+    # In the selector too, so that the loop wakes when the stranger has mail.
+    target.selector.register(sock, selectors.EVENT_READ, lambda sock, mask: None)
     try:
         if not target.drive(lambda: stranger.pump() or stranger.challenged):
             raise AssertionError('no CHALLENGE within 5 s')
@@ -559,6 +594,7 @@ def stranger_connection(target, frames_of):
         if not target.drive(stranger.pump):
             raise AssertionError('our side kept the stranger\'s connection open')
     finally:
+        target.selector.unregister(sock)
         sock.close()
     return frames, bytes(stranger.heard)
 
@@ -632,38 +668,44 @@ def check_heard(heard, frames, side):
             side.counts['PUNCH answers to its own CHALLENGE'] += 1
         else:
             side.problem('the stranger received something else', repr(message)[:200])
+    if len(received) > 2:
+        side.problem('more than one answer on a stream (a flood would pile up)', len(received))
 
 
 def stranger_fuzz(count, seed):
-    """count frames from strangers into a listening TcpPunch; return the Side."""
+    """Strangers' frames into a listening TcpPunch until our side has read count; the Side.
+
+    A stream closes at the first frame that is not the peer's, so frames
+    after it in one connection are sent but never read: the table counts
+    frames sent, frames read (decoded or refused) and frames taken by
+    TcpPunch.received, and the run goes on until count have been read.
+    """
     rng = random.Random(f'stranger{seed}')
     side = Side('stranger -> punched TCP (TcpPunch.received)')
     started = time.monotonic()
     before = open_fds()
     target = Stranger()
-    sent = 0
-    while sent < count:
-        n = min(rng.choice(STRANGER_FRAMES), count - sent)
-        picks = [rng.random() for _ in range(n)]
-
-        def frames_of(nonce, picks=picks):
-            return [stranger_frame(random.Random(p), nonce) for p in picks]
+    while side.counts['frames our side decoded (or decode refused)'] < count:
+        picks = [rng.random() for _ in range(rng.choice(STRANGER_FRAMES))]
+        if rng.random() < 0.5:
+            picks[0] = CHALLENGE_FIRST    # as a peer would begin: so the next frame is read too
+        read, taken = target.read, target.taken
         try:
-            frames, heard = stranger_connection(target, frames_of)
+            frames, heard = stranger_connection(target,
+                                                lambda nonce: frames_for(picks, nonce))
         except Exception as error:  # noqa: BLE001  (what we count: anything at all)
             side.crash(error, picks, stranger_replay)
-            target.close()
-            target = Stranger()
-            sent += n
-            continue
-        sent += n
-        side.counts['connections'] += 1
-        for label, _ in frames:
-            side.by_type[label] += 1
-        check_heard(heard, frames, side)
-        if target.locked or target.messages:
-            side.problem('a stranger was locked onto, or its message taken', frames)
-            target.close()
+            frames = None
+        side.counts['frames our side decoded (or decode refused)'] += target.read - read
+        side.counts['frames taken by TcpPunch.received'] += target.taken - taken
+        if frames is not None:
+            side.counts['connections'] += 1
+            side.by_type.update(label for label, _ in frames)
+            check_heard(heard, frames, side)
+            if target.locked or target.messages:
+                side.problem('a stranger was locked onto, or its message taken', frames)
+        if frames is None or target.locked or target.messages:
+            target.close()              # a fresh one: the next stranger meets a clean state
             target = Stranger()
     side.counts['streams open at the end'] = len(target.punch.streams)
     target.close()
@@ -679,8 +721,7 @@ def stranger_replay(picks):
     """The crash key one connection of these frames makes on a fresh TcpPunch, or None."""
     target = Stranger()
     try:
-        stranger_connection(target, lambda nonce: [stranger_frame(random.Random(p), nonce)
-                                                   for p in picks])
+        stranger_connection(target, lambda nonce: frames_for(picks, nonce))
     except Exception as error:  # noqa: BLE001
         return crash_key(error)
     finally:
@@ -795,7 +836,7 @@ def control_sides(count, seed):
 def report(side):
     """Print one side's table."""
     print(f'\n  {side.title}')
-    print(f'    {"inputs":<44}  {sum(side.by_type.values())}')
+    print(f'    {"inputs (sent)":<44}  {sum(side.by_type.values())}')
     for label, n in sorted(side.by_type.items()):
         print(f'      {n:7d}  {label}')
     for key, n in sorted(side.counts.items()):
