@@ -181,8 +181,10 @@ class ControlUnit:
         self.out = io.StringIO()
         self.client = p2pclient.Client(OUR_NAME, [('127.0.0.1', 9)], out=self.out,
                                        transport=transport, downloads=os.devnull)
-        self.link = ControlLink(self.client)
-        self.client.links = [self.link]
+        # Two servers: an unknown peer at the first is asked of the second,
+        # which has not registered us yet (an ERROR there refuses us).
+        self.client.links = [ControlLink(self.client), ControlLink(self.client)]
+        self.client.links[1].token = None
         self.client.udp = wire.UDPSocket(0, '127.0.0.1')
         self.client.udp.setblocking(False)
         self.client.networks = punch.our_networks()
@@ -203,15 +205,16 @@ class ControlUnit:
             self.datagrams['elsewhere (not sent)'] += 1
 
     def step(self, step):
-        """One input: a server message's bytes, a typed line, or time passing."""
+        """One input: a server message's bytes (from either server), a typed line, or time."""
         kind, value = step
-        if kind == 'control':
+        if kind in ('control', 'second server'):
             message = wire.decode(value)
             if message.type == wire.INTRODUCE and message.role in (0, 1):
                 self.tokens[message.session] = message.role
             if message.type == wire.RELAY:
                 self.relays[self.relay_kind(message)] += 1
-            self.client.handle_control(self.link, message)
+            link = self.client.links[kind == 'second server']
+            self.client.handle_control(link, message)
         elif kind == 'type':
             self.client.command(value)
         else:
@@ -358,7 +361,7 @@ def control_step(rng, unit):
     if pick < 0.07 and unit.client.transport == 'udp':    # a TCP punch would connect out
         return 'time', ('time', rng.choice([1.0, 5.0, 60.0, 3600.0]))
     label, data = server_message(rng, unit)
-    return label, ('control', data)
+    return label, ('second server' if rng.random() < 0.1 else 'control', data)
 
 
 def control_replay(steps, transport):
@@ -380,7 +383,7 @@ def decodable(step):
     Any other exception from decode is a crash: the link catches only ProtocolError.
     """
     try:
-        if step[0] == 'control':
+        if step[0] in ('control', 'second server'):
             wire.decode(step[1])
     except wire.ProtocolError:
         return False
@@ -454,8 +457,10 @@ def control_fuzz(count, seed):
 
 def finish_control(unit, side):
     """Add up what a client sent before it is closed."""
-    for type, n in unit.link.sent.items():
-        side.counts[f'sent to the server: {wire.TYPE_NAMES[type]}'] += n
+    for link in unit.client.links:
+        for type, n in link.sent.items():
+            side.counts[f'sent to a server: {wire.TYPE_NAMES[type]}'] += n
+        side.counts['registrations lost (ERROR before REGISTERED)'] += link.lost_count
     side.counts.update(unit.relays)
     for where, n in unit.datagrams.items():
         side.counts[f'UDP datagrams: {where}'] += n
