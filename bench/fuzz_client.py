@@ -805,7 +805,7 @@ def register_replay(frames):
 
 
 def register_fuzz(count, seed):
-    """count hostile registrations (1-5 frames each); return the Side."""
+    """count hostile registrations (1-5 frames each, counted by kind); return the Side."""
     rng = random.Random(f'register{seed}')
     side = Side('server -> registration (ServerLink.wait_registered)')
     started = time.monotonic()
@@ -813,7 +813,8 @@ def register_fuzz(count, seed):
     for _ in range(count):
         labelled = [register_frame(rng) for _ in range(rng.choice([1, 1, 2, 3, 5]))]
         frames = [data for _, data in labelled]
-        side.by_type[labelled[-1][0]] += 1
+        side.by_type.update(label for label, _ in labelled)
+        side.counts['registrations'] += 1
         try:
             side.counts[f'ended in {register_once(frames)}'] += 1
         except Exception as error:  # noqa: BLE001  (what we count: anything at all)
