@@ -1,8 +1,10 @@
 """In-process fuzz of what a hostile server, or a stranger on a punched TCP connection, sends us.
 
 ``python bench/fuzz.py --client-control N`` runs the three sides below, N
-inputs each, after the peer-message fuzz of ``--client-units`` (fuzz.py
-holds that one; this module the rest).  Nothing here leaves loopback:
+inputs each (strangers: until our side has decoded N of their frames; a
+stream closes at the first bad one, so more are sent), after the
+peer-message fuzz of ``--client-units`` (fuzz.py holds that one; this
+module the rest).  Nothing here leaves loopback:
 
 * **control**: messages from the rendezvous server into a real
   ``p2pclient.Client`` through ``Client.handle_control``, as its control
@@ -11,8 +13,10 @@ holds that one; this module the rest).  Nothing here leaves loopback:
   reply flag, RELAY carrying nothing, garbage, or peer messages sealed
   with the key of a session the fuzz itself introduced, PEERS of 0 to
   1,000 names, ERROR of any code and text, REGISTERED, ALIVE, and valid
-  messages of types a server never sends.  The user types a /connect or a
-  line now and then, and time jumps (punches give up, sessions relay).  A
+  messages of types a server never sends, from two servers (the second
+  not registered yet).  The user types a /connect or a line now and
+  then, and on a client that punches UDP only time jumps (punches give
+  up, sessions relay; TCP punches would connect out).  A
   crash is any exception out of handle_control; a status line must be
   printable; the client's sessions (32), TCP punches (4), punch targets
   (16 per session) and descriptors must stay bounded, and a client that is
