@@ -619,6 +619,12 @@ class Client:
             self.say(f'introduced to {message.name}, but {MAX_SESSIONS} sessions are open: '
                      f'ignored')
             return
+        clash = self.sessions.get(identity.session_id(message.session))
+        if clash is not None and clash.name != message.name:
+            # Another peer's token: taking it would orphan that session, sockets and all.
+            self.say(f'{link} introduced {message.name} with the session of {clash.name}: '
+                     f'ignored')
+            return
         old = self.session_named(message.name)
         if old is not None:         # a new introduction replaces the old session
             self.end_session(old, f'{message.name} was introduced again')

@@ -444,6 +444,7 @@ class TcpPunch:
         self.streams = []           # established, proving or proven
         self.nonces = {}            # stream -> the challenge we sent on it
         self.proven = set()         # streams whose PUNCH answered our challenge
+        self.answered = set()       # streams whose challenge we answered (once each)
         self.locked = None
         self.listener = shared_socket(self.family, local)
         self.listener.listen(8)
@@ -507,8 +508,13 @@ class TcpPunch:
 
     def received(self, stream, message):
         """A message on one of our streams: answer challenges, lock on the first proof."""
-        if message.type == wire.CHALLENGE:
+        if message.type == wire.CHALLENGE and stream not in self.answered:
+            self.answered.add(stream)
             stream.send(self.key.seal(wire.PUNCH, nonce=message.nonce))
+        elif message.type == wire.CHALLENGE:
+            # The peer challenges once a stream: answers to a flood would
+            # pile up in memory for as long as the sender does not read.
+            self.reject(stream)
         elif message.type not in wire.PEER_TYPES or not self.key.check(message):
             self.reject(stream)             # not our peer: nobody else gets a stream
         elif stream in self.proven:
@@ -534,6 +540,7 @@ class TcpPunch:
             self.streams.remove(stream)
         self.nonces.pop(stream, None)
         self.proven.discard(stream)
+        self.answered.discard(stream)
 
     def stop_trying(self):
         """No more connects, no more listening; proven streams stay open.

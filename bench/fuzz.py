@@ -37,8 +37,12 @@ lost, or a new client could not register and connect; 0 otherwise.
 ``--client-units N`` first feeds N peer messages, sealed with the
 session's MAC so that they reach the code behind the check, to the
 client's chat channel and file transfers in-process (see ClientUnit), and
-exits 1 if any of them raised.  With ``--datagrams 0 --frames 0
---no-peers`` that is all it does: no server, no sockets.
+exits 1 if any of them raised.  ``--client-control N`` then feeds the
+client, in-process, N messages from a hostile rendezvous server (into a
+real Client's handle_control), N frames from strangers on a punched TCP
+connection (into a real TcpPunch on loopback) and N hostile answers to
+REGISTER (into ServerLink.wait_registered): see fuzz_client.py.  With
+``--datagrams 0 --frames 0 --no-peers`` that is all it does: no server.
 """
 
 import argparse
@@ -1298,13 +1302,17 @@ def parse_args(argv):
     parser.add_argument('--client-units', type=int, default=0, metavar='N',
                         help='also feed N sealed peer messages to the client\'s chat channel '
                              'and file transfers, in-process (default 0)')
+    parser.add_argument('--client-control', type=int, default=0, metavar='N',
+                        help='also feed the client, in-process, N messages from a hostile '
+                             'server, N frames from strangers on a punched TCP connection '
+                             'and N hostile answers to REGISTER (default 0)')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     """Run the fuzz; print the tables; exit 1 on a crash, a loss or a failed check.
 
-    The in-process client fuzz runs first, if asked for; the server's then
+    The in-process client fuzzes run first, if asked for; the server's then
     runs unless there is nothing for it to do (no datagrams, no frames, no
     peers).
     """
@@ -1313,6 +1321,9 @@ def main(argv=None):
     config = tempfile.TemporaryDirectory(prefix='p2pnat-fuzz-config-')
     os.environ['XDG_CONFIG_HOME'] = config.name
     status = client_units(args.client_units, args.seed) if args.client_units else 0
+    if args.client_control:
+        import fuzz_client     # here, not above: it takes the mutators from this module
+        status |= fuzz_client.control_sides(args.client_control, args.seed)
     if args.datagrams or args.frames or not args.no_peers:
         status |= server_fuzz(args)
     return status
