@@ -572,6 +572,12 @@ class Lab:
                        nf_conntrack_udp_timeout_stream on every NAT router
                        (and the lifetime of the full-cone/restricted maps).
                        None keeps the kernel defaults (30 s / 120 s).
+    tcp_timeout        seconds; sets nf_conntrack_tcp_timeout_established on
+                       every NAT router: an established TCP connection idle
+                       that long is forgotten, as a home router forgets one,
+                       and the outside's next segment is dropped (it is
+                       "new" from the WAN).  None keeps the kernel default
+                       (5 days).
     ipv6               also give every host an IPv6 address (no NAT; ra and
                        rb are stateful firewalls).
     duplicate          fraction (0..1) of UDP packets sent twice into each
@@ -594,7 +600,8 @@ class Lab:
                  hairpin_a=False, hairpin_b=False,
                  cgn=None, cgn_type='port-restricted', cgn_hairpin=False,
                  delay_ms=0, jitter_ms=0, loss=0.0, udp_timeout=None, ipv6=False,
-                 loss_udp_only=False, multihomed=False, duplicate=0.0, rate_mbit=None):
+                 loss_udp_only=False, multihomed=False, duplicate=0.0, rate_mbit=None,
+                 tcp_timeout=None):
         for t in (nat_a, nat_b, cgn_type):
             if t not in ALL_NAT_TYPES:
                 raise ValueError('unknown NAT type %r (want one of %s)' % (t, ALL_NAT_TYPES))
@@ -610,6 +617,9 @@ class Lab:
         self.loss = float(loss)
         self.loss_udp_only = bool(loss_udp_only)
         self.udp_timeout = udp_timeout
+        if tcp_timeout is not None and not tcp_timeout > 0:
+            raise ValueError('tcp_timeout must be positive (or None)')
+        self.tcp_timeout = tcp_timeout
         self.ipv6 = bool(ipv6)
         self.multihomed = bool(multihomed)
         self.duplicate = float(duplicate)
@@ -728,11 +738,13 @@ class Lab:
                     self.nat['b'], ' +hairpin' if self.hairpin['b'] else '',
                     self.cgn, (' (%s%s)' % (self.nat['cgn'], ' +hairpin'
                                             if self.hairpin['cgn'] else '')) if self.cgn else ''),
-                 'WAN links %s: delay %g ms, jitter %g ms, loss %g%s%s; udp timeout %s'
+                 'WAN links %s: delay %g ms, jitter %g ms, loss %g%s%s; udp timeout %s; '
+                 'tcp timeout %s'
                  % (', '.join(self.wan_links), self.delay_ms, self.jitter_ms, self.loss,
                     ' (UDP only)' if self.loss_udp_only else '',
                     ', rate %g Mbit/s' % self.rate_mbit if self.rate_mbit else '',
-                    '%ss' % self.udp_timeout if self.udp_timeout else 'default')]
+                    '%ss' % self.udp_timeout if self.udp_timeout else 'default',
+                    '%ss' % self.tcp_timeout if self.tcp_timeout else 'default')]
         for name, node in self.nodes.items():
             addrs = [self._addr.get(name, '')]
             if name == 'server':
@@ -966,11 +978,14 @@ class Lab:
                 inet.ip6tables = inet.iptables
 
     def _nat_sysctls(self, node):
-        """Conntrack UDP timeouts of a NAT router (these sysctls are per namespace)."""
+        """Conntrack UDP and TCP timeouts of a NAT router (per namespace sysctls)."""
         if self.udp_timeout is not None:
             t = max(1, int(round(self.udp_timeout)))
             node.sysctl += [('net/netfilter/nf_conntrack_udp_timeout', t),
                             ('net/netfilter/nf_conntrack_udp_timeout_stream', t)]
+        if self.tcp_timeout is not None:
+            t = max(1, int(round(self.tcp_timeout)))
+            node.sysctl.append(('net/netfilter/nf_conntrack_tcp_timeout_established', t))
 
     def _wire_wan(self, inet, router, ifname, wan, link6):
         """Point-to-point link between inet (interface ``ifname``) and a router."""
@@ -1360,6 +1375,7 @@ def add_lab_arguments(parser):
     parser.add_argument('--loss', type=float, default=0.0)
     parser.add_argument('--loss-udp-only', action='store_true')
     parser.add_argument('--udp-timeout', type=float, default=None)
+    parser.add_argument('--tcp-timeout', type=float, default=None)
     parser.add_argument('--ipv6', action='store_true')
     parser.add_argument('--rate-mbit', type=float, default=None)
 
@@ -1370,7 +1386,8 @@ def lab_from_args(args):
                hairpin_b=args.hairpin_b, cgn=args.cgn, cgn_type=args.cgn_type,
                cgn_hairpin=args.cgn_hairpin, delay_ms=args.delay_ms,
                jitter_ms=args.jitter_ms, loss=args.loss, udp_timeout=args.udp_timeout,
-               ipv6=args.ipv6, loss_udp_only=args.loss_udp_only, rate_mbit=args.rate_mbit)
+               tcp_timeout=args.tcp_timeout, ipv6=args.ipv6, loss_udp_only=args.loss_udp_only,
+               rate_mbit=args.rate_mbit)
 
 
 def measure_hairpin(lab, site='a', port=40100):

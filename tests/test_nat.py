@@ -128,29 +128,67 @@ def test_loss_and_delay_every_attempt_connects_and_chats():
             assert alice.wait() == bob.wait() == 0
 
 
-def test_idle_pairs_keep_talking_after_the_nats_forget_them():
-    # Both routers forget UDP mappings after 10 s of silence.  alice and
-    # bob keep the default keepalive; carol and dave turn it off, and must
-    # notice the dead path when they next speak, and punch again or relay.
-    with natlab.Lab(udp_timeout=10) as lab, LabRun(lab) as run:
+def public_tcp_ports(lab, router, port):
+    """The public ports of the TCP connections to port that router remembers.
+
+    A conntrack entry's reply tuple, "src=<server> dst=<public address>
+    sport=<port> dport=<public port>", holds the port the server sees.
+    """
+    return [int(found) for found in re.findall(
+        rf'^(?:ipv4 +2 +)?tcp +.* sport={port} dport=(\d+) ', lab.conntrack(router), re.M)]
+
+
+def test_idle_peers_keep_talking_and_can_be_reached_after_the_nats_forget_them():
+    """One minute of silence, and routers that forget UDP after 10 s, TCP after 20 s.
+
+    alice and bob keep the default keepalive; carol and dave turn it off,
+    and must notice the dead path when they next speak, and punch again or
+    relay.  Every client sends ALIVE on its control connection each
+    keepalive interval (never off: 15 s with --keepalive 0), so a request
+    reaches erin after the minute (point 7: the NAT kept her control
+    connection); frank's keepalive is 100 s, his server never hears from him,
+    his router forgets his control connection and the request is lost.
+    """
+    with natlab.Lab(udp_timeout=10, tcp_timeout=20) as lab, LabRun(lab) as run:
         alice, bob = run.client('a1', 'alice'), run.client('b1', 'bob')
         carol = run.client('a2', 'carol', '--keepalive', '0')
         dave = run.client('b2', 'dave', '--keepalive', '0')
+        erin = run.client('a1', 'erin')
+        frank = run.client('a2', 'frank', '--keepalive', '100')
         assert connect(alice, bob)[0][0] == 'direct'
         carol.send('/connect dave')
         labpeers.consent(carol, dave)
         carol.expect(r'^\* connected to dave at \S+ \(direct')
         dave.expect(r'^\* connected to carol at \S+ \(direct')
-        time.sleep(45)      # the silence is what is tested, not a synchronisation
-        alice.send('after 45 s of silence')
-        bob.expect(r'^<alice> after 45 s of silence$', timeout=10)
-        for proc in (alice, bob):
-            assert sum('introduced' in line for line in proc.lines) == 1, proc.transcript()
+        time.sleep(60)      # the silence is what is tested, not a synchronisation
+        # What NAT A still knows: erin's control connection, not frank's.
+        ports = public_tcp_ports(lab, 'ra', labpeers.SERVER_PORT)
+        registered = {match.group(1): int(match.group(2)) for match in (
+            run.server.expect_log(r'(\w+) registered from \S+:(\d+),') for _ in range(6))}
+        assert registered['erin'] in ports, lab.conntrack('ra')
+        assert registered['frank'] not in ports, lab.conntrack('ra')
+        bob.send('/connect frank')              # the server's ASK is dropped at NAT A
+        asked_frank = time.monotonic()
+        bob.expect(r'^\* asked frank; waiting for their answer$')
+        assert [mode for mode, _, _ in connect(bob, erin, timeout=10)] == ['direct', 'direct']
+        assert time.monotonic() - asked_frank < 10
+        erin.send('reached after a minute of silence')
+        bob.expect(r'^<erin> reached after a minute of silence$')
+        alice.send('after 60 s of silence')
+        bob.expect(r'^<alice> after 60 s of silence$', timeout=10)
+        for proc, peer in ((alice, 'bob'), (bob, 'alice')):
+            assert sum(f'introduced to {peer}' in line for line in proc.lines) == 1, \
+                proc.transcript()
             assert not [line for line in proc.lines if 'relayed' in line], proc.transcript()
-        carol.send('after 45 s without keepalives')
-        dave.expect(r'^<carol> after 45 s without keepalives$', timeout=30)
+        carol.send('after 60 s without keepalives')
+        dave.expect(r'^<carol> after 60 s without keepalives$', timeout=30)
         said = '\n'.join(carol.lines + dave.lines)
         assert 'lost the direct path' in said or 'relayed' in said
+        with pytest.raises(AssertionError):     # frank hears nothing (3 s: plenty on a LAN)
+            frank.expect(r'^\* bob asks to connect',
+                         timeout=max(0.0, asked_frank + 3 - time.monotonic()))
+        assert not [line for proc in run.procs[1:] for line in proc.lines
+                    if 'lost the rendezvous server' in line]
 
 
 STRANGER = '''

@@ -368,6 +368,21 @@ def test_udp_timeout(lab_ok):
             assert lab.agent(host).recv(socks[host], QUIET) is None, host
 
 
+def test_tcp_timeout(lab_ok):
+    """tcp_timeout=20: the NAT routers forget an established TCP connection idle 20 s.
+
+    Only the routers: the hosts' own conntrack (unused) keeps the default.
+    The forgetting itself is shown in test_nat_point7.py, by a client.
+    """
+    path = '/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established'
+    with Lab(tcp_timeout=20, cgn='a') as lab:
+        for node in ('ra', 'rb', 'cgn'):
+            assert lab.run(node, ['cat', path]).stdout.split() == ['20'], node
+        assert lab.run('server', ['cat', path]).stdout.split() != ['20']
+    with pytest.raises(ValueError):
+        Lab(tcp_timeout=0)
+
+
 # ----------------------------------------------------------------------------
 # The lab's own housekeeping
 
