@@ -381,7 +381,7 @@ def send_file(run, alice, bob, tmp_path, size, timeout=120):
     alice.send(f'/send {tmp_path / "out" / "payload.bin"}')
     bob.expect(r'offers payload\.bin')
     bob.send('/accept')
-    saved = bob.expect(r'^\* received payload\.bin from alice: .*SHA-256 ok, saved as (\S+)$',
+    saved = bob.expect(r'^\* received payload\.bin from alice: .*SHA-256 ok, saved as (\S+) in ',
                        timeout).group(1)
     alice.expect(r'^\* bob received payload\.bin', timeout)
     return data, saved
