@@ -9,11 +9,11 @@ test: dev-deps lint
 lint: dev-deps
 	$(PYTHON) -m flake8
 
-# pytest and flake8 are for development only: the programs need nothing
-# beyond the standard library.
+# pytest, flake8 and wheel (tests/test_install.py builds the package) are
+# for development only: the programs need nothing beyond the standard library.
 dev-deps:
-	@$(PYTHON) -c 'import pytest, flake8' 2>/dev/null || \
-		$(PYTHON) -m pip install --quiet pytest flake8
+	@$(PYTHON) -c 'import pytest, flake8, wheel' 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet pytest flake8 wheel
 
 demo:
 	$(PYTHON) demo.py
