@@ -8,8 +8,10 @@ import collections
 import time
 
 import identity
+import interfaces
 import p2pcommon as wire
 import punch
+import tcppunch
 
 CONNECT_TIMEOUT = 5.0       # seconds to reach the rendezvous server
 REGISTER_TIMEOUT = 20.0     # seconds for its answer: TCP on a lossy path backs off for long
@@ -54,14 +56,14 @@ class ServerLink:
         punching listens and connects from it too, so that the peer's
         packets match the mapping our NAT made for this connection.
         """
-        self.sock = punch.tcp_connect(self.address, CONNECT_TIMEOUT)
+        self.sock = tcppunch.tcp_connect(self.address, CONNECT_TIMEOUT)
         server = wire.plain(self.sock.getpeername())
         self.udp, self.probe = server, (server[0], server[1] + 1)
         self.reader = wire.FrameReader()
         self.connects.clear()
         self.token = None
         route = wire.plain(self.sock.getsockname())[0]
-        private = [(host, self.client.udp.port) for host in punch.private_addresses(route)]
+        private = [(host, self.client.udp.port) for host in interfaces.private_addresses(route)]
         proof = identity.name_proof(self.client.key, self.client.name, str(self))
         self.sock.sendall(wire.encode(wire.REGISTER, name=self.client.name, private=private,
                                       tcp_port=self.local[1], proof=proof))

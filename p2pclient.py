@@ -23,8 +23,10 @@ import sys
 import time
 
 import identity
+import interfaces
 import p2pcommon as wire
 import punch
+import tcppunch
 import transfer
 from control import Fatal, ServerLink
 from session import Session
@@ -118,7 +120,7 @@ class Client:
     def start(self):
         """Register with every server we can reach, then learn our mapping."""
         self.open_udp()
-        self.networks = punch.our_networks()
+        self.networks = interfaces.our_networks()
         reached = []
         for link in self.links:
             try:
@@ -658,7 +660,7 @@ class Client:
         self.say(f'introduced to {message.name}; punching TCP to '
                  f'{" ".join(map(wire.format_endpoint, targets))}')
         try:
-            session.tcp = punch.TcpPunch(
+            session.tcp = tcppunch.TcpPunch(
                 self.selector, link.local, targets, session.key, now,
                 lambda stream: self.tcp_locked(session, stream),
                 lambda stream, inner: self.session_message(session, inner, None))

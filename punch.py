@@ -13,24 +13,16 @@ Three pieces, each one article point:
 
 Nothing here blocks except ``discover_mapping``, which runs once at start-up:
 the client's single event loop drives ``Punch`` and ``Keepalive`` by
-calling their methods when a datagram arrives or a timer is due.
+calling their methods when a datagram arrives or a timer is due.  Our own
+addresses for the peer to try are gathered in interfaces.py, and TCP hole
+punching, the article's future work, is tcppunch.py.
 """
 
-import ipaddress
-import os
-import secrets
 import select
-import selectors
-import socket
-import struct
 import time
 
-try:
-    import fcntl
-except ImportError:         # not on Windows: interface_addresses falls back
-    fcntl = None
-
 import p2pcommon as wire
+from interfaces import reachable
 
 # A few datagrams a second are enough: the first punch on each side is
 # usually dropped by the other NAT, and the next one, 100 ms later, finds
@@ -52,9 +44,6 @@ DEAD_AFTER = 3          # intervals of silence before a path counts as dead
 # A symmetric NAT that allocates ports in sequence gives our next
 # destination the port after the last one: try this many steps ahead.
 PREDICTION_STEPS = 8
-
-SIOCGIFADDR = 0x8915     # Linux: get an interface's IPv4 address
-SIOCGIFNETMASK = 0x891b  # and its netmask
 
 MAPPING_TRIES = 8       # at 20% loss each way, all 8 fail once in 3,000 starts
 MAPPING_WAIT = 0.5
@@ -129,70 +118,6 @@ def mapping_request(token):
     return wire.encode(wire.MAPPING, token=token, public=('0.0.0.0', 0))
 
 
-def private_addresses(route):
-    """Our addresses for the peer to try (point 10, and "every interface").
-
-    ``route`` is the local address our control connection uses: first,
-    since it is the one the server's side of the network reaches.  Then
-    the address of every other interface, IPv6 and IPv4, so that a peer on
-    any network we share can find us.  A client that reaches its server
-    over loopback is on the server's own host and offers loopback only.
-    """
-    if ipaddress.ip_address(route).is_loopback:
-        return [route]
-    found = [route]
-    for address in interface_addresses():
-        if address not in found and len(found) < wire.MAX_ENDPOINTS:
-            found.append(address)
-    return found
-
-
-def interface_addresses():
-    """Every global address of this host's interfaces, IPv6 first.
-
-    Standard library only: Linux lists IPv6 addresses in /proc/net/if_inet6
-    (link-local ones are left out: they need an interface index to use),
-    and gives an interface's IPv4 address to the SIOCGIFADDR ioctl.
-    Elsewhere, the addresses the host name resolves to.
-    """
-    if fcntl is not None and os.path.exists('/proc/net/if_inet6'):
-        found = _ipv6_addresses() + _ipv4_addresses()
-    else:
-        found = [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)]
-    return [a for a in dict.fromkeys(found) if not ipaddress.ip_address(a).is_loopback]
-
-
-def _ipv6_addresses():
-    """Global IPv6 addresses, from Linux's /proc/net/if_inet6."""
-    found = []
-    with open('/proc/net/if_inet6') as table:
-        for line in table:
-            hex_address, _, _, scope = line.split()[:4]
-            if scope == '00':       # global scope
-                found.append(str(ipaddress.IPv6Address(bytes.fromhex(hex_address))))
-    return found
-
-
-def _ipv4_addresses():
-    """Each interface's IPv4 address, by the SIOCGIFADDR ioctl."""
-    return [address for address, _ in _ipv4_interfaces()]
-
-
-def _ipv4_interfaces():
-    """(address, netmask) of each interface with IPv4, by SIOCGIFADDR and SIOCGIFNETMASK."""
-    found = []
-    for _, name in socket.if_nameindex():
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            request = struct.pack('256s', name.encode()[:15])
-            try:
-                address = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, request)[20:24]
-                mask = fcntl.ioctl(sock.fileno(), SIOCGIFNETMASK, request)[20:24]
-            except OSError:
-                continue            # no IPv4 address on this one
-            found.append((socket.inet_ntoa(address), socket.inet_ntoa(mask)))
-    return found
-
-
 def candidates(introduction, our_public=None, networks=()):
     """Every endpoint where the peer might be reached, best guess first.
 
@@ -220,37 +145,6 @@ def candidates(introduction, our_public=None, networks=()):
     found += [endpoint for endpoint in introduction.private
               if same_nat or reachable(endpoint[0], networks)]
     return list(dict.fromkeys(found))[:wire.MAX_ENDPOINTS]
-
-
-def reachable(host, networks):
-    """True when host is inside one of networks (ip_network objects), or routed IPv6 is ours."""
-    address = ipaddress.ip_address(host)
-    if address.version == 6 and not (address.is_link_local or address.is_loopback
-                                     or address.is_multicast or address.is_unspecified):
-        return any(network.version == 6 and not network.is_loopback for network in networks)
-    return any(address in network for network in networks)
-
-
-def our_networks():
-    """The networks our interfaces are on, loopback included (point 10's "same LAN").
-
-    Linux only, like interface_addresses: IPv6 prefixes from
-    /proc/net/if_inet6, IPv4 netmasks from the SIOCGIFNETMASK ioctl.
-    Elsewhere, loopback alone.
-    """
-    networks = [ipaddress.ip_network('127.0.0.0/8'), ipaddress.ip_network('::1/128')]
-    if fcntl is None or not os.path.exists('/proc/net/if_inet6'):
-        return networks
-    with open('/proc/net/if_inet6') as table:
-        for line in table:
-            hex_address, _, prefix, scope = line.split()[:4]
-            if scope == '00':
-                address = ipaddress.IPv6Address(bytes.fromhex(hex_address))
-                networks.append(ipaddress.ip_network(f'{address}/{int(prefix, 16)}',
-                                                     strict=False))
-    for address, mask in _ipv4_interfaces():
-        networks.append(ipaddress.ip_network(f'{address}/{mask}', strict=False))
-    return networks
 
 
 class Punch:
@@ -347,219 +241,3 @@ class Keepalive:
     def dead(self, now):
         """True after DEAD_AFTER intervals without a word from the peer."""
         return self.interval > 0 and now - self.last_heard > DEAD_AFTER * self.interval
-
-
-# ---------------------------------------------------------------------------
-# TCP hole punching (the article's future work: "try that first").
-
-TCP_PUNCH_TIMEOUT = 3.0     # seconds of trying before we fall back to UDP
-TCP_RETRY = 0.2             # seconds between connect attempts to one target
-TCP_DEAD_AFTER = 20         # seconds data may wait unacknowledged on a punched connection
-
-
-def shared_socket(family, local=None):
-    """A TCP socket whose local port other sockets may share.
-
-    SO_REUSEADDR and SO_REUSEPORT let our control connection, a listener
-    and our outgoing connects all use one local port (Ford et al. section
-    4): the NAT mapped that port when we reached the server, so packets to
-    and from the peer on it look like more of the same to the NAT.
-    """
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if local:
-        sock.bind(local)
-    return sock
-
-
-def tcp_connect(address, timeout):
-    """Connect to (host, port) from a shareable port; like socket.create_connection."""
-    error = OSError(f'cannot resolve {address[0]}')
-    for family, _, _, _, target in socket.getaddrinfo(*address, type=socket.SOCK_STREAM):
-        # Binding first (to any free port) makes the kernel pick a port no
-        # other socket has bound, so that TCP punching can listen on it.
-        sock = shared_socket(family, ('::' if family == socket.AF_INET6 else '0.0.0.0', 0))
-        sock.settimeout(timeout)
-        try:
-            sock.connect(target)
-            return sock
-        except OSError as failure:
-            sock.close()
-            error = failure
-    raise error
-
-
-def keep_tcp_alive(sock):
-    """Point 9 for TCP: probes that hold the NAT's mapping, and a deadline.
-
-    An idle connection sends TCP's own keepalive probe every
-    KEEPALIVE_INTERVAL, which holds the NAT's TCP mapping open as our
-    KEEPALIVE datagrams hold the UDP one.  A connection whose path has died
-    (data unacknowledged for TCP_DEAD_AFTER seconds, or probes unanswered
-    for as long) is closed by the kernel, and the session punches UDP,
-    instead of TCP retrying for a quarter of an hour while messages queue.
-    """
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(KEEPALIVE_INTERVAL))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_DEAD_AFTER * 1000)
-
-
-class TcpPunch:
-    """TCP hole punching toward one peer: listen and connect at once.
-
-    From the local port of our control connection we listen, and connect to
-    the peer's control-connection endpoints: public (as the server saw it)
-    and private.  Each side's SYN opens its own NAT for the other's; the
-    two SYNs may even cross, and the kernel then makes one connection out
-    of both (a simultaneous open).  A connect that fails (RST from the
-    other NAT, which had no mapping yet) is tried again.
-
-    Whoever is at the other end of a stream may be a stranger (a private
-    address is someone's on every LAN), so a stream starts with a
-    challenge-response and nothing else: each side sends a random nonce
-    (CHALLENGE) and answers the other's with a PUNCH that echoes it under
-    the session's MAC.  The first stream whose PUNCH answers our nonce
-    wins, whether it came from connect() or from accept(); before that, a
-    stranger has learnt nothing about the session it could use.
-
-    ``on_locked(stream)`` is called with that FramedStream, whose further
-    messages go to ``on_message(stream, message)`` once they pass the MAC
-    check; anything else closes the stream.
-    """
-
-    def __init__(self, selector, local, targets, key, now, on_locked, on_message,
-                 timeout=TCP_PUNCH_TIMEOUT):
-        self.selector = selector
-        self.local = local
-        self.family = socket.AF_INET6 if ':' in local[0] else socket.AF_INET
-        self.targets = [t for t in targets if (':' in t[0]) == (self.family == socket.AF_INET6)]
-        self.key = key
-        self.deadline = now + timeout
-        self.on_locked = on_locked
-        self.on_message = on_message
-        self.connecting = {}        # socket -> (target, when to try again)
-        self.retry_at = {target: now for target in self.targets}
-        self.streams = []           # established, proving or proven
-        self.nonces = {}            # stream -> the challenge we sent on it
-        self.proven = set()         # streams whose PUNCH answered our challenge
-        self.answered = set()       # streams whose challenge we answered (once each)
-        self.locked = None
-        self.listener = shared_socket(self.family, local)
-        self.listener.listen(8)
-        self.listener.setblocking(False)
-        selector.register(self.listener, selectors.EVENT_READ, self.accept)
-
-    def tick(self, now):
-        """Start a connect to every target whose retry is due."""
-        if self.locked is not None or now >= self.deadline:
-            return
-        for target, when in self.retry_at.items():
-            if now >= when and target not in self.connecting.values():
-                self.connect(target)
-                self.retry_at[target] = now + TCP_RETRY
-
-    def expired(self, now):
-        """True when no stream proved the peer within the timeout."""
-        return self.locked is None and now >= self.deadline
-
-    def connect(self, target):
-        """One non-blocking connect from our shared port."""
-        sock = shared_socket(self.family, self.local)
-        sock.setblocking(False)
-        try:
-            sock.connect(target)
-        except BlockingIOError:
-            pass
-        except OSError:
-            sock.close()
-            return
-        self.connecting[sock] = target
-        self.selector.register(sock, selectors.EVENT_WRITE, self.connected)
-
-    def connected(self, sock, mask):
-        """A connect finished: a stream, or an error to retry after a while."""
-        self.selector.unregister(sock)
-        del self.connecting[sock]
-        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-            sock.close()
-            return
-        self.start_stream(sock)
-
-    def accept(self, listener, mask):
-        """The peer's connect reached our listener."""
-        try:
-            sock, _ = listener.accept()
-        except OSError:
-            return
-        self.start_stream(sock)
-
-    def start_stream(self, sock):
-        """Challenge whoever is at the other end: a random nonce, nothing of the session."""
-        keep_tcp_alive(sock)
-        stream = wire.FramedStream(sock, self.selector,
-                                   lambda message: self.received(stream, message),
-                                   lambda why: self.dropped(stream))
-        self.streams.append(stream)
-        self.nonces[stream] = secrets.token_bytes(wire.NONCE_SIZE)
-        stream.send(wire.encode(wire.CHALLENGE, nonce=self.nonces[stream]))
-        return stream
-
-    def received(self, stream, message):
-        """A message on one of our streams: answer challenges, lock on the first proof."""
-        if message.type == wire.CHALLENGE and stream not in self.answered:
-            self.answered.add(stream)
-            stream.send(self.key.seal(wire.PUNCH, nonce=message.nonce))
-        elif message.type == wire.CHALLENGE:
-            # The peer challenges once a stream: answers to a flood would
-            # pile up in memory for as long as the sender does not read.
-            self.reject(stream)
-        elif message.type not in wire.PEER_TYPES or not self.key.check(message):
-            self.reject(stream)             # not our peer: nobody else gets a stream
-        elif stream in self.proven:
-            if message.type not in (wire.PUNCH, wire.PUNCH_ACK):
-                self.on_message(stream, message)
-        elif message.type == wire.PUNCH and message.nonce == self.nonces[stream]:
-            self.proven.add(stream)
-            if self.locked is None:
-                self.locked = stream
-                self.stop_trying()
-                self.on_locked(stream)
-        else:
-            self.reject(stream)             # a proof that answers no challenge of ours
-
-    def reject(self, stream):
-        """Close a stream whose other end did not prove the session."""
-        stream.close()
-        self.dropped(stream)
-
-    def dropped(self, stream):
-        """A stream closed; forget it."""
-        if stream in self.streams:
-            self.streams.remove(stream)
-        self.nonces.pop(stream, None)
-        self.proven.discard(stream)
-        self.answered.discard(stream)
-
-    def stop_trying(self):
-        """No more connects, no more listening; proven streams stay open.
-
-        Each side may have locked a different stream (one from connect, one
-        from accept): both stay open, and messages are read from either.
-        """
-        for sock in list(self.connecting):
-            self.selector.unregister(sock)
-            sock.close()
-        self.connecting.clear()
-        if self.listener is not None:
-            self.selector.unregister(self.listener)
-            self.listener.close()
-            self.listener = None
-
-    def close(self):
-        """Give up: close every socket of this attempt."""
-        self.stop_trying()
-        for stream in list(self.streams):
-            stream.close()
-        self.streams.clear()

@@ -23,7 +23,7 @@ module the rest).  Nothing here leaves loopback:
   closed must give back every descriptor it opened.  Punches go nowhere: a
   hostile server names any address, so the client's UDP sends are counted,
   and only those to 127.0.0.0/8 really leave (on a real socket).
-* **stranger**: a real ``punch.TcpPunch`` listening on 127.0.0.1 and a
+* **stranger**: a real ``tcppunch.TcpPunch`` listening on 127.0.0.1 and a
   stranger that connects, reads our CHALLENGE and sends fuzzed frames
   (random bytes, broken CHALLENGE, PUNCH and DATA frames, peer messages
   sealed with a wrong key or with the right key but the wrong nonce, our
@@ -53,7 +53,9 @@ import control
 import identity
 import p2pclient
 import p2pcommon as wire
+import interfaces
 import punch
+import tcppunch
 from fuzz import UDP_MUTATORS, fuzz_message, int_edges, valid_raw
 
 # ---------------------------------------------------------------------------
@@ -191,7 +193,7 @@ class ControlUnit:
         self.client.links[1].token = None
         self.client.udp = wire.UDPSocket(0, '127.0.0.1')
         self.client.udp.setblocking(False)
-        self.client.networks = punch.our_networks()
+        self.client.networks = interfaces.our_networks()
         self.real_send = self.client.send_udp
         self.client.send_udp = self.send_udp
         self.datagrams = collections.Counter()     # 'loopback' / 'elsewhere (not sent)'
@@ -537,9 +539,9 @@ class Stranger:
         self.locked = []
         self.messages = []
         self.key = identity.SessionKey(PUNCH_TOKEN, PUNCH_ROLE)
-        self.punch = punch.TcpPunch(self.selector, ('127.0.0.1', 0), [], self.key,
-                                    time.monotonic(), self.locked.append,
-                                    lambda stream, message: self.messages.append(message))
+        self.punch = tcppunch.TcpPunch(self.selector, ('127.0.0.1', 0), [], self.key,
+                                       time.monotonic(), self.locked.append,
+                                       lambda stream, message: self.messages.append(message))
         self.address = self.punch.listener.getsockname()
         self.read = 0                   # frames our side decoded (or decode refused)
         self.taken = 0                  # of those, frames that reached TcpPunch.received

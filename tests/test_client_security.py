@@ -12,6 +12,7 @@ import pytest
 
 import p2pcommon as wire
 import p2pclient
+import interfaces
 import punch
 from identity import SessionKey
 from p2pclient import Client
@@ -44,7 +45,7 @@ def client():
     alice.links = [FakeLink()]
     alice.udp = wire.UDPSocket(0, '127.0.0.1')
     alice.udp.setblocking(False)
-    alice.networks = punch.our_networks()
+    alice.networks = interfaces.our_networks()
     yield alice, out
     alice.udp.close()
 

@@ -478,7 +478,7 @@ def test_a_tcp_path_that_dies_is_noticed_and_udp_takes_over():
             f' ip daddr {lab.public_addr("b")} meta l4proto tcp drop\n }}\n}}\n'))
         assert cut.returncode == 0, cut.stderr
         alice.send('are you there?')
-        # Within punch.TCP_DEAD_AFTER (20 s) of the line, not TCP's 15 minutes.
+        # Within tcppunch.TCP_DEAD_AFTER (20 s) of the line, not TCP's 15 minutes.
         alice.expect(r'^\* lost the TCP connection to bob; punching UDP$', timeout=40)
         assert labpeers.how(alice, 'bob')[0] == 'direct'
         assert labpeers.how(bob, 'alice')[0] == 'direct'

@@ -9,6 +9,7 @@ import time
 
 import p2pcommon as wire
 import punch
+import tcppunch
 from identity import SessionKey
 from p2pclient import Client
 from procs import start_server
@@ -276,9 +277,9 @@ def drive(selector, until, timeout=5.0):
 
 def listening_punch(selector, key, locked, messages=None):
     """A TcpPunch on loopback that only listens; returns it and its port."""
-    attempt = punch.TcpPunch(selector, ('127.0.0.1', 0), [], key, time.monotonic(),
-                             locked.append,
-                             lambda stream, message: (messages or []).append(message))
+    attempt = tcppunch.TcpPunch(selector, ('127.0.0.1', 0), [], key, time.monotonic(),
+                                locked.append,
+                                lambda stream, message: (messages or []).append(message))
     return attempt, attempt.listener.getsockname()[1]
 
 
@@ -307,9 +308,9 @@ def test_two_tcp_punches_of_one_session_lock_onto_each_other():
     ours, theirs = keys()
     locked_a, locked_b, heard_b = [], [], []
     a, port = listening_punch(selector, ours, locked_a)
-    b = punch.TcpPunch(selector, ('127.0.0.1', 0), [('127.0.0.1', port)], theirs,
-                       time.monotonic(), locked_b.append,
-                       lambda stream, message: heard_b.append(message))
+    b = tcppunch.TcpPunch(selector, ('127.0.0.1', 0), [('127.0.0.1', port)], theirs,
+                          time.monotonic(), locked_b.append,
+                          lambda stream, message: heard_b.append(message))
     try:
         b.tick(time.monotonic())
         assert drive(selector, lambda: locked_a and locked_b)
@@ -405,10 +406,10 @@ def test_tcp_punch_sends_nothing_of_the_session_before_the_proof():
     ours, _ = keys()
     with socket.create_server(('127.0.0.1', 0)) as public, \
             socket.create_server(('127.0.0.1', 0)) as private:
-        attempt = punch.TcpPunch(selector, ('127.0.0.1', 0),
-                                 [public.getsockname(), private.getsockname()], ours,
-                                 time.monotonic(), lambda stream: None,
-                                 lambda stream, message: None)
+        attempt = tcppunch.TcpPunch(selector, ('127.0.0.1', 0),
+                                    [public.getsockname(), private.getsockname()], ours,
+                                    time.monotonic(), lambda stream: None,
+                                    lambda stream, message: None)
         attempt.tick(time.monotonic())
         ends = [public.accept()[0], private.accept()[0]]
         assert drive(selector, lambda: len(attempt.streams) == 2)
