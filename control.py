@@ -122,11 +122,15 @@ class ServerLink:
     def message(self, message):
         """A message from the server: the client acts on it."""
         self.last_heard = time.monotonic()
+        if self.client.narrator:
+            self.client.narrator.control('<', message.type, self, message.flags)
         self.client.handle_control(self, message)
 
     def send(self, type, **fields):
         """Queue a message to the server; it goes out as the socket takes it."""
         if self.stream is not None:
+            if self.client.narrator:
+                self.client.narrator.control('>', type, self)
             self.stream.send(wire.encode(type, **fields))
 
     def lost(self, why):

@@ -24,6 +24,7 @@ import time
 
 import identity
 import interfaces
+import narrate
 import p2pcommon as wire
 import punch
 import tcppunch
@@ -97,6 +98,7 @@ class Client:
         self.udp = None
         self.mapping = None
         self.networks = []          # ours: where a peer's private address may be punched
+        self.narrator = None        # with -v: a narrate.Narrator, one line per packet
         self.stdin = None
         self.ending = None          # when the input ended: quit once what it asked is done
         self.listing = 0            # /list requests the server has not answered yet
@@ -737,6 +739,8 @@ class Client:
 
     def send_udp(self, data, endpoint):
         """Send one datagram; a failure here is a lost packet, nothing more."""
+        if self.narrator:
+            self.narrator.sent(data, endpoint)
         try:
             self.udp.sendto(data, endpoint)
         except OSError:
@@ -755,6 +759,8 @@ class Client:
                 message = wire.decode(data)
             except wire.ProtocolError:
                 continue    # not our protocol: garbage is dropped silently
+            if self.narrator:
+                self.narrator.received(message, source)
             if message.type == wire.MAPPING:
                 self.mapping_refreshed(message, source)
             elif message.type in wire.PEER_TYPES:
@@ -842,6 +848,8 @@ class Client:
         # connection that we still hold (it punches UDP only then): UDP it is.
         session.stop_tcp()
         session.relayed = False
+        if self.narrator:
+            self.narrator.locked(session.endpoint, 'pt 5: the first proof wins')
         elapsed = (now - session.started) * 1000
         self.connected(session, now, f'direct, {elapsed:.0f} ms',
                        f' at {wire.format_endpoint(session.endpoint)}')
@@ -1008,6 +1016,9 @@ def parse_args(argv):
     parser.add_argument('--key', metavar='FILE',
                         help=f'the secret that keeps your name yours, created on first use '
                              f'(default: {identity.default_key_path()})')
+    parser.add_argument('-v', '--verbose', action='store_true',
+                        help='narrate every packet in and out, with the article point it '
+                             'shows, on standard error')
     parser.add_argument('--raw', action='store_true',
                         help='plain-text UDP with --peer, as netcat does: no rendezvous, '
                              'no header, one datagram per line')
@@ -1043,6 +1054,8 @@ def main(argv=None):
         return 1
     client = Client(args.name, args.server, args.port, args.keepalive, args.punch_timeout,
                     args.downloads, args.transport, key=key, allow=args.allow)
+    if args.verbose:
+        client.narrator = narrate.Narrator(args.name, sys.stderr)
     try:
         client.start()
         if args.connect:

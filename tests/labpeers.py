@@ -47,7 +47,8 @@ class LabRun:
         errors = []
         for proc in self.procs:
             proc.stop()
-            logs = 'rendezvous' in proc.label        # servers log to stderr; clients must not
+            # Servers log to stderr, and so do clients that narrate (-v); others must not.
+            logs = 'rendezvous' in proc.label or '-v' in proc.popen.args
             if any('Traceback' in line for line in proc.err.lines) or \
                     (proc.err.lines and not logs):
                 errors.append(proc.transcript())

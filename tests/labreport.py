@@ -7,6 +7,7 @@ timeouts and IPv6.  Needs root.
 """
 
 import argparse
+import re
 import sys
 import time
 
@@ -111,21 +112,63 @@ def idle():
                   + (f' ({"; ".join(notes)})' if notes else ''), flush=True)
 
 
+def trace(delay_ms=25):
+    """One punch, narrated: both peers' -v traces and the server's -v log, in time order.
+
+    Two port-restricted NATs with delay_ms on each WAN link, so that the
+    first punches visibly die at the other NAT before the later ones get
+    through.  Returns the merged lines, from alice's CONNECT to the chat
+    line's acknowledgement.
+    """
+    with natlab.Lab(delay_ms=delay_ms) as lab, LabRun(lab, '-v') as run:
+        alice = run.client('a1', 'alice', '-v')
+        bob = run.client('b1', 'bob', '-v', '--allow', 'alice')
+        alice.send('/connect bob')
+        alice.send('hello bob')
+        bob.expect(r'^<alice> hello bob$', 20)
+        alice.expect(r'^\* connected to bob ', 20)
+        alice.expect(r'< ACK from ', 20, alice.err)
+        server = [server_line(line) for line in run.server.err.lines]
+        story = alice.err.lines + bob.err.lines + server
+    story = sorted((line for line in story if line), key=lambda line: line[:12])   # by time
+    first = next(i for i, line in enumerate(story) if 'alice > CONNECT' in line)
+    last = next(i for i, line in enumerate(story) if 'alice < ACK' in line)
+    return [line for line in story[first:last + 1] if 'MAPPING' not in line]
+
+
+def server_line(line):
+    """The server's log line as the narrators write theirs ('HH:MM:SS.mmm server ...'), or None.
+
+    Only the messages it received and sent, and what it decided.
+    """
+    match = re.match(r'\d{4}-\d\d-\d\d (\d\d:\d\d:\d\d),(\d{3}) (.*)$', line)
+    if not match or not re.match(r'[<>] |introduced |\S+ asks ', match.group(3)):
+        return None
+    return f'{match.group(1)}.{match.group(2)} server {match.group(3)}'
+
+
 def main(argv=None):
     """Run the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--attempts', type=int, default=20,
                         help='connection attempts under loss (default 20)')
+    parser.add_argument('--trace', action='store_true',
+                        help='only the narrated punch (client -v) between two port-restricted NATs')
     args = parser.parse_args(argv)
     ok, why = natlab.lab_available()
     if not ok:
         print(f'the NAT lab cannot run here: {why}', file=sys.stderr)
         return 1
-    print(f'NAT lab report: rendezvous + two p2pclient.py (UDP only unless the row says '
-          f'TCP), punch timeout {PUNCH_TIMEOUT} s\n')
-    matrix()
-    print()
-    scenarios(args.attempts)
+    if not args.trace:
+        print(f'NAT lab report: rendezvous + two p2pclient.py (UDP only unless the row says '
+              f'TCP), punch timeout {PUNCH_TIMEOUT} s\n')
+        matrix()
+        print()
+        scenarios(args.attempts)
+        print()
+    print('One punch, narrated (p2pclient.py -v on both peers, the server\'s -v log), '
+          'two port-restricted NATs, 25 ms on each WAN link:\n')
+    print('\n'.join(trace()))
     return 0
 
 

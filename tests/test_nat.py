@@ -7,6 +7,7 @@ import time
 import pytest
 
 import labpeers
+import labreport
 import natlab
 import procs
 from labpeers import LabRun, chat_both_ways, connect
@@ -506,3 +507,20 @@ def test_tcp_only_across_symmetric_nats_relays_and_says_so():
         (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
         assert (mode_a, mode_b) == ('relayed', 'relayed')
         chat_both_ways(alice, bob)
+
+
+def test_the_narrated_trace_tells_the_punch_in_the_articles_words():
+    story = labreport.trace()
+    text = '\n'.join(story)
+    for told in (r'alice > CONNECT to the server .* \(pt 4',
+                 r'bob < ASK from the server .* \(pt 4: the mediator asks the target\)',
+                 r'server introduced alice \(198\.51\.100\.1:\d+\) and bob',
+                 r'alice > PUNCH to 198\.51\.100\.2:\d+ \(pt 5: opens our NAT to them',
+                 r'bob < PUNCH from 198\.51\.100\.1:\d+ \(pt 5: through our NAT',
+                 r'bob > PUNCH_ACK to 198\.51\.100\.1:\d+ \(pt 8: a punch is bounced\)',
+                 r'alice = locked on 198\.51\.100\.2:\d+ \(pt 5: the first proof wins\)',
+                 r'bob < DATA from 198\.51\.100\.1:\d+ \(pt 7'):
+        assert re.search(told, text), f'{told!r} not in the trace:\n{text}'
+    introduced = next(i for i, line in enumerate(story) if 'server introduced' in line)
+    first_punch = next(i for i, line in enumerate(story) if '> PUNCH to' in line)
+    assert introduced < first_punch, text
