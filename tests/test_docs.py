@@ -10,7 +10,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def cited_names():
-    """Every code name in the table "Where each article point lives", as a full path.
+    """Every code name in the tables "Where each article point lives" and "Reading order".
 
     `.introduce` after `rendezvous.Rendezvous.connect` is
     rendezvous.Rendezvous.introduce; a bare `FLAG_PUNCHING` after
@@ -19,9 +19,12 @@ def cited_names():
     """
     with open(README, encoding='utf-8') as readme:
         text = readme.read()
-    table = text.split('## Where each article point lives')[1].split('\n## ')[0]
+    rows = []
+    for heading in ('## Where each article point lives', '## Reading order'):
+        table = text.split(heading)[1].split('\n## ')[0]
+        rows += [row for row in table.splitlines() if row.startswith('| ')][2:]
     names = []
-    for row in table.splitlines()[4:]:
+    for row in rows:
         previous = None
         for name in re.findall(r'`([^`]+)`', row.split('|')[2]):
             if name.endswith('.py'):
