@@ -216,8 +216,8 @@ class Client:
             return
         if session.doubted is not None:
             self.check_doubt(session, now)
-        elif session.keepalive.due(now):
-            session.send(wire.KEEPALIVE)
+        else:
+            session.keepalive.tick(now)
         if session.keepalive.dead(now) or session.channel.stalled:
             self.punch_again(session, now)
 

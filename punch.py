@@ -216,15 +216,22 @@ class Keepalive:
     """Keeps a punched path open and notices when it dies (article point 9).
 
     NATs forget a UDP mapping that sees no traffic, and then the peer's
-    datagrams are dropped.  Anything we send refreshes our side; a
-    KEEPALIVE goes out when nothing else has for ``interval`` seconds.
-    ``interval`` 0 turns keepalives off.
+    datagrams are dropped.  Anything we send refreshes our side; ``tick``
+    sends a KEEPALIVE, by calling ``send()``, when nothing else has gone
+    out for ``interval`` seconds.  ``interval`` 0 turns keepalives off.
     """
 
-    def __init__(self, interval, now):
+    def __init__(self, interval, now, send):
         self.interval = interval
+        self.send = send            # puts one KEEPALIVE on the path
         self.last_sent = now
         self.last_heard = now
+
+    def tick(self, now):
+        """Send a KEEPALIVE if the path has been quiet for an interval."""
+        if self.due(now):
+            self.send()
+            self.sent(now)
 
     def sent(self, now):
         """Record that something went out on the path."""

@@ -35,7 +35,8 @@ class Session:
         # we still try TCP; it sends nothing until start_punch.
         self.punch = punch.Punch(client.send_udp, self.key.seal, targets, now,
                                  client.punch_timeout)
-        self.keepalive = punch.Keepalive(client.keepalive_interval, now)
+        self.keepalive = punch.Keepalive(client.keepalive_interval, now,
+                                         lambda: self.send(wire.KEEPALIVE))
         self.channel = ReliableChannel(self.transmit_data, over_stream=self.over_stream)
         self.transfers = Transfers(name, self.send, client.say, client.downloads,
                                    self.over_stream)

@@ -193,19 +193,24 @@ def test_a_punch_expires_without_an_answer():
 # Keepalives.
 
 
-def test_keepalive_is_due_after_the_interval_and_dead_after_silence():
-    keepalive = punch.Keepalive(15.0, now=0.0)
-    assert not keepalive.due(14.9) and keepalive.due(15.0)
-    keepalive.sent(15.0)
-    assert not keepalive.due(20.0)
+def test_keepalive_sends_after_a_quiet_interval_and_is_dead_after_silence():
+    sent = []
+    keepalive = punch.Keepalive(15.0, now=0.0, send=lambda: sent.append('KEEPALIVE'))
+    keepalive.tick(14.9)
+    assert sent == []
+    keepalive.tick(15.0)                        # it sends by itself
+    keepalive.tick(20.0)
+    assert sent == ['KEEPALIVE']
     assert not keepalive.dead(45.0) and keepalive.dead(45.1)
     keepalive.heard(40.0)
     assert not keepalive.dead(60.0)
 
 
 def test_keepalive_zero_turns_it_off():
-    keepalive = punch.Keepalive(0, now=0.0)
-    assert not keepalive.due(1000.0) and not keepalive.dead(1000.0)
+    sent = []
+    keepalive = punch.Keepalive(0, now=0.0, send=lambda: sent.append('KEEPALIVE'))
+    keepalive.tick(1000.0)
+    assert sent == [] and not keepalive.dead(1000.0)
 
 
 # ---------------------------------------------------------------------------
