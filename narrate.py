@@ -65,6 +65,8 @@ class Narrator:
     def received(self, message, source):
         """A datagram that reached us (UDP), before we act on it."""
         why = POINTS.get(message.type, '')
+        if message.flags & wire.FLAG_REPLY:
+            why = 'pt 8: the reply to our punch: the path works both ways'
         if message.type == wire.PUNCH and source not in self.heard:
             self.heard.add(source)
             why = "pt 5: through our NAT's new mapping"

@@ -350,6 +350,10 @@ PEER_TYPES = frozenset({PUNCH, PUNCH_ACK, DATA, ACK, KEEPALIVE, GOODBYE,
 # (point 8).  A KEEPALIVE is a punch too: its bounce refreshes the mapping
 # on the sender's side as well, and tells the sender that the path lives.
 PUNCHING_TYPES = frozenset({PUNCH, KEEPALIVE})
+# The bounce is the reply to a punching request (point 8): its reply flag
+# tells the punch's sender that the path works both ways, its punch out
+# and the bounce back.
+REPLY_TYPES = frozenset({PUNCH_ACK})
 
 
 class Message:
@@ -380,6 +384,8 @@ def encode(type, flags=0, **fields):
     """Pack one message: header plus the payload in its layout's order."""
     if type in PUNCHING_TYPES:
         flags |= FLAG_PUNCHING
+    if type in REPLY_TYPES:
+        flags |= FLAG_REPLY
     payload = b''.join(_pack_field(fmt, fields[name]) for name, fmt in LAYOUTS[type])
     if len(payload) > MAX_PAYLOAD:
         raise ProtocolError(f'payload: {len(payload)} bytes, more than {MAX_PAYLOAD}')

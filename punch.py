@@ -205,7 +205,9 @@ class Punch:
         proof locks in, even if it came from an address we never punched,
         as from a symmetric NAT.
         """
-        if message.flags & wire.FLAG_PUNCHING:
+        if message.flags & wire.FLAG_PUNCHING and not message.flags & wire.FLAG_REPLY:
+            # A request is bounced, a reply never: two peers bouncing each
+            # other's bounces would never stop.
             self.send(self.seal(wire.PUNCH_ACK), source)
         if self.locked is None:
             self.locked = source

@@ -123,7 +123,8 @@ CASE_IDS = [f'{wire.TYPE_NAMES[t]}-{i}' for t, fields in SAMPLES.items()
 
 def expected_flags(type, flags=0):
     """The flags encode() is expected to put on the wire."""
-    return flags | (wire.FLAG_PUNCHING if type in wire.PUNCHING_TYPES else 0)
+    return (flags | (wire.FLAG_PUNCHING if type in wire.PUNCHING_TYPES else 0)
+            | (wire.FLAG_REPLY if type in wire.REPLY_TYPES else 0))
 
 
 def frame(type, payload, flags=0, magic=wire.MAGIC, version=wire.VERSION, length=None):
@@ -258,7 +259,7 @@ def test_punching_types():
 
 @pytest.mark.parametrize('type', sorted(wire.LAYOUTS), ids=lambda t: wire.TYPE_NAMES[t])
 def test_punching_flag_only_on_punch_types(type):
-    """encode() sets FLAG_PUNCHING on the punching types only, and never FLAG_REPLY."""
+    """encode() sets FLAG_PUNCHING on the punching types only; FLAG_REPLY on the bounce only."""
     fields = SAMPLES[type][0]
     flags = wire.decode(wire.encode(type, **fields)).flags
     assert bool(flags & wire.FLAG_PUNCHING) == (type in wire.PUNCHING_TYPES)
@@ -266,7 +267,7 @@ def test_punching_flag_only_on_punch_types(type):
         assert flags & wire.FLAG_PUNCHING
     if type in NEVER_PUNCHING:
         assert not flags & wire.FLAG_PUNCHING
-    assert not flags & wire.FLAG_REPLY
+    assert bool(flags & wire.FLAG_REPLY) == (type == wire.PUNCH_ACK)
 
 
 @pytest.mark.parametrize('type', sorted(wire.LAYOUTS), ids=lambda t: wire.TYPE_NAMES[t])
