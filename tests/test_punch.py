@@ -154,6 +154,17 @@ def test_a_keepalive_is_bounced_too():
     assert theirs.check(wire.decode(sent[0][0]))
 
 
+def test_a_bounce_carries_the_reply_flag_and_a_reply_is_never_bounced():
+    sent, send = recorder()
+    ours, theirs = keys()
+    attempt = punch.Punch(send, ours.seal, [], 0.0)
+    attempt.receive(received(theirs, wire.PUNCH), ('::1', 1))
+    assert wire.decode(sent[0][0]).flags & wire.FLAG_REPLY
+    punching_reply = wire.Message(wire.KEEPALIVE, wire.FLAG_PUNCHING | wire.FLAG_REPLY)
+    attempt.receive(punching_reply, ('::1', 1))
+    assert len(sent) == 1
+
+
 def test_the_punch_budget_caps_the_datagrams_however_many_targets():
     """PUNCH_BUDGET datagrams in all, then silence, with 16 or 1000 targets."""
     for count in (wire.MAX_ENDPOINTS, 1000):
