@@ -28,46 +28,23 @@ import secrets
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 
 import identity
 import names
 import p2pcommon as wire
+from fastpath import FastMappingMixIn
 from limits import Limits, RateLimit, TokenBucket, address_key
+from pktinfo import PktinfoMixIn
 
 log = logging.getLogger('rendezvous')
 
 MAX_REQUEST = 2048              # the largest control message a peer may send
 MAX_SESSIONS = 64               # introductions one peer may hold open at once
 UDP_BURST = 64                  # datagrams read per wake-up, before others get a turn
-ADDRESS_CACHE = 4096            # source addresses whose reply bytes we keep ready
-
-# A UDP socket bound to the wildcard address sends from whichever address
-# the kernel prefers, and on a host with several that is not always the
-# one the peer asked: the peer's NAT or firewall then drops our answer as
-# unsolicited.  So the kernel is asked to tell, with each datagram, the
-# address it came to (PKTINFO), and the answer leaves from that address.
-WILDCARDS = ('::', '0.0.0.0')
-IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)    # Linux's number: Python 3.11 has no name for it
-ASK_PKTINFO = {socket.AF_INET6: (socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO),
-               socket.AF_INET: (socket.IPPROTO_IP, IP_PKTINFO)}
-PKTINFO_SPACE = socket.CMSG_SPACE(20)           # struct in6_pktinfo, the larger of the two
-
-# A well-formed MAPPING request has exactly this size and header, so the
-# hot path checks bytes instead of decoding the message field by field;
-# anything else takes the full decoder, which also names what was wrong.
-MAPPING_SIZE = wire.HEADER_SIZE + wire.TOKEN_SIZE + wire.Endpoint.SIZE
-MAPPING_REQUEST = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.MAPPING, 0,
-                                   MAPPING_SIZE - wire.HEADER_SIZE)
-MAPPING_REPLY = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.MAPPING, wire.FLAG_REPLY,
-                                 MAPPING_SIZE - wire.HEADER_SIZE)
-TOKEN_END = wire.HEADER_SIZE + wire.TOKEN_SIZE
+MAPPING_SIZE = wire.HEADER_SIZE + wire.TOKEN_SIZE + wire.Endpoint.SIZE   # request and reply
 TYPE_OFFSET = 3                 # the header's type byte: magic (2), version (1), type
-# An IPv4 endpoint's last 12 address bytes are zeros, XORed with the key.
-IPV4_PADDING = wire.XOR_ADDRESS[4:]
-ENDPOINT_PORT = struct.Struct('!BH')
 SUMMARY_INTERVAL = 60.0         # seconds between reports of dropped datagrams
 
 # TCP keepalives on every control connection: a peer whose machine died or
@@ -225,7 +202,6 @@ class Rendezvous:
         self.unregistered = {}          # socket -> Peer
         self.registered = {}            # socket -> Peer, the longest silent first
         self.peers_reply = None         # the encoded PEERS, until the list changes
-        self.addresses = {}             # source host -> (plain, family, XORed bytes, key)
         self.per_address = collections.Counter()    # open connections per source
         # By a short fixed reason that our code gives, never by a text that
         # holds what a peer sent: a stranger could grow these without end.
@@ -233,14 +209,13 @@ class Rendezvous:
         self.unrelayed = collections.Counter()  # relayed messages dropped
         self.refused = collections.Counter()    # ERROR replies and refused connections
         self.next_summary = time.monotonic() + SUMMARY_INTERVAL
-        self.port, self.probes, self.wildcards = self._open_all(binds, port)
+        self.port, self.probes = self._open_all(binds, port)
 
     def _open_all(self, binds, port):
         """On each address: TCP and UDP on port, UDP on port + 1 for probes.
 
-        Port 0 means any free pair.  Returns the port, the set of probe
-        sockets, and the set of UDP sockets bound to a wildcard address,
-        which answer from the address each request came to (PKTINFO).
+        Port 0 means any free pair.  Returns the port and the set of probe
+        sockets.
         """
         for _ in range(20 if port == 0 else 1):
             opened = []
@@ -263,9 +238,7 @@ class Rendezvous:
                 self.selector.register(listener, selectors.EVENT_READ, self.accept)
                 self.selector.register(udp, selectors.EVENT_READ, self.receive_datagrams)
                 self.selector.register(probe, selectors.EVENT_READ, self.receive_datagrams)
-            wildcards = {sock for sock in opened if sock.type == socket.SOCK_DGRAM
-                         and sock.getsockname()[0] in WILDCARDS}
-            return chosen, set(opened[2::3]), wildcards
+            return chosen, set(opened[2::3])
         raise OSError(errno.EADDRINUSE, 'no free pair of ports')
 
     @staticmethod
@@ -283,8 +256,6 @@ class Rendezvous:
         if bind == '::':
             # One socket for both: IPv4 peers appear as ::ffff:a.b.c.d.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        if kind == socket.SOCK_DGRAM and bind in WILDCARDS:
-            sock.setsockopt(*ASK_PKTINFO[family], 1)
         sock.bind((bind, port))
         sock.setblocking(False)
         return sock
@@ -718,113 +689,84 @@ class Rendezvous:
     # -- UDP: mapping requests (point 3) ------------------------------------
 
     def receive_datagrams(self, sock, mask):
-        """Answer MAPPING requests with the source endpoint we saw (point 3).
+        """Answer the MAPPING requests waiting on a UDP socket (point 3).
 
         Reads up to UDP_BURST datagrams before returning to the loop: one
         wake-up per datagram would spend most of the time in select().
-        What is the same for the whole burst (the clock, the log level,
-        which port this is) is looked up once.
         """
         now = time.monotonic()
-        debug = log.isEnabledFor(logging.DEBUG)
-        probe = sock in self.probes
-        wildcard = sock in self.wildcards
         for _ in range(UDP_BURST):
             try:
-                if wildcard:        # recvmsg costs about a tenth more: only where needed
-                    data, ancillary, _, source = sock.recvmsg(wire.MAX_DATAGRAM + 1,
-                                                              PKTINFO_SPACE)
-                else:
-                    data, source = sock.recvfrom(wire.MAX_DATAGRAM + 1)
-                    ancillary = ()
+                data, source, arrival = self.receive_datagram(sock)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:    # e.g. an ICMP error from an earlier send
                 log.debug('udp: %s', error)
                 continue
-            self.answer_mapping(sock, data, source, now, probe, debug, ancillary)
+            self.answer_mapping(sock, data, source, now, arrival)
 
-    def answer_mapping(self, sock, data, source, now, probe, debug=False, ancillary=()):
-        """Check one datagram; record and answer it if it is a MAPPING.
+    def answer_mapping(self, sock, data, source, now, arrival=None):
+        """The article's point 3: write back, in the payload, where the request came from.
 
-        ``ancillary`` is what recvmsg gave with it: where it came to, from
-        a wildcard socket.
+        The datagram's source address and port are the mapping the peer's
+        NAT made; the reply carries them, and we note them for the peer
+        whose registration token the request carries: on the main port its
+        public endpoint, on the probe port what a second destination got
+        (point 6).  A MAPPING request is all that comes to us over UDP:
+        anything else is dropped by its size or type byte, before decoding.
         """
-        if plain_mapping_request(data):
-            token = data[wire.HEADER_SIZE:TOKEN_END]    # the common case: no decoding
-        elif len(data) != MAPPING_SIZE or data[TYPE_OFFSET] != wire.MAPPING:
-            # A MAPPING request is all that comes to us over UDP: anything
-            # else is dropped by its size or type byte, before any decoding.
+        if len(data) != MAPPING_SIZE or data[TYPE_OFFSET] != wire.MAPPING:
             self.dropped['not a mapping request'] += 1
             return
-        else:
-            token = self.check_datagram(data, source)
-            if token is None:
-                return
-        host, family, packed, key = self.source_address(source[0])
-        public = (host, source[1])
-        if debug:
-            log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public),
-                      sock.getsockname()[1])
-        if not self.mapping_limit.allow(key, now):
-            self.dropped['mappings too fast'] += 1
-            return
-        peer = self.by_token.get(token)
-        if peer is not None:
-            if not probe:
-                if peer.public != public:
-                    log.info('%s has public endpoint %s', peer, wire.format_endpoint(public))
-                if peer.public is None:
-                    self.peers_reply = None     # it can be connected to now: listed
-                peer.public = public
-            else:
-                peer.probed = public
-        if debug:
-            log.debug('> MAPPING to %s (udp %d)', wire.format_endpoint(public),
-                      sock.getsockname()[1])
-        # The reply has the request's size exactly: no amplification.
-        answer = (MAPPING_REPLY + token
-                  + ENDPOINT_PORT.pack(family, source[1] ^ wire.XOR_PORT) + packed)
         try:
-            if ancillary:
-                sock.sendmsg([answer], answer_from(ancillary), 0, source)
-            else:
-                sock.sendto(answer, source)
-        except OSError as error:
-            log.debug('udp send to %s: %s', wire.format_endpoint(source), error)
-
-    def check_datagram(self, data, source):
-        """Decode a MAPPING-sized datagram that is not a plain request; its token or None.
-
-        Counts the dropped ones.  A MAPPING with unusual but legal header
-        bits (a reserved byte, say) still gets its answer.
-        """
-        try:
-            message = wire.decode(data)
-            if message.flags & wire.FLAG_REPLY:
+            request = wire.decode(data)
+            if request.flags & wire.FLAG_REPLY:
                 raise wire.ProtocolError('flags: a reply sent to the server')
         except wire.ProtocolError as error:
             self.dropped['malformed mapping request'] += 1
             log.debug('< bad datagram from %s: %s', wire.format_endpoint(source), error)
-            return None
-        return message.token
+            return
+        public = wire.plain(source)
+        port = sock.getsockname()[1]
+        log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public), port)
+        if not self.mapping_limit.allow(address_key(public[0], self.limits.ipv6_prefix), now):
+            self.dropped['mappings too fast'] += 1
+            return
+        self.note_mapping(sock, request.token, public)
+        log.debug('> MAPPING to %s (udp %d)', wire.format_endpoint(public), port)
+        # The reply has the request's size exactly: no amplification.
+        self.send_datagram(sock, wire.reply(wire.MAPPING, token=request.token, public=public),
+                           source, arrival)
 
-    def source_address(self, host):
-        """(plain host, family byte, XORed address bytes, limits' key) for an address.
+    def note_mapping(self, sock, token, public):
+        """Remember what a registered peer's NAT showed us, by the port it came to."""
+        peer = self.by_token.get(token)
+        if peer is None:
+            return
+        if sock in self.probes:
+            peer.probed = public
+            return
+        if peer.public != public:
+            log.info('%s has public endpoint %s', peer, wire.format_endpoint(public))
+        if peer.public is None:
+            self.peers_reply = None     # it can be connected to now: listed
+        peer.public = public
 
-        Parsing an address string is the dearest step of a MAPPING answer,
-        and the same peers ask again and again, so the answers are kept,
-        a bounded number of them.
+    def receive_datagram(self, sock):
+        """One datagram: (data, source, how it arrived, for the answer); raises OSError.
+
+        The plain server needs nothing of how it arrived (None); pktinfo.py
+        does, on a wildcard socket.
         """
-        known = self.addresses.get(host)
-        if known is None:
-            if len(self.addresses) >= ADDRESS_CACHE:
-                self.addresses.clear()
-            plain = wire.plain((host, 0))[0]
-            encoded = wire.ENDPOINT.pack((plain, 0))
-            known = self.addresses[host] = (plain, encoded[0], encoded[3:],
-                                            address_key(plain, self.limits.ipv6_prefix))
-        return known
+        data, source = sock.recvfrom(wire.MAX_DATAGRAM + 1)
+        return data, source, None
+
+    def send_datagram(self, sock, data, destination, arrival=None):
+        """Send one datagram; a failure is a lost packet, nothing more."""
+        try:
+            sock.sendto(data, destination)
+        except OSError as error:
+            log.debug('udp send to %s: %s', wire.format_endpoint(destination), error)
 
 
 def cut(text, size):
@@ -836,19 +778,6 @@ def cut(text, size):
     """
     data = text.encode('utf-8')
     return data[:size].decode('utf-8', 'ignore') if len(data) > size else text
-
-
-def plain_mapping_request(data):
-    """True for a well-formed MAPPING request, checked byte by byte.
-
-    This is what nearly every datagram is, and what the decoder would
-    accept: the exact size and header, and an endpoint field of family 6,
-    or of family 4 with the zero padding (XORed) after the address.
-    """
-    if len(data) != MAPPING_SIZE or not data.startswith(MAPPING_REQUEST):
-        return False
-    family = data[TOKEN_END]
-    return family == 6 or (family == 4 and data.endswith(IPV4_PADDING))
 
 
 class Connection:
@@ -954,22 +883,6 @@ def parse_args(argv):
     return args
 
 
-def answer_from(ancillary):
-    """Ancillary data that makes an answer leave from the address its request came to.
-
-    recvmsg gave us the request's PKTINFO: in6_pktinfo is the address (16
-    bytes) and the interface (4); in_pktinfo is the interface, the local
-    address, and the header's destination (4 bytes each).  The answer's
-    PKTINFO names that destination as our source, and any interface.
-    """
-    for level, kind, data in ancillary:
-        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
-            return [(level, kind, data[:16] + bytes(4))]
-        if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
-            return [(level, kind, bytes(4) + data[8:12] + bytes(4))]
-    return []
-
-
 def default_bind():
     """'::' (IPv6 and IPv4 on one socket) where the system has IPv6, else 0.0.0.0."""
     try:
@@ -977,6 +890,17 @@ def default_bind():
     except OSError:
         return '0.0.0.0'
     return '::'
+
+
+class Server(PktinfoMixIn, FastMappingMixIn, Rendezvous):
+    """The server main() runs: the article's Rendezvous and two additions.
+
+    As socketserver composes a TCPServer with ThreadingMixIn, each
+    addition overrides a hook of Rendezvous (answer_mapping,
+    receive_datagram, send_datagram) and calls the plain one for what it
+    does not handle: fastpath.py answers the common MAPPING from bytes,
+    pktinfo.py answers from the address a request came to.
+    """
 
 
 def main(argv=None):
@@ -987,7 +911,7 @@ def main(argv=None):
     raise_descriptor_limit()
     try:
         limits = Limits.from_args(args)
-        server = Rendezvous(args.bind, args.port, limits)
+        server = Server(args.bind, args.port, limits)
     except (OSError, ValueError) as error:
         ports = f'port {args.port} (tcp, udp) and {args.port + 1} (udp)' if args.port \
             else 'port 0 (any free pair)'
