@@ -620,7 +620,12 @@ class Client:
                      f'ignored')
             return
         old = self.session_named(message.name)
+        carried = []
         if old is not None:         # a new introduction replaces the old session
+            # Its unacknowledged lines go on the new one: the user typed
+            # them for this peer, and a new /connect usually means the old
+            # path is dead.  (One that did arrive, its ACK lost, shows twice.)
+            carried = old.channel.take_unacknowledged()
             self.end_session(old, f'{message.name} was introduced again')
         started = self.asked.pop(message.name, now)
         targets = punch.candidates(message, self.mapping.public if self.mapping else None,
@@ -639,9 +644,9 @@ class Client:
         for early_message, source in early:
             self.peer_message(early_message, source)
         if message.name == self.chosen:
-            held, self.held = self.held, []
-            for piece in held:
-                session.channel.send(piece, now)
+            carried, self.held = carried + self.held, []
+        for piece in carried:
+            session.channel.send(piece, now)
 
     def start_tcp(self, session, link, message, now):
         """TCP hole punching from our control connection's port (future work)."""
@@ -814,7 +819,15 @@ class Client:
             self.end_session(session, f'{session.name} left')
 
     def end_session(self, session, why):
-        """Forget a session: its transfers stop (why says why), chat goes nowhere."""
+        """Forget a session: its transfers stop (why says why), chat goes nowhere.
+
+        Every chat line it still had unacknowledged is reported, never
+        dropped without a word (issue #11): the peer left, or is gone, in
+        the middle of it.  (A session that a new one replaces hands its
+        lines over first: see introduced.)
+        """
+        for text in session.channel.take_unacknowledged():
+            self.say(f'not delivered to {session.name}: {wire.safe(text)}')
         session.transfers.abort(why)
         session.stop_tcp()
         del self.sessions[session.key.id]
