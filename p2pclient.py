@@ -674,7 +674,7 @@ class Client:
                        f' at {wire.format_endpoint(peer)}')
 
     def relay_lost(self, link):
-        """A server went away: the sessions it relayed went with it.
+        """A server went away: the sessions it relayed went with it, and our requests.
 
         The server forgets a session when either peer's control connection
         closes, so even after we register again nothing would reach the
@@ -685,6 +685,22 @@ class Client:
                 self.say(f'the relay to {session.name} went with the server; '
                          f'/connect {session.name} to reach them again')
                 self.end_session(session, 'the relay went away')
+        if not any(other.token is not None for other in self.links):
+            self.requests_lost()
+
+    def requests_lost(self):
+        """No server is left that holds our requests to connect: none will be introduced.
+
+        A server forgets a peer's requests with its control connection,
+        and registering again does not renew them; so the lines held for
+        the chosen peer are reported now, not kept for ever (issue #11).
+        """
+        for name in self.asked:
+            self.say(f'the request to connect to {name} went with the server; '
+                     f'/connect {name} again once registered')
+        self.asked.clear()
+        if self.session_named(self.chosen) is None:
+            self.drop_held()
 
     def relayed(self, message):
         """Peer traffic that came through the server's relay (point 11).

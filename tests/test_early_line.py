@@ -135,3 +135,18 @@ def test_a_line_in_flight_when_the_peer_leaves_is_reported(peers):
     alice.receive()
     assert '* bob left' in alice.lines
     assert '* not delivered to bob: wait for me' in alice.lines
+
+
+def test_lines_held_when_the_only_server_is_lost_are_reported(peers):
+    alice, _ = peers
+    alice.type('/connect bob')
+    alice.type('hello bob')
+    link = alice.client.links[0]
+    link.token = None                       # the server went away, and our request with it
+    alice.client.relay_lost(link)
+    assert alice.lines[-2:] == [
+        '* the request to connect to bob went with the server; /connect bob again once '
+        'registered',
+        '* not delivered to bob: hello bob']
+    alice.type('still there?')
+    assert '* not connected to bob: /connect bob first' in alice.lines
