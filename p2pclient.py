@@ -614,10 +614,12 @@ class Client:
         if message.role not in (0, 1):
             self.say(f'{link} introduced {message.name} with role {message.role}, '
                      f'neither 0 nor 1: ignored')
+            self.not_introduced(message.name)
             return
         if len(self.sessions) >= MAX_SESSIONS and self.session_named(message.name) is None:
             self.say(f'introduced to {message.name}, but {MAX_SESSIONS} sessions are open: '
                      f'ignored')
+            self.not_introduced(message.name)
             return
         old = self.session_named(message.name)
         carried = []
@@ -647,6 +649,12 @@ class Client:
             carried, self.held = carried + self.held, []
         for piece in carried:
             session.channel.send(piece, now)
+
+    def not_introduced(self, name):
+        """We ignored name's INTRODUCE: our request is over, the lines held for it cannot go."""
+        self.asked.pop(name, None)
+        if name == self.chosen and self.session_named(name) is None:
+            self.drop_held()
 
     def start_tcp(self, session, link, message, now):
         """TCP hole punching from our control connection's port (future work)."""

@@ -150,3 +150,15 @@ def test_lines_held_when_the_only_server_is_lost_are_reported(peers):
         '* not delivered to bob: hello bob']
     alice.type('still there?')
     assert '* not connected to bob: /connect bob first' in alice.lines
+
+
+def test_lines_held_for_an_introduction_we_ignore_are_reported(peers):
+    alice, bob = peers
+    alice.type('/connect bob')
+    alice.type('hello bob')
+    alice.client.handle_control(alice.client.links[0], wire.Message(
+        wire.INTRODUCE, name='bob', session=b't' * wire.TOKEN_SIZE, role=255,
+        public=bob.endpoint, port_delta=0, private=[], tcp_public=bob.endpoint, tcp_port=0))
+    assert alice.lines[-2:] == [
+        f'* {alice.client.links[0]} introduced bob with role 255, neither 0 nor 1: ignored',
+        '* not delivered to bob: hello bob']
