@@ -125,6 +125,18 @@ def test_a_line_in_flight_when_the_session_is_replaced_goes_on_the_new_one(peers
     assert not [line for line in alice.lines if 'not delivered' in line]
 
 
+def test_a_line_sent_early_and_then_introduced_again_arrives_once(peers):
+    """The line rode alice's first punches; a second INTRODUCE replaced that session."""
+    alice, bob = peers
+    alice.type('/connect bob')
+    alice.type('first words')
+    alice.introduce(bob, b't' * wire.TOKEN_SIZE, role=0)
+    bob.drop()                              # bob never saw that session
+    connected(alice, bob, token=b'u' * wire.TOKEN_SIZE)
+    bob.receive()
+    assert [line for line in bob.lines if line.startswith('<alice>')] == ['<alice> first words']
+
+
 def test_a_line_in_flight_when_the_peer_leaves_is_reported(peers):
     alice, bob = peers
     connected(alice, bob)
