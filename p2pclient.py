@@ -646,7 +646,8 @@ class Client:
         for early_message, source in early:
             self.peer_message(early_message, source)
         if message.name == self.chosen:
-            carried, self.held = carried + self.held, []
+            carried += self.held        # typed after those, while no session was up
+            self.held = []
         for piece in carried:
             session.channel.send(piece, now)
 
