@@ -174,3 +174,14 @@ def test_lines_held_for_an_introduction_we_ignore_are_reported(peers):
     assert alice.lines[-2:] == [
         f'* {alice.client.links[0]} introduced bob with role 255, neither 0 nor 1: ignored',
         '* not delivered to bob: hello bob']
+
+
+@pytest.mark.parametrize('why, said', [(wire.DECLINED, '* bob declined'),
+                                       (wire.NO_ANSWER, '* bob did not answer')])
+def test_lines_held_for_a_peer_that_says_no_are_reported(peers, why, said):
+    alice, _ = peers
+    alice.type('/connect bob')
+    alice.type('hello bob')
+    alice.client.handle_control(alice.client.links[0], wire.Message(
+        wire.DECLINE, flags=wire.FLAG_REPLY, name='bob', why=why))
+    assert alice.lines[-2:] == [said, '* not delivered to bob: hello bob']
