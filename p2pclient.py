@@ -618,10 +618,12 @@ class Client:
         if message.role not in (0, 1):
             self.say(f'{link} introduced {message.name} with role {message.role}, '
                      f'neither 0 nor 1: ignored')
+            self.not_introduced(message.name)
             return
         if len(self.sessions) >= MAX_SESSIONS and self.session_named(message.name) is None:
             self.say(f'introduced to {message.name}, but {MAX_SESSIONS} sessions are open: '
                      f'ignored')
+            self.not_introduced(message.name)
             return
         clash = self.sessions.get(identity.session_id(message.session))
         if clash is not None and clash.name != message.name:
@@ -630,7 +632,12 @@ class Client:
                      f'ignored')
             return
         old = self.session_named(message.name)
+        carried = []
         if old is not None:         # a new introduction replaces the old session
+            # Its unacknowledged lines go on the new one: the user typed
+            # them for this peer, and a new /connect usually means the old
+            # path is dead.  (One that did arrive, its ACK lost, shows twice.)
+            carried = old.channel.take_unacknowledged()
             self.end_session(old, f'{message.name} was introduced again')
         started = self.asked.pop(message.name, now)
         targets = punch.candidates(message, self.mapping.public if self.mapping else None,
@@ -649,9 +656,16 @@ class Client:
         for early_message, source in early:
             self.peer_message(early_message, source)
         if message.name == self.chosen:
-            held, self.held = self.held, []
-            for piece in held:
-                session.channel.send(piece, now)
+            carried += self.held        # typed after those, while no session was up
+            self.held = []
+        for piece in carried:
+            session.channel.send(piece, now)
+
+    def not_introduced(self, name):
+        """We ignored name's INTRODUCE: our request is over, the lines held for it cannot go."""
+        self.asked.pop(name, None)
+        if name == self.chosen and self.session_named(name) is None:
+            self.drop_held()
 
     def start_tcp(self, session, link, message, now):
         """TCP hole punching from our control connection's port (future work)."""
@@ -679,7 +693,7 @@ class Client:
                        f' at {wire.format_endpoint(peer)}')
 
     def relay_lost(self, link):
-        """A server went away: the sessions it relayed went with it.
+        """A server went away: the sessions it relayed went with it, and our requests.
 
         The server forgets a session when either peer's control connection
         closes, so even after we register again nothing would reach the
@@ -690,6 +704,22 @@ class Client:
                 self.say(f'the relay to {session.name} went with the server; '
                          f'/connect {session.name} to reach them again')
                 self.end_session(session, 'the relay went away')
+        if not any(other.token is not None for other in self.links):
+            self.requests_lost()
+
+    def requests_lost(self):
+        """No server is left that holds our requests to connect: none will be introduced.
+
+        A server forgets a peer's requests with its control connection,
+        and registering again does not renew them; so the lines held for
+        the chosen peer are reported now, not kept for ever (issue #11).
+        """
+        for name in self.asked:
+            self.say(f'the request to connect to {name} went with the server; '
+                     f'/connect {name} again once registered')
+        self.asked.clear()
+        if self.session_named(self.chosen) is None:
+            self.drop_held()
 
     def relayed(self, message):
         """Peer traffic that came through the server's relay (point 11).
@@ -828,7 +858,15 @@ class Client:
             self.end_session(session, f'{session.name} left')
 
     def end_session(self, session, why):
-        """Forget a session: its transfers stop (why says why), chat goes nowhere."""
+        """Forget a session: its transfers stop (why says why), chat goes nowhere.
+
+        Every chat line it still had unacknowledged is reported, never
+        dropped without a word (issue #11): the peer left, or is gone, in
+        the middle of it.  (A session that a new one replaces hands its
+        lines over first: see introduced.)
+        """
+        for text in session.channel.take_unacknowledged():
+            self.say(f'not delivered to {session.name}: {wire.safe(text)}')
         session.transfers.abort(why)
         session.stop_tcp()
         del self.sessions[session.key.id]

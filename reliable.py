@@ -203,6 +203,18 @@ class ReliableChannel:
             out.rto = self.rto
             self._transmit(out, now)
 
+    def take_unacknowledged(self):
+        """Take back every message not yet acknowledged, in order; the channel forgets them.
+
+        For a channel that ends (its session is over or replaced): those
+        sent and those still waiting for room in the window.  A sent one
+        may have arrived with only its ACK lost; the caller cannot know.
+        """
+        payloads = [out.payload for out in self.in_flight.values()] + list(self.waiting)
+        self.in_flight.clear()
+        self.waiting.clear()
+        return payloads
+
     @property
     def oldest(self):
         """The lowest sequence number we still offer (sent with every message)."""
