@@ -12,7 +12,7 @@ import select
 import pytest
 
 import p2pcommon as wire
-import punch
+import interfaces
 from p2pclient import Client
 
 
@@ -42,7 +42,7 @@ class Peer:
         self.client.links = [FakeLink()]
         self.client.udp = wire.UDPSocket(0, '127.0.0.1')
         self.client.udp.setblocking(False)
-        self.client.networks = punch.our_networks()
+        self.client.networks = interfaces.our_networks()
 
     @property
     def endpoint(self):
