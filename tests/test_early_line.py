@@ -5,7 +5,6 @@ and fake server links: the test plays the server, so it decides who is
 introduced first, and hands each datagram over only when it says so.
 """
 
-import collections
 import io
 import select
 
@@ -14,23 +13,7 @@ import pytest
 import p2pcommon as wire
 import interfaces
 from p2pclient import Client
-
-
-class FakeLink:
-    """A control connection that records what the client sends the server."""
-
-    def __init__(self):
-        self.sent = []
-        self.connects = collections.deque()
-        self.token = b'r' * wire.TOKEN_SIZE
-        self.local = ('127.0.0.1', 1)
-
-    def send(self, type, **fields):
-        """Record one message to the server."""
-        self.sent.append(wire.Message(type, **fields))
-
-    def tick(self, now):
-        """No timers here."""
+from test_client_security import FakeLink
 
 
 class Peer:
