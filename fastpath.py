@@ -64,7 +64,13 @@ class FastMappingMixIn:
                       sock.getsockname()[1])
         answer = (MAPPING_REPLY + token
                   + ENDPOINT_PORT.pack(family, source[1] ^ wire.XOR_PORT) + packed)
-        self.send_datagram(sock, answer, source, arrival)
+        if arrival:
+            self.send_datagram(sock, answer, source, arrival)
+            return
+        try:
+            sock.sendto(answer, source)     # the common case, without a call more
+        except OSError:
+            pass                            # a lost answer: the peer asks again
 
     def source_address(self, host):
         """(plain host, family byte, XORed address bytes, limits' key) for an address.

@@ -697,13 +697,13 @@ class Rendezvous:
         now = time.monotonic()
         for _ in range(UDP_BURST):
             try:
-                data, source, arrival = self.receive_datagram(sock)
+                data, source = sock.recvfrom(wire.MAX_DATAGRAM + 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:    # e.g. an ICMP error from an earlier send
                 log.debug('udp: %s', error)
                 continue
-            self.answer_mapping(sock, data, source, now, arrival)
+            self.answer_mapping(sock, data, source, now)
 
     def answer_mapping(self, sock, data, source, now, arrival=None):
         """The article's point 3: write back, in the payload, where the request came from.
@@ -752,17 +752,12 @@ class Rendezvous:
             self.peers_reply = None     # it can be connected to now: listed
         peer.public = public
 
-    def receive_datagram(self, sock):
-        """One datagram: (data, source, how it arrived, for the answer); raises OSError.
-
-        The plain server needs nothing of how it arrived (None); pktinfo.py
-        does, on a wildcard socket.
-        """
-        data, source = sock.recvfrom(wire.MAX_DATAGRAM + 1)
-        return data, source, None
-
     def send_datagram(self, sock, data, destination, arrival=None):
-        """Send one datagram; a failure is a lost packet, nothing more."""
+        """Send one datagram; a failure is a lost packet, nothing more.
+
+        ``arrival`` is what pktinfo.py learnt of where the request came to;
+        the plain server has none.
+        """
         try:
             sock.sendto(data, destination)
         except OSError as error:
@@ -897,9 +892,10 @@ class Server(PktinfoMixIn, FastMappingMixIn, Rendezvous):
 
     As socketserver composes a TCPServer with ThreadingMixIn, each
     addition overrides a hook of Rendezvous (answer_mapping,
-    receive_datagram, send_datagram) and calls the plain one for what it
-    does not handle: fastpath.py answers the common MAPPING from bytes,
-    pktinfo.py answers from the address a request came to.
+    send_datagram, and the loop's handler of a socket) and calls the plain
+    one for what it does not handle: fastpath.py answers the common
+    MAPPING from bytes, pktinfo.py answers from the address a request
+    came to.
     """
 
 
