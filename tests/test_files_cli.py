@@ -86,23 +86,6 @@ def test_a_received_file_has_the_mode_cp_would_give(clients, folders, umask, mod
     assert (downloads / 'notes.txt').stat().st_mode & 0o777 == mode
 
 
-def test_quit_after_a_reject_reports_nothing_stopped(clients, folders):
-    """A /reject-ed offer is over: /quit does not report it as a transfer stopped."""
-    source, downloads = folders
-    (source / 'spam.bin').write_bytes(b'x' * 5000)
-    alice, bob = clients('alice'), clients('bob', '--downloads', downloads)
-    connect(alice, bob)
-    alice.send(f'/send {source / "spam.bin"}')
-    bob.expect(r'offers spam\.bin')
-    bob.send('/reject')
-    alice.expect(r'^\* bob rejected spam\.bin$')
-    bob.send('/quit')
-    assert bob.wait() == 0
-    alice.expect(r'^\* bob left$')
-    assert not [line for line in bob.lines + alice.lines if 'stopped' in line], \
-        bob.transcript() + alice.transcript()
-
-
 def test_choose_among_offers_by_number_or_name(clients, folders):
     """The second offer says its number; /accept 2, /reject NAME, /accept (the oldest)."""
     source, downloads = folders

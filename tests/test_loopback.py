@@ -381,6 +381,11 @@ def test_a_rejected_file_is_not_sent(clients, folders):
     bob.send('/reject')
     alice.expect(r'^\* bob rejected spam\.bin$')
     assert not downloads.exists() or os.listdir(downloads) == []
+    bob.send('/quit')                       # a rejected offer is over: nothing "stopped"
+    assert bob.wait() == 0
+    alice.expect(r'^\* bob left$')
+    assert not [line for line in bob.lines + alice.lines if 'stopped' in line], \
+        bob.transcript() + alice.transcript()
 
 
 def test_an_interrupted_transfer_leaves_no_file(clients, folders):
