@@ -83,3 +83,28 @@ class Narrator:
     def locked(self, endpoint, how):
         """The punch chose its path."""
         self.line('=', f'locked on {wire.format_endpoint(endpoint)} ({how})')
+
+
+class NarrateMixIn:
+    """The client's side: each datagram in and out, and the lock, told to the narrator.
+
+    (Control messages are told by control.ServerLink.)
+    """
+
+    def send_udp(self, data, endpoint):
+        """Tell the datagram, then send it."""
+        if self.narrator:
+            self.narrator.sent(data, endpoint)
+        super().send_udp(data, endpoint)
+
+    def datagram(self, message, source):
+        """Tell the datagram, then act on it."""
+        if self.narrator:
+            self.narrator.received(message, source)
+        super().datagram(message, source)
+
+    def connected(self, session, now, how, where=''):
+        """Tell the lock of a UDP punch (point 5)."""
+        if self.narrator and session.endpoint is not None:
+            self.narrator.locked(session.endpoint, 'pt 5: the first proof wins')
+        super().connected(session, now, how, where)

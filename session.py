@@ -3,8 +3,9 @@
 A Session is made when the rendezvous server introduces a peer (article
 point 4).  It holds the punch (UDP, point 5) and, tried first, the TCP
 punch; the path they lock onto, or the relay (point 11); the keepalive
-(point 9); and the reliable channels for chat and files.  Its ``send``
-picks the path, so nothing above it needs to know which one is in use.
+(point 9); and the reliable channel for chat (files add their own:
+transfer.FilesMixIn).  Its ``send`` picks the path, so nothing above it
+needs to know which one is in use.
 """
 
 import time
@@ -13,7 +14,6 @@ import p2pcommon as wire
 import punch
 from identity import SessionKey
 from reliable import ReliableChannel
-from transfer import Transfers
 
 
 class Session:
@@ -38,8 +38,6 @@ class Session:
         self.keepalive = punch.Keepalive(client.keepalive_interval, now,
                                          lambda: self.send(wire.KEEPALIVE))
         self.channel = ReliableChannel(self.transmit_data, over_stream=self.over_stream)
-        self.transfers = Transfers(name, self.send, client.say, client.downloads,
-                                   self.over_stream)
 
     def start_punch(self, now):
         """Punch toward every candidate endpoint (point 5)."""

@@ -7,11 +7,13 @@ and connects from it at the same time, and the stream may come from
 connect() or from accept() (a simultaneous open).  ``TcpPunch`` is that
 routine; ``tcp_connect`` makes the control connection's port shareable in
 the first place, and ``keep_tcp_alive`` is point 9 for TCP.
+``TcpFirstMixIn`` is the client's part: TCP first, then UDP.
 """
 
 import secrets
 import selectors
 import socket
+import time
 
 import p2pcommon as wire
 from punch import KEEPALIVE_INTERVAL
@@ -19,6 +21,7 @@ from punch import KEEPALIVE_INTERVAL
 TCP_PUNCH_TIMEOUT = 3.0     # seconds of trying before we fall back to UDP
 TCP_RETRY = 0.2             # seconds between connect attempts to one target
 TCP_DEAD_AFTER = 20         # seconds data may wait unacknowledged on a punched connection
+MAX_TCP_PUNCHES = 4         # TCP punches at once (a listener and a socket per target each)
 
 
 def shared_socket(family, local=None):
@@ -227,3 +230,84 @@ class TcpPunch:
         for stream in list(self.streams):
             stream.close()
         self.streams.clear()
+
+
+class TcpFirstMixIn:
+    """The client punches TCP first, then UDP (or, with --tcp-only, relays).
+
+    ``transport`` is 'both' (TCP first, then UDP), 'tcp' or 'udp'.
+    """
+
+    def __init__(self, *args, transport='both', **kwargs):
+        super().__init__(*args, **kwargs)
+        self.transport = transport
+
+    def busy(self):
+        """A TCP punch needs the loop awake as often as a UDP one."""
+        return super().busy() or any(s.trying_tcp for s in self.sessions.values())
+
+    def start_paths(self, session, link, message, now):
+        """TCP hole punching from our control connection's port, when the peer has one."""
+        tcp_punches = sum(1 for s in self.sessions.values() if s.trying_tcp)
+        if self.transport == 'udp' or not message.tcp_port or tcp_punches >= MAX_TCP_PUNCHES:
+            super().start_paths(session, link, message, now)
+            return
+        private = [(host, message.tcp_port) for host, _ in message.private]
+        targets = [message.tcp_public] + [endpoint for endpoint in private
+                                          if endpoint[0] in {t[0] for t in session.targets}]
+        targets = list(dict.fromkeys(targets))
+        self.say(f'introduced to {message.name}; punching TCP to '
+                 f'{" ".join(map(wire.format_endpoint, targets))}')
+        try:
+            session.tcp = TcpPunch(
+                self.selector, link.local, targets, session.key, now,
+                lambda stream: self.tcp_locked(session, stream),
+                lambda stream, inner: self.session_message(session, inner, None))
+        except OSError as error:        # the port cannot be shared here
+            session.tcp = None
+            self.after_tcp(session, f'cannot punch TCP ({error.strerror})', now)
+
+    def tcp_locked(self, session, stream):
+        """A TCP connection proved the peer: chat goes over it."""
+        now = time.monotonic()
+        peer = wire.plain(stream.sock.getpeername())
+        elapsed = (now - session.started) * 1000
+        self.connected(session, now, f'direct, tcp, {elapsed:.0f} ms',
+                       f' at {wire.format_endpoint(peer)}')
+
+    def check_session(self, session, now):
+        """On a timeout, or when its connection dies, go on without TCP."""
+        if session.trying_tcp:
+            session.tcp.tick(now)
+            if session.tcp.expired(now):
+                session.stop_tcp()
+                self.after_tcp(session, f'no TCP path to {session.name}', now)
+        elif session.tcp is not None and not session.on_tcp:
+            session.stop_tcp()
+            self.after_tcp(session, f'lost the TCP connection to {session.name}', now)
+        super().check_session(session, now)
+
+    def after_tcp(self, session, why, now):
+        """TCP gave up: punch UDP next or, with --tcp-only, relay."""
+        if self.transport == 'tcp':
+            self.say(why)
+            self.relay(session, now)
+        else:
+            self.say(f'{why}; punching UDP')
+            session.start_punch(now)
+
+    def peer_message(self, message, source):
+        """With --tcp-only we take no datagram at all: the user asked for no UDP path."""
+        if self.transport != 'tcp':
+            super().peer_message(message, source)
+
+    def punched(self, session, message, source, now):
+        """A UDP proof first, or the peer gave up on our TCP connection: UDP it is."""
+        if session.endpoint is None:
+            session.stop_tcp()
+        super().punched(session, message, source, now)
+
+    def end_session(self, session, why):
+        """Close the session's TCP connections too."""
+        super().end_session(session, why)
+        session.stop_tcp()

@@ -24,6 +24,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 
 import p2pcommon as wire
 from reliable import ReliableChannel
@@ -730,3 +731,97 @@ class Transfers:
     def busy(self):
         """True while a file is on its way out (the loop then wakes more often)."""
         return any(s.state != 'done' for s in self.outgoing.values())
+
+
+class FilesMixIn:
+    """The client's file commands, and a Transfers beside each session's chat.
+
+    ``downloads`` is the folder where received files are saved.
+    """
+
+    def __init__(self, *args, downloads='.', **kwargs):
+        super().__init__(*args, **kwargs)
+        self.downloads = downloads
+
+    def make_session(self, *args):
+        """Each session carries files too, on its own numbers."""
+        session = super().make_session(*args)
+        session.transfers = Transfers(session.name, session.send, self.say, self.downloads,
+                                      session.over_stream)
+        return session
+
+    def busy(self):
+        """A file on its way out needs the loop awake often."""
+        return super().busy() or any(s.transfers.busy for s in self.sessions.values())
+
+    def check_session(self, session, now):
+        """Offers repeated, chunks resent, progress shown."""
+        session.transfers.tick(now)
+        super().check_session(session, now)
+
+    def peer_file_message(self, session, message, now):
+        """Every file message goes to the session's Transfers."""
+        session.transfers.handle(message, now)
+
+    peer_offer = peer_answer = peer_chunk = peer_chunk_ack = peer_file_message
+    peer_end = peer_finish = peer_cancel = peer_file_message
+
+    def end_session(self, session, why):
+        """The peer is gone: its transfers stop, and nothing partial stays."""
+        session.transfers.abort(why)
+        super().end_session(session, why)
+
+    def do_quit(self, arg):
+        """/quit           say goodbye and exit (so does end of input)"""
+        super().do_quit(arg)
+        for session in self.sessions.values():
+            session.transfers.abort('we left')
+
+    def do_send(self, path):
+        """/send PATH      offer a file to the peer you type to"""
+        session = self.session_named(self.chosen)
+        if session is None:
+            self.say('not connected: /connect PEER first')
+            return
+        session.transfers.offer(path, time.monotonic())
+
+    def do_accept(self, which):
+        """/accept [N]     accept a file on offer: the oldest, or number N, or by its file name"""
+        self.answer_offer(True, which)
+
+    def do_reject(self, which):
+        """/reject [N]     refuse a file on offer the same way; a file on offer called NAME
+                        comes before a request to connect from a peer NAME
+        """
+        self.answer_offer(False, which)
+
+    def answer_offer(self, accept, which):
+        """Answer a file offer, the oldest if none is named.
+
+        /reject NAME also says no to a request to connect: a file on offer
+        called NAME comes first, then a peer NAME asking to connect.
+        """
+        try:
+            transfers, receiving = OFFERS.pick(which, self.our_transfers())
+        except TransferError as error:
+            if not accept and which in self.asks:
+                super().do_reject(which)
+            elif not accept and which:
+                self.say(f'{error}, and {wire.safe(which)} has not asked to connect')
+            else:
+                self.say(str(error))
+            return
+        transfers.answer(receiving, accept, time.monotonic())
+
+    def do_cancel(self, which):
+        """/cancel [N]     stop sending a file: the newest, or number N, or by its file name"""
+        try:
+            transfers, sending = SENDS.pick(which, self.our_transfers(), newest=True)
+        except TransferError as error:
+            self.say(str(error))
+            return
+        transfers.cancel(sending)
+
+    def our_transfers(self):
+        """The Transfers of each of our sessions, for the numbers shared by all peers."""
+        return [session.transfers for session in self.sessions.values()]

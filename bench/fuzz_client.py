@@ -49,6 +49,7 @@ import socket
 import struct
 import time
 
+import caps
 import control
 import identity
 import p2pclient
@@ -264,7 +265,7 @@ def endpoint_list(rng):
 def a_name(rng, unit):
     """A peer name: from the pool, or one the client already knows."""
     if rng.random() < 0.3:
-        return f'p{rng.randrange(2 * p2pclient.MAX_SESSIONS)}'    # enough to reach the caps
+        return f'p{rng.randrange(2 * caps.MAX_SESSIONS)}'    # enough to reach the caps
     known = [s.name for s in unit.client.sessions.values()] + list(unit.client.asks)
     return rng.choice(PEER_NAMES + known * 2)
 
@@ -399,8 +400,8 @@ def decodable(step):
 def check_bounds(unit, side, baseline, step):
     """The client's own caps hold, and its descriptors stay within them."""
     client = unit.client
-    if len(client.sessions) > p2pclient.MAX_SESSIONS:
-        side.problem(f'more than {p2pclient.MAX_SESSIONS} sessions', step)
+    if len(client.sessions) > caps.MAX_SESSIONS:
+        side.problem(f'more than {caps.MAX_SESSIONS} sessions', step)
     if sum(1 for s in client.sessions.values() if s.tcp is not None) > p2pclient.MAX_TCP_PUNCHES:
         side.problem(f'more than {p2pclient.MAX_TCP_PUNCHES} TCP punches', step)
     if any(len(s.targets) > wire.MAX_ENDPOINTS for s in client.sessions.values()):

@@ -11,7 +11,8 @@ import socket
 import pytest
 
 import p2pcommon as wire
-import p2pclient
+import caps
+import repunch
 import interfaces
 import punch
 from identity import SessionKey
@@ -61,7 +62,7 @@ def bob_udp():
 
 def introduce(client, name, endpoint, private=(), token=TOKEN, tcp_port=0):
     """The server introduces name to client (alice answered: role 1)."""
-    client.introduced(client.links[0], wire.Message(
+    client.control_introduce(client.links[0], wire.Message(
         wire.INTRODUCE, name=name, session=token, role=1, public=endpoint, port_delta=0,
         private=list(private), tcp_public=endpoint, tcp_port=tcp_port))
 
@@ -157,10 +158,10 @@ def test_a_relayed_request_to_punch_again_is_taken_once_per_interval(client, bob
     introduce(alice, 'bob', bob_udp.getsockname())
     from_bob(alice, bob, wire.PUNCH, bob_udp.getsockname())
     session = session_of(alice)
-    session.started -= p2pclient.REPUNCH_EVERY          # the connect was a while ago
+    session.started -= repunch.REPUNCH_EVERY          # the connect was a while ago
     for _ in range(50):
-        alice.relayed(wire.Message(wire.RELAY, session=TOKEN,
-                                   message=bob.seal(wire.PUNCH, nonce=punch.NO_NONCE)))
+        alice.control_relay(alice.links[0], wire.Message(
+            wire.RELAY, session=TOKEN, message=bob.seal(wire.PUNCH, nonce=punch.NO_NONCE)))
     assert out.getvalue().count('bob lost the direct path; punching again') == 1
 
 
@@ -169,15 +170,15 @@ def test_a_flood_of_introductions_is_capped(client):
     for i in range(200):
         introduce(alice, f'peer{i}', ('127.0.0.1', 9), token=i.to_bytes(16, 'big'),
                   tcp_port=9)
-    assert len(alice.sessions) == p2pclient.MAX_SESSIONS
-    assert f'{p2pclient.MAX_SESSIONS} sessions are open: ignored' in out.getvalue()
+    assert len(alice.sessions) == caps.MAX_SESSIONS
+    assert f'{caps.MAX_SESSIONS} sessions are open: ignored' in out.getvalue()
 
 
 def test_a_flood_of_asks_shows_only_so_many(client):
     alice, out = client
     for i in range(100):
         alice.handle_control(alice.links[0], wire.Message(wire.ASK, name=f'asker{i}'))
-    assert out.getvalue().count('asks to connect') == p2pclient.MAX_ASKS
+    assert out.getvalue().count('asks to connect') == caps.MAX_ASKS
 
 
 @pytest.mark.parametrize('allow', [['bob'], ['*']])
@@ -230,17 +231,17 @@ def test_a_session_that_used_every_number_ends_with_a_word(client, bob_udp):
 
 def test_old_asks_make_room_for_new_ones(client):
     alice, out = client
-    for i in range(p2pclient.MAX_ASKS):
+    for i in range(caps.MAX_ASKS):
         alice.handle_control(alice.links[0], wire.Message(wire.ASK, name=f'asker{i}'))
     for name, (link, when) in alice.asks.items():
-        alice.asks[name] = (link, when - p2pclient.ASKS_KEPT)     # a minute ago
+        alice.asks[name] = (link, when - caps.ASKS_KEPT)     # a minute ago
     alice.handle_control(alice.links[0], wire.Message(wire.ASK, name='bob'))
     assert '* bob asks to connect' in out.getvalue()
 
 
 def test_an_introduction_with_a_role_that_is_neither_0_nor_1_is_ignored(client):
     alice, out = client
-    alice.introduced(alice.links[0], wire.Message(
+    alice.control_introduce(alice.links[0], wire.Message(
         wire.INTRODUCE, name='bob', session=TOKEN, role=255, public=('127.0.0.1', 9),
         port_delta=0, private=[], tcp_public=('127.0.0.1', 9), tcp_port=0))
     assert alice.sessions == {}

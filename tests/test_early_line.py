@@ -126,7 +126,7 @@ def test_a_line_in_flight_when_the_peer_leaves_is_reported(peers):
     bob.drop()
     alice.type('wait for me')
     bob.drop()
-    bob.client.quit()                       # bob says GOODBYE before the line got there
+    bob.client.do_quit('')                       # bob says GOODBYE before the line got there
     alice.receive()
     assert '* bob left' in alice.lines
     assert '* not delivered to bob: wait for me' in alice.lines

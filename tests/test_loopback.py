@@ -77,6 +77,29 @@ def test_connect_on_the_command_line(clients):
     alice.expect(CONNECTED.format('bob'))
 
 
+def test_the_article_alone_connects_and_chats(clients):
+    """--article runs the core Peer without any addition: UDP, consent, the punch, chat."""
+    alice, bob = clients('alice', '--article'), clients('bob', '--article')
+    connect(alice, bob)
+    alice.send('hello bob, from the article')
+    bob.expect(r'^<alice> hello bob, from the article$')
+    bob.send('/help')
+    bob.expect(r'^  /help +this text$')
+    assert not [line for line in bob.out.lines if '/send' in line or '/status' in line]
+    bob.send('/quit')
+    alice.expect(r'^\* bob left$')
+
+
+def test_the_article_alone_says_what_it_does_not_have(clients):
+    """An addition's command is unknown to --article, and its options are refused."""
+    alice = clients('alice', '--article')
+    alice.send('/send /etc/hostname')
+    alice.expect(r"^\* unknown command '/send /etc/hostname'; /help lists the commands$")
+    refused = start(command('p2pclient.py', 'carol', '--article', '--allow', '*'), 'carol')
+    assert refused.wait() == 2
+    refused.expect_log(r'--article runs one server, without --allow or -v')
+
+
 def test_list_shows_registered_names(clients):
     alice = clients('alice')
     clients('bob')

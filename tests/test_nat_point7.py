@@ -13,7 +13,7 @@ import time
 import pytest
 
 import natlab
-import p2pclient
+import presence
 from labpeers import LabRun, chat_both_ways, connect
 
 
@@ -75,10 +75,10 @@ def test_a_direct_session_outlives_the_server_losing_one_peer():
         # Each partner was sent the empty RELAY, and asks its peer with a
         # KEEPALIVE a second for up to DOUBT_WAIT whether it is still there.
         dave.expect(r'^\* lost carol: it left the server and stopped answering$',
-                    timeout=p2pclient.DOUBT_WAIT + 5)
+                    timeout=presence.DOUBT_WAIT + 5)
         # That bob's deadline passes without a word from bob is what is
         # tested, so it is waited out.
-        time.sleep(max(0.0, killed_at + p2pclient.DOUBT_WAIT + 1 - time.monotonic()))
+        time.sleep(max(0.0, killed_at + presence.DOUBT_WAIT + 1 - time.monotonic()))
         chat_both_ways(alice, bob, 'after the doubt')
         # Neither says a word about the other: no "alice left", no "lost
         # alice", no punching again; alice only about her server.

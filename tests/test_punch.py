@@ -268,7 +268,7 @@ def test_a_punch_before_our_introduce_is_kept_and_answered():
         client.peer_message(received(stranger, wire.PUNCH), bob_udp.getsockname())
         assert out.getvalue() == ''                     # nothing to say yet
         # Its public endpoint is still unknown to us: punch a closed local port.
-        client.introduced(client.links[0], introduction(public=('127.0.0.1', 9), role=1))
+        client.control_introduce(client.links[0], introduction(public=('127.0.0.1', 9), role=1))
         answer = wire.decode(bob_udp.recvfrom(2048)[0])
         assert answer.type == wire.PUNCH_ACK
         assert bob.check(answer)
