@@ -54,6 +54,8 @@ NATPMP_MAX_RETRY = 64.0
 PCP_FIRST_RETRY = 3.0
 PCP_MAX_RETRY = 1024.0
 PCP_RETRY_JITTER = 0.1
+# RFC 6887 section 11.2.1: renewals MUST NOT be sent less than 4 s apart.
+PCP_RENEWAL_GAP = 4.0
 
 MAX_REPLY = 1100            # the largest PCP message (RFC 6887 section 7)
 NONCE_SIZE = 12             # RFC 6887 section 11.1
@@ -207,8 +209,9 @@ def ipv4_of(pcp_bytes):
 class Retry:
     """When to send a request (again): the protocol's retransmission schedule."""
 
-    def __init__(self, protocol, now):
+    def __init__(self, protocol, now, renewing=False):
         self.protocol = protocol
+        self.renewing = renewing
         self.at = now           # the next send
         self.interval = None
 
@@ -224,6 +227,8 @@ class Retry:
             jitter = random.uniform(-PCP_RETRY_JITTER, PCP_RETRY_JITTER)
             base = min(2 * self.interval, PCP_MAX_RETRY) if self.interval else PCP_FIRST_RETRY
             self.interval = base * (1 + jitter)
+            if self.renewing:
+                self.interval = max(self.interval, PCP_RENEWAL_GAP)
         self.at = now + self.interval
 
 
@@ -249,7 +254,7 @@ class Lease:
         """Start asking (again): now, then on the protocol's schedule."""
         if lifetime is not None:
             self.lifetime = lifetime
-        self.retry = Retry(protocol, now)
+        self.retry = Retry(protocol, now, renewing=self.mapping is not None)
         self.error = None
 
     def request(self, protocol, client_ip):
@@ -323,15 +328,15 @@ class PortMapper:
     that).  The mapper has a socket of its own, connected to the gateway:
     the kernel then passes us the gateway's answers only, and tells us
     which of our addresses faces it (PCP requests must carry it, RFC 6887
-    section 8.1).
+    section 8.1).  ``server_port`` is for tests, whose stand-in router on
+    loopback cannot own port 5351 on a shared machine.
     """
 
     def __init__(self, udp_port, tcp_port=None, gateway=None, lifetime=DEFAULT_LIFETIME,
-                 protocol=None, clock=time.monotonic):
+                 protocol=None, server_port=SERVER_PORT):
         self.gateway = gateway or default_gateway()
         self.protocol = protocol or PCP
         self.fixed = protocol is not None
-        self.clock = clock
         self.leases = [Lease('udp', udp_port, lifetime)]
         if tcp_port:
             self.leases.append(Lease('tcp', tcp_port, lifetime))
@@ -341,7 +346,7 @@ class PortMapper:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         if self.gateway:
-            self.sock.connect((self.gateway, SERVER_PORT))
+            self.sock.connect((self.gateway, server_port))
         self.client_ip = self.sock.getsockname()[0]
 
     @property
@@ -366,17 +371,21 @@ class PortMapper:
         """
         if not self.gateway:
             return None
-        now = self.clock()
-        for lease in self.leases:
-            lease.ask(self.protocol, now)
-        if self.protocol == NATPMP:
-            self.address_retry = Retry(NATPMP, now)
+        now = time.monotonic()
+        self.ask(now)
         self._wait(now + timeout)
         self._give_up()
         errors = [lease.error for lease in self.leases if lease.error]
         if self.mapping is None and errors:
             raise PortMapError('%s: %s' % (self.protocol, errors[0]))
         return self.mapping
+
+    def ask(self, now):
+        """Start asking for every port, without blocking: tick() sends, receive() hears."""
+        for lease in self.leases:
+            lease.ask(self.protocol, now)
+        if self.protocol == NATPMP:
+            self.address_retry = Retry(NATPMP, now)
 
     def tick(self, now):
         """Send what is due (renewals, retransmissions); return when to call again."""
@@ -413,7 +422,7 @@ class PortMapper:
 
     def close(self, timeout=START_TIMEOUT):
         """Delete our mappings (lifetime 0), waiting at most ``timeout`` s; close the socket."""
-        now = self.clock()
+        now = time.monotonic()
         self.address_retry = None
         deleting = [lease for lease in self.leases if lease.mapping]
         for lease in deleting:
@@ -539,19 +548,21 @@ class PortMapper:
         return min(times) if times else None
 
     def _waiting(self):
-        """True while a request still waits for its answer."""
-        return bool(self.address_retry) or any(lease.retry for lease in self.leases)
+        """True while a request still waits for its answer (the address: for a mapping)."""
+        if any(lease.retry for lease in self.leases):
+            return True
+        return bool(self.address_retry) and any(lease.mapping for lease in self.leases)
 
     def _wait(self, deadline):
         """Drive tick() and receive() until every request is answered, or ``deadline``."""
-        now = self.clock()
+        now = time.monotonic()
         while now < deadline:
             wakeup = min(self.tick(now) or deadline, deadline)
             if not self._waiting() or self.refused_port:
                 return
             select.select([self.sock], [], [], max(0.0, wakeup - now))
-            self.receive(self.clock())
-            now = self.clock()
+            self.receive(time.monotonic())
+            now = time.monotonic()
 
     def _give_up(self):
         """Stop asking for what start-up did not get: no router answers it."""
