@@ -72,11 +72,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NFDELAY = os.path.join(HERE, 'nfdelay.py')
+LABSTUN = os.path.join(HERE, 'labstun.py')
 
 PREFIX = 'p2pn-'                    # every namespace we create starts with this
 NAT_TYPES = ('full-cone', 'restricted', 'port-restricted', 'symmetric')
@@ -116,6 +118,12 @@ CGN_INSIDE6 = '2001:db8:c0::'
 # given: Linux's default nf_conntrack_udp_timeout_stream.
 DEFAULT_MAP_TIMEOUT = 120
 TBF_LATENCY_MS = 50                 # rate_mbit: most queueing delay before tbf drops
+
+# miniupnpd (Debian's miniupnpd-nftables) on a NAT router: the port mapping
+# daemon that answers NAT-PMP and PCP on the router's LAN address, port 5351.
+MINIUPNPD = '/usr/sbin/miniupnpd'
+MINIUPNPD_TABLE = 'p2pn_upnp'       # its nft table (inet), beside p2pn_nat
+LAB_STUN_PORT = 34780               # and 34781: the STUN server miniupnpd asks (labstun.py)
 
 _lab_counter = itertools.count(1)
 _live_labs = set()                  # for the atexit / SIGTERM safety net
@@ -479,6 +487,110 @@ def duplicate_ruleset(links, fraction):
             '%s  }\n}\n' % rules)
 
 
+def miniupnpd_ruleset():
+    """nft script: the table and chains miniupnpd-nftables fills (it makes none itself).
+
+    miniupnpd 2.3.1 adds each mapping as a DNAT rule to the chain
+    ``prerouting_miniupnpd`` and an accept rule to ``miniupnpd``, both in the
+    inet table named by ``upnp_table_name``; the base chains that jump to
+    them are ours to make (Debian ships nft_init.sh for it, which needs a
+    file from another package).  Its prerouting chain runs before
+    p2pn_nat's (priority dstnat - 10): the first nat chain that translates a
+    packet wins, so a mapping beats the lab NAT's own inbound rules.  The
+    lab's forward chain already accepts what was DNATed, and ``policy
+    accept`` here leaves every other verdict to p2pn_nat.
+    """
+    t = MINIUPNPD_TABLE
+    return (
+        'table inet %s {\n'
+        '  chain forward { type filter hook forward priority filter - 10; policy accept;\n'
+        '    jump miniupnpd\n  }\n'
+        '  chain miniupnpd {\n  }\n'
+        '  chain prerouting { type nat hook prerouting priority dstnat - 10; policy accept;\n'
+        '    jump prerouting_miniupnpd\n  }\n'
+        '  chain prerouting_miniupnpd {\n  }\n'
+        '  chain postrouting { type nat hook postrouting priority srcnat - 10; policy accept;\n'
+        '    jump postrouting_miniupnpd\n  }\n'
+        '  chain postrouting_miniupnpd {\n  }\n'
+        # miniupnpd's STUN check (labstun.py) wants its own ports unchanged
+        # (a symmetric lab NAT would randomise them) and answers from an
+        # address and port it did not send to (the lab NAT drops those):
+        # its packets, and only those, bypass conntrack, so no NAT rule
+        # sees them and none counts as "new".
+        '  chain stun_out { type filter hook output priority raw; policy accept;\n'
+        '    ip daddr { %s } udp dport { %d, %d } notrack\n  }\n'
+        '  chain stun_in { type filter hook prerouting priority raw; policy accept;\n'
+        '    ip saddr { %s } udp sport { %d, %d } notrack\n  }\n'
+        '}\n' % ((t,) + (', '.join(SERVER_ADDRS), LAB_STUN_PORT, LAB_STUN_PORT + 1) * 2))
+
+
+def miniupnpd_config(lan, lease_file):
+    """miniupnpd.conf for a lab router whose LAN is ``lan`` (e.g. '198.18.1').
+
+    NAT-PMP and PCP only (``enable_natpmp`` turns on both in 2.3.1, which
+    rejects the later ``enable_pcp_pmp``), IPv4 only, secure mode (a host
+    maps ports to itself only), mappings for the lab LAN's unprivileged
+    ports.  The WAN address is an RFC 5737 one, which miniupnpd calls
+    reserved and will not map ports on; ``ext_perform_stun`` makes it ask
+    the lab's STUN server, which shows that nothing filters in front of the
+    router, and so enables port forwarding.
+    """
+    return '\n'.join([
+        'ext_ifname=wan',
+        'listening_ip=lan',
+        'enable_natpmp=yes',
+        'enable_upnp=no',
+        'ipv6_disable=yes',
+        'secure_mode=yes',
+        'ext_perform_stun=yes',
+        'ext_stun_host=%s' % SERVER_ADDRS[0],
+        'ext_stun_port=%d' % LAB_STUN_PORT,
+        'lease_file=%s' % lease_file,
+        'upnp_table_name=%s' % MINIUPNPD_TABLE,
+        'upnp_nat_table_name=%s' % MINIUPNPD_TABLE,
+        'allow 1024-65535 %s.0/24 1024-65535' % lan,
+        'deny 0-65535 0.0.0.0/0 0-65535',
+    ]) + '\n'
+
+
+class Daemon:
+    """A lab daemon's stderr, read by a thread: every line, and a wait for one."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.lines = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        """Collect lines until the daemon closes stderr (it exited, or was killed)."""
+        with self.proc.stderr:
+            for line in self.proc.stderr:
+                with self._changed:
+                    self.lines.append(line.rstrip('\n'))
+                    self._changed.notify_all()
+        with self._changed:
+            self.lines.append(None)         # end of the log
+            self._changed.notify_all()
+
+    def wait_for(self, text, timeout):
+        """True once a line containing ``text`` was logged; False on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                if any(line is not None and text in line for line in self.lines):
+                    return True
+                left = deadline - time.monotonic()
+                if (self.lines and self.lines[-1] is None) or left <= 0:
+                    return False
+                self._changed.wait(left)
+
+    def log(self):
+        """Everything logged so far, one string."""
+        with self._changed:
+            return '\n'.join(line for line in self.lines if line is not None)
+
+
 def rate_commands(device, rate_mbit):
     """``tc -batch`` lines: a tbf qdisc that limits ``device``'s egress to rate_mbit.
 
@@ -589,6 +701,12 @@ class Lab:
                        (traffic toward the router) and on the router's
                        ``wan`` (traffic toward inet); see rate_commands().
                        Needs ``tc``.  None: no limit.
+    miniupnpd          a site ('a', 'b') or several: run miniupnpd (NAT-PMP
+                       and PCP) on that site's router, started and stopped
+                       with the lab.  Needs miniupnpd-nftables installed;
+                       a STUN server (labstun.py) runs on the server host.
+                       lab.miniupnpd_log(site) shows what it logged,
+                       lab.leases(site) its lease file.
 
     Hosts: server, stranger, a1, a2, b1, b2; routers: inet, ra, rb, cgn.
     """
@@ -601,7 +719,7 @@ class Lab:
                  cgn=None, cgn_type='port-restricted', cgn_hairpin=False,
                  delay_ms=0, jitter_ms=0, loss=0.0, udp_timeout=None, ipv6=False,
                  loss_udp_only=False, multihomed=False, duplicate=0.0, rate_mbit=None,
-                 tcp_timeout=None):
+                 tcp_timeout=None, miniupnpd=()):
         for t in (nat_a, nat_b, cgn_type):
             if t not in ALL_NAT_TYPES:
                 raise ValueError('unknown NAT type %r (want one of %s)' % (t, ALL_NAT_TYPES))
@@ -626,6 +744,11 @@ class Lab:
         if rate_mbit is not None and not rate_mbit > 0:
             raise ValueError('rate_mbit must be positive (or None)')
         self.rate_mbit = rate_mbit
+        self.miniupnpd = (miniupnpd,) if isinstance(miniupnpd, str) else tuple(miniupnpd or ())
+        if set(self.miniupnpd) - set(SITES):
+            raise ValueError('miniupnpd runs on sites %s only' % ', '.join(SITES))
+        self._daemons = {}          # site -> Daemon (miniupnpd)
+        self._tmpdirs = []
         # pid + counter: unique among parallel labs; the pid lets
         # cleanup_stale() tell a dead run's namespaces from a live one's.
         self.id = '%dx%d' % (os.getpid(), next(_lab_counter))
@@ -727,6 +850,18 @@ class Lab:
             return self.run(node, ['conntrack', '-L']).stdout
         return self.run(node, ['cat', '/proc/net/nf_conntrack']).stdout
 
+    def miniupnpd_log(self, site):
+        """What miniupnpd on ``site``'s router logged so far (it runs with -d)."""
+        return self._daemons[site].log()
+
+    def leases(self, site):
+        """miniupnpd's lease file on ``site``: one line per live mapping ('' when none)."""
+        try:
+            with open(self._lease_file(site)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ''
+
     def ruleset(self, node):
         """``nft list ruleset`` of ``node`` (debugging aid: shows the maps' contents)."""
         return self.run(node, ['nft', 'list', 'ruleset']).stdout
@@ -774,6 +909,7 @@ class Lab:
         self._install_sigterm()
         try:
             self._build()
+            self._start_miniupnpd()
         except BaseException:
             self.close()
             raise
@@ -816,10 +952,65 @@ class Lab:
                             pass
             # Anything still inside (grandchildren...) dies with the namespace.
             delete_namespaces(self._created)
+            for path in self._tmpdirs:
+                shutil.rmtree(path, ignore_errors=True)
         finally:
             _live_labs.discard(self)
             self._restore_sigterm()
             self.teardown_seconds = time.monotonic() - t0
+
+    def _lease_file(self, site):
+        return os.path.join(self._tmpdirs[0], '%s.leases' % SITES[site]['router'])
+
+    def _start_miniupnpd(self):
+        """Start the STUN server, then miniupnpd on each router asked for; wait until ready.
+
+        Ready is miniupnpd's "Listening for NAT-PMP/PCP traffic" line; before
+        it, its STUN check must have said "Port forwarding is now enabled".
+        """
+        if not self.miniupnpd:
+            return
+        if not os.access(MINIUPNPD, os.X_OK):
+            raise LabError('%s missing: apt-get install miniupnpd-nftables' % MINIUPNPD)
+        self._tmpdirs.append(tempfile.mkdtemp(prefix='p2pn-upnp-'))
+        self._start_labstun()
+        for site in self.miniupnpd:
+            router, lan = SITES[site]['router'], SITES[site]['lan']
+            r = self.run(router, ['nft', '-f', '-'], input=miniupnpd_ruleset())
+            if r.returncode:
+                raise LabError('miniupnpd tables on %s: %s' % (router, r.stderr.strip()))
+            conf = os.path.join(self._tmpdirs[0], '%s.conf' % router)
+            with open(conf, 'w') as f:
+                f.write(miniupnpd_config(lan, self._lease_file(site)))
+            # -d: stay in the foreground and log to stderr.  It logs to
+            # syslog too, with LOG_CONS: where no syslog daemon listens
+            # (/dev/log), glibc would write every line to /dev/console, so
+            # that is /dev/null in the mount namespace ip netns exec made.
+            proc = self.popen(router, [
+                'sh', '-c', 'mount --bind /dev/null /dev/console; exec "$@"', 'miniupnpd',
+                MINIUPNPD, '-d', '-f', conf,
+                '-P', os.path.join(self._tmpdirs[0], '%s.pid' % router)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                text=True)
+            daemon = self._daemons[site] = Daemon(proc)
+            if not daemon.wait_for('Listening for NAT-PMP/PCP traffic', 10):
+                raise LabError('miniupnpd on %s did not start:\n%s' % (router, daemon.log()))
+            if 'Port forwarding is now enabled' not in daemon.log():
+                raise LabError('miniupnpd on %s will not map ports:\n%s'
+                               % (router, daemon.log()))
+
+    def _start_labstun(self):
+        """The STUN server miniupnpd asks at start-up, on the server host's two addresses."""
+        stun = self.popen('server', [sys.executable, LABSTUN, SERVER_ADDRS[0], SERVER_ADDRS[1],
+                                     str(LAB_STUN_PORT)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+        self._own_procs.append(stun)
+        ready, _, _ = select.select([stun.stdout], [], [], 5)
+        if not ready or stun.stdout.readline().strip() != b'ready':
+            stun.kill()
+            raise LabError('labstun did not start: %s'
+                           % stun.stderr.read().decode(errors='replace').strip())
 
     def _install_sigterm(self):
         # A plain SIGTERM would kill Python without running finally clauses and
@@ -1378,6 +1569,8 @@ def add_lab_arguments(parser):
     parser.add_argument('--tcp-timeout', type=float, default=None)
     parser.add_argument('--ipv6', action='store_true')
     parser.add_argument('--rate-mbit', type=float, default=None)
+    parser.add_argument('--miniupnpd', action='append', choices=tuple(SITES), default=[],
+                        help="run miniupnpd (NAT-PMP, PCP) on this site's router")
 
 
 def lab_from_args(args):
@@ -1387,7 +1580,7 @@ def lab_from_args(args):
                cgn_hairpin=args.cgn_hairpin, delay_ms=args.delay_ms,
                jitter_ms=args.jitter_ms, loss=args.loss, udp_timeout=args.udp_timeout,
                tcp_timeout=args.tcp_timeout, ipv6=args.ipv6, loss_udp_only=args.loss_udp_only,
-               rate_mbit=args.rate_mbit)
+               rate_mbit=args.rate_mbit, miniupnpd=args.miniupnpd)
 
 
 def measure_hairpin(lab, site='a', port=40100):
