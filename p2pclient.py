@@ -43,8 +43,9 @@ from script import ScriptMixIn
 from servers import SeveralServersMixIn
 from session import Session
 from status import StatusMixIn
-from tcppunch import TcpFirstMixIn
+from tcppunch import TcpPunchMixIn
 from transfer import FilesMixIn
+from upgrade import UpgradeMixIn
 
 
 class Peer(Console):
@@ -152,7 +153,7 @@ class Peer(Console):
         if session.punching:
             session.punch.tick(now)
             if session.punch.expired(now):
-                self.relay(session, now)
+                self.punch_failed(session, now)
         for text in session.channel.retransmit(now):
             self.say(f'not delivered to {session.name}: {wire.safe(text)}')
         if session.endpoint is not None:
@@ -163,6 +164,14 @@ class Peer(Console):
         session.keepalive.tick(now)
         if session.keepalive.dead(now) or session.channel.stalled:
             self.punch_again(session, now)
+
+    def punch_failed(self, session, now):
+        """No proof within the punch timeout: the relay carries the chat (point 11)."""
+        session.punch_running = False
+        if session.relayed:
+            self.say(f'no direct path to {session.name}: chat stays on the relay')
+        elif not session.direct:
+            self.relay(session, now)
 
     def relay(self, session, now):
         """Hook: no direct path: chat goes through the server (point 11)."""
@@ -400,7 +409,7 @@ class Peer(Console):
         session.channel.hurry(now)
 
 
-class Client(StatusMixIn, ScriptMixIn, FilesMixIn, TcpFirstMixIn, SeveralServersMixIn,
+class Client(StatusMixIn, ScriptMixIn, FilesMixIn, TcpPunchMixIn, UpgradeMixIn, SeveralServersMixIn,
              EarlyLinesMixIn, RoamingMixIn, RePunchMixIn, PresenceMixIn, AllowMixIn, CapsMixIn,
              narrate.NarrateMixIn, Peer):
     """The peer with every addition: what ``p2pclient.py NAME`` runs."""
