@@ -11,16 +11,15 @@ puts the reply together from them.  Anything unusual takes the plain path,
 which also names what was wrong.  tests/test_fastpath.py holds the two to
 the same bytes.
 
-Plugged into the server as a mix-in, composed in rendezvous.main():
+Plugged into the server as a mix-in, composed in rendezvous.py:
 
-    class Server(PktinfoMixIn, FastMappingMixIn, Rendezvous): ...
+    class Server(PktinfoMixIn, FastMappingMixIn, ..., Rendezvous): ...
 """
 
 import logging
 import struct
 
 import p2pcommon as wire
-from limits import address_key
 
 log = logging.getLogger('rendezvous')
 
@@ -41,7 +40,7 @@ class FastMappingMixIn:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.addresses = {}         # source host -> (plain, family, XORed bytes, limits' key)
+        self.addresses = {}         # source host -> (plain host, family, XORed address bytes)
 
     def answer_mapping(self, sock, data, source, now, arrival=None):
         """What Rendezvous.answer_mapping does, byte for byte, without decoding."""
@@ -49,14 +48,13 @@ class FastMappingMixIn:
             super().answer_mapping(sock, data, source, now, arrival)
             return
         token = data[wire.HEADER_SIZE:TOKEN_END]
-        host, family, packed, key = self.source_address(source[0])
+        host, family, packed = self.source_address(source[0])
         public = (host, source[1])
         debug = log.isEnabledFor(logging.DEBUG)     # formatting costs, even when not logged
         if debug:
             log.debug('< MAPPING from %s (udp %d)', wire.format_endpoint(public),
                       sock.getsockname()[1])
-        if not self.mapping_limit.allow(key, now):
-            self.dropped['mappings too fast'] += 1
+        if not self.allow_mapping(host, now):
             return
         self.note_mapping(sock, token, public)
         if debug:
@@ -73,7 +71,7 @@ class FastMappingMixIn:
             pass                            # a lost answer: the peer asks again
 
     def source_address(self, host):
-        """(plain host, family byte, XORed address bytes, limits' key) for an address.
+        """(plain host, family byte, XORed address bytes) for a source address.
 
         Parsing an address string is the dearest step of a MAPPING answer,
         and the same peers ask again and again, so the answers are kept,
@@ -85,8 +83,7 @@ class FastMappingMixIn:
                 self.addresses.clear()
             plain = wire.plain((host, 0))[0]
             encoded = wire.ENDPOINT.pack((plain, 0))
-            known = self.addresses[host] = (plain, encoded[0], encoded[3:],
-                                            address_key(plain, self.limits.ipv6_prefix))
+            known = self.addresses[host] = (plain, encoded[0], encoded[3:])
         return known
 
 

@@ -10,9 +10,9 @@ the answer names that address as its source.  It costs about a tenth of
 the MAPPING rate (recvmsg and sendmsg); sockets bound to one address do
 not need it and do not pay it.
 
-Plugged into the server as a mix-in, composed in rendezvous.main():
+Plugged into the server as a mix-in, composed in rendezvous.py:
 
-    class Server(PktinfoMixIn, FastMappingMixIn, Rendezvous): ...
+    class Server(PktinfoMixIn, FastMappingMixIn, ..., Rendezvous): ...
 """
 
 import logging
