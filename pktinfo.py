@@ -29,7 +29,7 @@ IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)    # Linux's number: Python 3.11 h
 ASK_PKTINFO = {socket.AF_INET6: (socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO),
                socket.AF_INET: (socket.IPPROTO_IP, IP_PKTINFO)}
 PKTINFO_SPACE = socket.CMSG_SPACE(20)           # struct in6_pktinfo, the larger of the two
-BURST = 64                  # datagrams read per wake-up, as rendezvous.UDP_BURST
+BURST = 64                  # datagrams read per wake-up, as fastpath.BURST
 
 
 class PktinfoMixIn:
