@@ -30,6 +30,8 @@ import p2pcommon as wire
 log = logging.getLogger('rendezvous')
 
 MAX_SESSIONS = 64               # introductions one peer may hold open at once
+MAPPING_SIZE = wire.HEADER_SIZE + wire.TOKEN_SIZE + wire.Endpoint.SIZE   # request and reply
+TYPE_OFFSET = 3                 # the header's type byte: magic (2), version (1), type
 SUMMARY_INTERVAL = 60.0         # seconds between reports of what was dropped and refused
 
 # TCP keepalives on every control connection: a peer whose machine died or
@@ -411,6 +413,16 @@ class LimitsMixIn:
             self.unrelayed['to a peer that reads too slowly'] += 1
         else:
             super().relay(peer, message)
+
+    def answer_mapping(self, sock, data, source, now, arrival=None):
+        """As the server's, but what is not a MAPPING by its size or type byte goes at once.
+
+        Decoding it first would make a flood of garbage dearer.
+        """
+        if len(data) != MAPPING_SIZE or data[TYPE_OFFSET] != wire.MAPPING:
+            self.dropped['not a mapping request'] += 1
+            return
+        super().answer_mapping(sock, data, source, now, arrival)
 
     def allow_mapping(self, host, now):
         """MAPPING requests from one source, at most --mapping-rate a second."""

@@ -13,14 +13,12 @@ server RELAY their traffic over the control connections (point 11).
 One event loop serves every socket: the TCP listener, every control
 connection, and two UDP sockets, on PORT and PORT + 1, so that a peer can
 see whether its NAT maps both destinations to the same public port (point
-6).  The loop uses the ``selectors`` module, which picks epoll or kqueue
-where there is one: plain ``select()`` takes descriptors below 1,024
-only (FD_SETSIZE), which would cap us at about a thousand peers.
+6).  It is the article's select(), through ``selectors``: epoll where there
+is one, as select() takes descriptors below 1,024 only (FD_SETSIZE).
 
-``Rendezvous`` is the article's design and no more.  What a server on the
-open internet needs besides comes in additions, a module each, that
-override its hooks ("Hook:" in their docstrings) and call ``super()``, as
-socketserver's ThreadingMixIn does for TCPServer; ``Server`` composes them.
+``Rendezvous`` is the article's design and no more.  Additions, a module
+each, override its hooks ("Hook:") and call ``super()``, as socketserver's
+ThreadingMixIn does for TCPServer; ``Server`` composes them.
 """
 
 import functools
@@ -32,9 +30,9 @@ import sys
 import time
 
 import identity
-import listeners
 import p2pcommon as wire
 import servermain
+import serversockets
 from consent import ConsentMixIn
 from fastpath import FastMappingMixIn, WriteAtOnceMixIn
 from limits import Limits, LimitsMixIn
@@ -44,8 +42,6 @@ from pktinfo import PktinfoMixIn
 log = logging.getLogger('rendezvous')
 
 MAX_REQUEST = 2048              # the largest control message a peer may send
-MAPPING_SIZE = wire.HEADER_SIZE + wire.TOKEN_SIZE + wire.Endpoint.SIZE   # request and reply
-TYPE_OFFSET = 3                 # the header's type byte: magic (2), version (1), type
 
 
 class Peer:
@@ -73,8 +69,7 @@ class Peer:
     def port_delta(self):
         """How far the NAT moved our port between the two server ports (point 6).
 
-        Zero for a cone NAT, which keeps one mapping for every destination;
-        for a symmetric NAT that counts up, the step to predict the next.
+        Zero for a cone NAT; for a symmetric NAT that counts up, the step to predict.
         """
         if self.public is None or self.probed is None or self.public[0] != self.probed[0]:
             return 0
@@ -86,10 +81,9 @@ class Peer:
 
 
 class Session:
-    """Two introduced peers, the token the server gave them, and its id (point 4).
+    """Two introduced peers, their token, and the id their messages carry (point 4).
 
-    The id, derived from the token, is how the peers' messages name the
-    session (identity.py): kept here, a relayed message costs no HMAC.
+    Derived from the token (identity.py), the id is kept: a relay costs no HMAC.
     """
 
     def __init__(self, token, asker, answerer):
@@ -100,8 +94,12 @@ class Session:
         return self.peers[1] if self.peers[0] is peer else self.peers[0]
 
 
-class Rendezvous:
-    """The mediator: a registry of peers and one loop over all sockets."""
+class Rendezvous(serversockets.ControlIO):
+    """The mediator: a registry of peers and one loop over all sockets.
+
+    ControlIO reads each control connection into whole messages for
+    ``handle``, and writes what ``send_encoded`` queues.
+    """
 
     def __init__(self, binds=('::',), port=wire.DEFAULT_PORT, limits=None):
         self.limits = limits or Limits()    # the additions' settings: the core reads none
@@ -112,7 +110,7 @@ class Rendezvous:
         self.asks = {}                  # target -> the peers that asked it and wait (point 4)
         self.asked = {}                 # asker -> the peers it asked
         self.sessions = {}              # session token -> Session
-        self.port, sockets = listeners.open_all(binds, port)
+        self.port, sockets = serversockets.open_all(binds, port)
         self.probes = {probe for _, _, probe in sockets}
         for listener, udp, probe in sockets:        # on each address given
             self.selector.register(listener, selectors.EVENT_READ, self.accept)
@@ -191,60 +189,6 @@ class Rendezvous:
         self.selector.register(sock, selectors.EVENT_READ, functools.partial(self.ready, peer))
         log.debug('connection from %s', peer)
 
-    def ready(self, peer, sock, mask):
-        """The loop's handler of a control connection: write what waits, read what came."""
-        if mask & selectors.EVENT_WRITE:
-            self.write(peer)
-        if mask & selectors.EVENT_READ:
-            self.read(peer)
-
-    def read(self, peer):
-        """Read what is there, and handle every whole message in it.
-
-        A message that does not decode gets an ERROR, and the stream goes
-        on; a stream that is not framed as ours is closed, with a reason.
-        """
-        try:
-            data = peer.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b''
-        if not data:
-            self.close(peer)
-            return
-        peer.reader.feed(data)
-        try:
-            for frame in peer.reader.frames():
-                try:
-                    message = wire.decode(frame)
-                except wire.FramingError:
-                    raise
-                except wire.ProtocolError as error:
-                    self.send_error(peer, wire.E_BAD_MESSAGE, str(error), 'bad message')
-                    continue
-                self.handle(peer, message)
-                if peer.sock.fileno() < 0:
-                    return      # the message closed the connection
-        except wire.FramingError as error:
-            log.debug('closing %s: %s', peer, error)
-            self.send_error(peer, wire.E_BAD_MESSAGE, str(error), 'broken stream')
-            self.write(peer)
-            self.close(peer)
-
-    def write(self, peer):
-        """Send what is queued; stop asking for EVENT_WRITE when done."""
-        try:
-            del peer.output[:peer.sock.send(peer.output)]
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close(peer)
-            return
-        if not peer.output and peer.sock.fileno() >= 0:
-            self.selector.modify(peer.sock, selectors.EVENT_READ,
-                                 self.selector.get_key(peer.sock).data)
-
     def admit(self, peer):
         """Hook: may a new connection stay?  The article's server takes every one."""
         return True
@@ -286,10 +230,10 @@ class Rendezvous:
             # An empty RELAY tells the partner the relay is gone; not a BYE:
             # we cannot seal one, and a direct path may well live on.
             self.send(session.other(peer), wire.RELAY, session=token, message=b'')
-        for asker in list(self.asks.get(peer, ())):
-            self.withdraw(asker, peer)
-        for target in list(self.asked.get(peer, ())):
-            self.withdraw(peer, target)
+        for asker in self.asks.pop(peer, ()):
+            self.asked[asker].discard(peer)
+        for target in self.asked.pop(peer, ()):
+            self.asks[target].discard(peer)
         if peer.key is not None and self.peers.get(peer.key) is peer:
             del self.peers[peer.key], self.by_token[peer.token]
             log.info('%s disconnected', peer)
@@ -310,13 +254,12 @@ class Rendezvous:
 
         The source address and port are the mapping the peer's NAT made,
         noted for the peer whose token the request carries.  Nothing else
-        comes to us over UDP: the rest is dropped by its size or type byte.
+        comes to us over UDP.
         """
-        if len(data) != MAPPING_SIZE or data[TYPE_OFFSET] != wire.MAPPING:
-            self.drop(source, 'not a mapping request')
-            return
         try:
             request = wire.decode(data)
+            if request.type != wire.MAPPING:
+                raise wire.ProtocolError(f'type: {request.name_of_type} over UDP')
             if request.flags & wire.FLAG_REPLY:     # point 8: a reply is never answered
                 raise wire.ProtocolError('flags: a reply sent to the server')
         except wire.ProtocolError as error:
@@ -363,10 +306,7 @@ class Rendezvous:
     # -- 4. a connection requested: the target asked, both introduced ----------
 
     def connect(self, peer, target_name):
-        """Ask the target, or if it asked first introduce the pair (point 4).
-
-        Only the asker's name goes to the target before it agrees: not even its addresses.
-        """
+        """Ask the target, or if it asked first introduce the pair (point 4)."""
         target = self.find(target_name)
         if target is None or target.public is None:
             self.send_error(peer, wire.E_UNKNOWN_PEER, f'no peer named {target_name!r}',
@@ -388,7 +328,10 @@ class Rendezvous:
             self.ask(peer, target)
 
     def ask(self, peer, target):
-        """Hook: "the mediator asks the target to send a request" (point 4)."""
+        """Hook: "the mediator asks the target to send a request" (point 4), by name alone.
+
+        Not even the asker's addresses go to the target before it agrees.
+        """
         self.asks.setdefault(target, set()).add(peer)
         self.asked.setdefault(peer, set()).add(target)
         # A request of ours, so without the reply flag (point 8).  The
@@ -401,20 +344,15 @@ class Rendezvous:
         """Forget that asker waits for target's answer; True if it was waiting."""
         if asker not in self.asks.get(target, ()):
             return False
-        for index, key, value in ((self.asks, target, asker), (self.asked, asker, target)):
-            index[key].discard(value)
-            if not index[key]:
-                del index[key]
+        self.asks[target].discard(asker)
+        self.asked[asker].discard(target)
         return True
 
     def pair(self, peer, target):
-        """Hook: introduce two peers, peer asked first, with a fresh session token.
-
-        A pair has one session: a new introduction replaces the old one.
-        """
+        """Hook: introduce two peers, peer asked first, with a fresh session token."""
         for old, session in list(peer.sessions.items()):
             if session.other(peer) is target:
-                self.forget_session(old)
+                self.forget_session(old)        # a pair has one session: the newest
         token = secrets.token_bytes(wire.TOKEN_SIZE)
         session = self.sessions[token] = Session(token, peer, target)
         peer.sessions[token] = target.sessions[token] = session
@@ -497,11 +435,7 @@ class Server(PktinfoMixIn, FastMappingMixIn, LimitsMixIn, WriteAtOnceMixIn, Cons
              NameOwnersMixIn, Rendezvous):
     """The server main() runs: the article's Rendezvous and its additions.
 
-    pktinfo.py answers from the address a request came to, fastpath.py
-    answers the common MAPPING from bytes and writes replies at once,
-    limits.py bounds what a stranger may cost, consent.py lets asks run
-    out and be declined, names.py keeps each name, as it reads, for its
-    owner's key.
+    Each module's docstring says what it adds, and why (README: The code).
     """
 
 
