@@ -426,8 +426,9 @@ class LimitsMixIn:
 
     def allow_mapping(self, host, now):
         """MAPPING requests from one source, at most --mapping-rate a second."""
-        if self.mapping_limit.allow(address_key(host, self.limits.ipv6_prefix), now):
-            return True
+        limit = self.mapping_limit
+        if not limit.rate or limit.allow(address_key(host, self.limits.ipv6_prefix), now):
+            return True         # (no limit: the hot path skips working out the source)
         self.dropped['mappings too fast'] += 1
         return False
 
