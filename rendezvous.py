@@ -280,7 +280,7 @@ class Rendezvous(serversockets.ControlIO):
         return True
 
     def drop(self, source, why, error=None):
-        """Hook: a datagram dropped, for why, a short fixed reason."""
+        """Hook: a datagram is dropped; why is a short fixed reason, error the decoder's."""
         log.debug('< bad datagram from %s: %s', source, error or why)
 
     def note_mapping(self, sock, token, public):
