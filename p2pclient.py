@@ -277,9 +277,7 @@ class Peer(Console):
     def relay_lost(self, link):
         """Hook: a server went away, and the sessions it relayed with it.
 
-        The server forgets a session when either peer's control connection
-        closes, so even after we register again nothing would reach the
-        peer: say so, and how to reach it again.
+        (A server forgets a session with either peer's control connection.)
         """
         for session in list(self.sessions.values()):
             if session.link is link and session.relayed:

@@ -107,8 +107,8 @@ def on_tcp(proc, peer, first=None, timeout=20):
     """
     if first is not None and first[0] == 'direct, tcp':
         return first[1]
-    return proc.expect(rf'^\* connected to {peer} at (\S+) \(direct, tcp, \d+ ms\)$',
-                       timeout).group(1)
+    return proc.seen(rf'^\* connected to {peer} at (\S+) \(direct, tcp, \d+ ms\)$',
+                     timeout).group(1)
 
 
 def chat_both_ways(alice, bob, text='hello', timeout=20):

@@ -491,8 +491,7 @@ def test_a_tcp_path_that_dies_is_noticed_and_udp_takes_over():
         # Within tcppunch.TCP_DEAD_AFTER (20 s) of the line, not TCP's 15 minutes.
         alice.expect(r'^\* lost the TCP connection to bob; punching UDP$', timeout=40)
         assert labpeers.how(alice, 'bob')[0] == 'direct'
-        assert labpeers.how(bob, 'alice')[0] == 'direct'
-        bob.expect(r'^<alice> are you there\?$')
+        bob.seen(r'^<alice> are you there\?$')     # on UDP: before or after bob's own notice
         chat_both_ways(alice, bob)
 
 
