@@ -75,6 +75,16 @@ def help_entry(action):
 class Console:
     """The user's side of the client: stdin, commands, chat to the chosen peer."""
 
+    def say(self, text):
+        """Print a status line; they all start with '* '."""
+        self.out.write(f'* {text}\n')
+        self.out.flush()
+
+    def show_chat(self, name, text):
+        """Print a peer's chat line, made safe for the terminal."""
+        self.out.write(f'<{name}> {wire.safe(text)}\n')
+        self.out.flush()
+
     def read_stdin(self, fd, mask):
         """Act on each complete line the user typed, in order; note the end of input."""
         lines, ended = self.stdin.read()
@@ -210,3 +220,14 @@ class Console:
         """Hook: lines typed for the chosen peer before its session: not sent."""
         others = ''.join(f', or /to {s.name}' for s in self.sessions.values())
         self.say(f'not connected to {self.chosen}: /connect {self.chosen} first{others}')
+
+    def session_named(self, name):
+        """The newest session with the peer called name, or None."""
+        for session in reversed(self.sessions.values()):
+            if session.name == name:
+                return session
+        return None
+
+    def registered_link(self):
+        """The first server we are registered with, or None."""
+        return next((link for link in self.links if link.token is not None), None)

@@ -14,12 +14,10 @@ and then, in one loop over stdin, the control socket and the UDP socket:
   the hole open (point 9);
 * if punching fails, chat goes through the server's relay (point 11).
 
-``Peer`` below is that design and nothing else (``--article`` runs it
-alone).  What was added since, TCP hole punching, several servers, files
-and the rest, is in modules of their own: each is a mix-in that overrides
-one of the hooks marked "hook" here and calls ``super()``, and ``Client``
-at the bottom composes them, as ``socketserver`` composes a
-``ThreadingMixIn`` with a ``TCPServer``.
+``Peer`` is that design alone (``--article`` runs it).  Each addition
+since (TCP, several servers, files...) is a mix-in in a module of its own
+that overrides the methods marked "Hook" and calls ``super()``; ``Client``
+composes them, as ``socketserver`` composes ThreadingMixIn and TCPServer.
 """
 
 import selectors
@@ -78,21 +76,14 @@ class Peer(Console):
         self.selector = selectors.DefaultSelector()
         self.running = True
 
-    def say(self, text):
-        """Print a status line; they all start with '* '."""
-        self.out.write(f'* {text}\n')
-        self.out.flush()
-
-    def show_chat(self, name, text):
-        """Print a peer's chat line, made safe for the terminal."""
-        self.out.write(f'<{name}> {wire.safe(text)}\n')
-        self.out.flush()
-
     # -- start-up: register (point 2), then learn the mapping (point 3) ------
 
     def start(self):
         """Register with the server, then learn our public endpoint from it."""
-        self.open_udp()
+        try:
+            self.udp = wire.UDPSocket(self.udp_port)    # for IPv6 and IPv4 alike
+        except OSError as error:
+            raise Fatal(f'cannot use UDP port {self.udp_port}: {error.strerror}') from None
         self.networks = interfaces.our_networks()
         reached = self.register()
         first = reached[0]
@@ -108,13 +99,6 @@ class Peer(Console):
                      f'public endpoint {wire.format_endpoint(self.mapping.public)} '
                      f'({self.mapping.describe()})')
         self.udp.setblocking(False)
-
-    def open_udp(self):
-        """The one UDP socket we punch from, for IPv6 and IPv4 alike."""
-        try:
-            self.udp = wire.UDPSocket(self.udp_port)
-        except OSError as error:
-            raise Fatal(f'cannot use UDP port {self.udp_port}: {error.strerror}') from None
 
     def register(self):
         """Hook: register with the server; return the links registered (one here)."""
@@ -191,17 +175,6 @@ class Peer(Console):
         session.started = now
         session.start_punch(now)
         session.keepalive.heard(now)
-
-    def session_named(self, name):
-        """The newest session with the peer called name, or None."""
-        for session in reversed(self.sessions.values()):
-            if session.name == name:
-                return session
-        return None
-
-    def registered_link(self):
-        """The first server we are registered with, or None."""
-        return next((link for link in self.links if link.token is not None), None)
 
     # -- messages from the server (point 2) -----------------------------------
 
