@@ -30,9 +30,15 @@ the session's MAC check; anything else that reaches these sockets is
 ignored.
 
 Nothing here blocks: the client's loop calls ``tick`` and reads the
-sockets.  ``BirthdayMixIn`` is the client's side.
+sockets.  ``BirthdayMixIn`` is the client's side: the search starts with
+UDP punching and runs beside it; the relay waits until it gives up.  The
+socket that met the peer becomes the session's path (everything the
+session sends to the peer leaves from it, keepalives too), and the others
+close at once.
 """
 
+import functools
+import math
 import random
 import selectors
 
@@ -86,6 +92,8 @@ def role(mapping, introduction):
 class Search:
     """What both sides share: a rate, a deadline, and the datagrams sent."""
 
+    winner = None               # the socket that met the peer (Sockets only)
+
     def __init__(self, seal, now, rate, give_up):
         self.seal = seal            # encodes a PUNCH sealed with the session's MAC
         self.started = now
@@ -116,7 +124,7 @@ class Probes(Search):
         super().__init__(seal, now, rate, give_up)
         self.send = send
         self.address = address
-        count = min(PORTS, int(rate * give_up) + 1)
+        count = min(PORTS, math.ceil(rate * give_up))     # one each 1/rate s, from 0
         self.ports = _random.sample(range(FIRST_PORT, 65536), count)
 
     def tick(self, now):
@@ -150,7 +158,6 @@ class Sockets(Search):
         self.target = target
         self.limit = limit
         self.open = []              # the sockets still open, the winner too
-        self.winner = None
 
     def tick(self, now):
         """Open the sockets that are due, each sending its PUNCH."""
@@ -189,3 +196,126 @@ class Sockets(Search):
         """Forget one socket: out of the selector, then closed."""
         self.selector.unregister(sock)
         sock.close()
+
+
+class BirthdayMixIn:
+    """The client's side: a search per session, where our NAT and the peer's call for one.
+
+    ``birthday_sockets``, ``birthday_rate`` and ``birthday_time`` are the
+    bounds (SOCKETS, RATE, GIVE_UP); any of them 0 turns the search off.
+    Each session gets ``birthday``: the Probes or Sockets under way, or
+    the Sockets whose winner carries the path, or None.
+    """
+
+    def __init__(self, *args, birthday_sockets=SOCKETS, birthday_rate=RATE,
+                 birthday_time=GIVE_UP, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.birthday_bounds = (birthday_sockets, birthday_rate, birthday_time)
+
+    def make_session(self, link, message, targets, now, started):
+        """Decide our part now, from the introduction; it starts with UDP punching."""
+        session = super().make_session(link, message, targets, now, started)
+        part = role(self.mapping, message) if all(self.birthday_bounds) else None
+        session.birthday_plan = (part, message.public) if part else None
+        session.birthday = None
+        return session
+
+    def searching(self, session):
+        """True while the session's search is under way (not met, not given up)."""
+        return session.birthday is not None and session.birthday.winner is None
+
+    def busy(self):
+        """A search paces its datagrams: the loop wakes as often as for punching."""
+        return super().busy() or any(map(self.searching, self.sessions.values()))
+
+    def check_session(self, session, now):
+        """Start the search with UDP punching; end it at the path or at its time."""
+        if session.birthday_plan and session.punching:
+            self.start_birthday(session, now)
+        if self.searching(session):
+            search = session.birthday
+            if session.endpoint is not None or session.on_tcp:
+                self.end_birthday(session, f'birthday search: {search.sent} datagrams toward '
+                                           f'{session.name} before the path was found')
+            elif search.expired(now):
+                self.end_birthday(session, f'birthday search: {search.sent} datagrams toward '
+                                           f'{session.name} and no path in '
+                                           f'{now - search.started:.0f} s')
+            else:
+                search.tick(now)
+        super().check_session(session, now)
+
+    def start_birthday(self, session, now):
+        """Open the sockets, or start the probes, as the plan says."""
+        part, public = session.birthday_plan
+        session.birthday_plan = None
+        sockets, rate, give_up = self.birthday_bounds
+        if part == OPEN:
+            self.say(f"our NAT gives every destination a new port and {session.name}'s "
+                     f'keeps one: opening up to {sockets} ports toward it (the birthday '
+                     f'paradox)')
+            read = functools.partial(self.read_birthday, session)
+            session.birthday = Sockets(self.selector, read, session.key.seal, public, now,
+                                       sockets, rate, give_up)
+        else:
+            session.birthday = Probes(self.send_udp, session.key.seal, public[0], now, rate,
+                                      give_up)
+            self.say(f"{session.name}'s NAT gives every destination a new port: probing up "
+                     f'to {len(session.birthday.ports)} of them (the birthday paradox)')
+        session.birthday.tick(now)
+
+    def end_birthday(self, session, why):
+        """The search is over without a winner of its own: everything of it closes now."""
+        self.say(why)
+        session.birthday.close()
+        session.birthday = None
+
+    def relay(self, session, now):
+        """The relay waits while the search may still find a direct path (point 11)."""
+        if not self.searching(session):
+            super().relay(session, now)
+
+    def read_birthday(self, session, sock, mask):
+        """Datagrams on one of the search's sockets: the first with the session's MAC wins.
+
+        The winner stays open as the session's path, every other socket
+        closes at once; the message then goes the way of any datagram.
+        A message without the MAC (a stranger's, or garbage) is ignored.
+        """
+        while session.birthday is not None and sock in session.birthday.open:
+            try:
+                data, source = sock.recvfrom(wire.MAX_DATAGRAM + 1)
+                message = wire.decode(data)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, wire.ProtocolError):
+                continue        # an ICMP error for an earlier datagram; not our protocol
+            search = session.birthday
+            if message.type not in wire.PEER_TYPES or not session.key.check(message):
+                continue
+            if search.winner is None:
+                if session.endpoint is not None:    # found another way meanwhile
+                    continue
+                search.keep(sock)
+                self.say(f'birthday search: {search.sent} datagrams toward {session.name} '
+                         f'before one of our ports met theirs')
+            self.datagram(message, source)
+
+    def send_udp(self, data, endpoint):
+        """To a peer whose path a search won, from the winning socket; else as before."""
+        for session in self.sessions.values():
+            winner = session.birthday.winner if session.birthday else None
+            if winner is not None and session.endpoint == endpoint:
+                try:
+                    winner.sendto(data, endpoint)
+                except OSError:
+                    pass            # a lost datagram, as on the client's own socket
+                return
+        super().send_udp(data, endpoint)
+
+    def end_session(self, session, why):
+        """The session is over: so is its search, and the winning socket closes."""
+        super().end_session(session, why)
+        if session.birthday is not None:
+            session.birthday.close()
+            session.birthday = None
