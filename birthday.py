@@ -93,6 +93,7 @@ class Search:
     """What both sides share: a rate, a deadline, and the datagrams sent."""
 
     winner = None               # the socket that met the peer (Sockets only)
+    peer = None                 # and where the peer's message to it came from
 
     def __init__(self, seal, now, rate, give_up):
         self.seal = seal            # encodes a PUNCH sealed with the session's MAC
@@ -178,9 +179,13 @@ class Sockets(Search):
             except OSError:
                 pass                # a lost datagram: the others still go
 
-    def keep(self, sock):
-        """sock met the peer: it stays, for the session's path; the rest close now."""
+    def keep(self, sock, peer):
+        """sock met the peer, at endpoint peer: it stays, for the session's path.
+
+        The rest close now.
+        """
         self.winner = sock
+        self.peer = peer
         for other in self.open:
             if other is not sock:
                 self._close(other)
@@ -240,7 +245,7 @@ class BirthdayMixIn:
             elif search.expired(now):
                 self.end_birthday(session, f'birthday search: {search.sent} datagrams toward '
                                            f'{session.name} and no path in '
-                                           f'{now - search.started:.0f} s')
+                                           f'{search.deadline - search.started:g} s')
             else:
                 search.tick(now)
         super().check_session(session, now)
@@ -296,18 +301,23 @@ class BirthdayMixIn:
             if search.winner is None:
                 if session.endpoint is not None:    # found another way meanwhile
                     continue
-                search.keep(sock)
+                search.keep(sock, source)
                 self.say(f'birthday search: {search.sent} datagrams toward {session.name} '
                          f'before one of our ports met theirs')
             self.datagram(message, source)
 
     def send_udp(self, data, endpoint):
-        """To a peer whose path a search won, from the winning socket; else as before."""
+        """To a peer whose path a search won, from the winning socket; else as before.
+
+        The peer is where the session's path leads, or, for the bounce of
+        the very message that won (sent before the punch locks), where
+        that message came from.
+        """
         for session in self.sessions.values():
-            winner = session.birthday.winner if session.birthday else None
-            if winner is not None and session.endpoint == endpoint:
+            search = session.birthday
+            if search and search.winner and endpoint in (session.endpoint, search.peer):
                 try:
-                    winner.sendto(data, endpoint)
+                    search.winner.sendto(data, endpoint)
                 except OSError:
                     pass            # a lost datagram, as on the client's own socket
                 return

@@ -59,7 +59,7 @@ def main(argv=None):
             if message.type == wire.PUNCH:
                 sock.sendto(key.seal(wire.PUNCH_ACK), source)
             if not met:
-                met.append((sock, time.monotonic()))
+                met.append((sock, source, time.monotonic()))
 
     if args.role == birthday.OPEN:
         search = birthday.Sockets(selector, read, key.seal, wire.parse_endpoint(args.target),
@@ -74,8 +74,8 @@ def main(argv=None):
         for selected, mask in selector.select(0.005):
             selected.data(selected.fileobj, mask)
     if met and args.role == birthday.OPEN:
-        search.keep(met[0][0])
-    ms = (met[0][1] - now) * 1000 if met else None
+        search.keep(*met[0][:2])
+    ms = (met[0][2] - now) * 1000 if met else None
     left = len(search.open) if args.role == birthday.OPEN else 0
     print(json.dumps(dict(met=bool(met), ms=ms, sent=search.sent, open=left)), flush=True)
     search.close()
