@@ -31,10 +31,11 @@ ignored.
 
 Nothing here blocks: the client's loop calls ``tick`` and reads the
 sockets.  ``BirthdayMixIn`` is the client's side: the search starts with
-UDP punching and runs beside it; the relay waits until it gives up.  The
-socket that met the peer becomes the session's path (everything the
-session sends to the peer leaves from it, keepalives too), and the others
-close at once.
+UDP punching and runs beside it (and beside the relay, which carries the
+chat meanwhile: upgrade.py); punching gives up no sooner than the search
+does.  The socket that met the peer becomes the session's path
+(everything the session sends to the peer leaves from it, keepalives
+too), and the others close at once.
 """
 
 import functools
@@ -206,16 +207,15 @@ class Sockets(Search):
 class BirthdayMixIn:
     """The client's side: a search per session, where our NAT and the peer's call for one.
 
-    ``birthday_sockets``, ``birthday_rate`` and ``birthday_time`` are the
-    bounds (SOCKETS, RATE, GIVE_UP); any of them 0 turns the search off.
+    ``birthday`` is the bounds: (sockets, rate, give-up time), by default
+    (SOCKETS, RATE, GIVE_UP); any of them 0 turns the search off.
     Each session gets ``birthday``: the Probes or Sockets under way, or
     the Sockets whose winner carries the path, or None.
     """
 
-    def __init__(self, *args, birthday_sockets=SOCKETS, birthday_rate=RATE,
-                 birthday_time=GIVE_UP, **kwargs):
+    def __init__(self, *args, birthday=(SOCKETS, RATE, GIVE_UP), **kwargs):
         super().__init__(*args, **kwargs)
-        self.birthday_bounds = (birthday_sockets, birthday_rate, birthday_time)
+        self.birthday_bounds = birthday
 
     def make_session(self, link, message, targets, now, started):
         """Decide our part now, from the introduction; it starts with UDP punching."""
@@ -239,7 +239,7 @@ class BirthdayMixIn:
             self.start_birthday(session, now)
         if self.searching(session):
             search = session.birthday
-            if session.endpoint is not None or session.on_tcp:
+            if session.direct:
                 self.end_birthday(session, f'birthday search: {search.sent} datagrams toward '
                                            f'{session.name} before the path was found')
             elif search.expired(now):
@@ -275,10 +275,10 @@ class BirthdayMixIn:
         session.birthday.close()
         session.birthday = None
 
-    def relay(self, session, now):
-        """The relay waits while the search may still find a direct path (point 11)."""
+    def punch_failed(self, session, now):
+        """Punching has not given up while the search may still find a direct path."""
         if not self.searching(session):
-            super().relay(session, now)
+            super().punch_failed(session, now)
 
     def read_birthday(self, session, sock, mask):
         """Datagrams on one of the search's sockets: the first with the session's MAC wins.

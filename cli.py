@@ -109,6 +109,7 @@ def client_arguments(argv):
                        for server in args.server or [f'127.0.0.1:{wire.DEFAULT_PORT}']]
     except (wire.ProtocolError, ValueError) as error:
         parser.error(str(error))
+    args.birthday = (args.birthday_sockets, args.birthday_rate, args.birthday_time)
     if args.article and (len(args.server) > 1 or args.allow or args.verbose):
         parser.error('--article runs one server, without --allow or -v')
     return args

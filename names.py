@@ -8,6 +8,10 @@ compares names by how they read (``fold``), refuses the names that cannot
 be read reliably (``check_readable``), and keeps each name for the user
 who first proved to hold its secret (``Owners``; the proof is identity.py's).
 
+``NameOwnersMixIn`` plugs this into the server, composed in rendezvous.py:
+
+    class Server(..., NameOwnersMixIn, Rendezvous): ...
+
 Only the standard library's ``unicodedata`` is used.  It has no script
 property, so a letter's script is the first word of its Unicode name
 ("LATIN SMALL LETTER O", "CYRILLIC SMALL LETTER O"): enough to see a name
@@ -15,9 +19,14 @@ that mixes alphabets.  What this does not catch: a name written wholly in
 another script that happens to look Latin ("аре", all Cyrillic).
 """
 
+import hmac
+import logging
+import time
 import unicodedata
 
 import p2pcommon as wire
+
+log = logging.getLogger('rendezvous')
 
 # Characters that show nothing, or nothing but blank space.  The
 # categories catch most (format, control, unassigned, private, spaces);
@@ -150,3 +159,81 @@ class Owners:
             if until > now:
                 return
             del self.held[key]
+
+
+class NameOwnersMixIn:
+    """The server's names: compared as they read, each kept for the key that proved it.
+
+    The article's registry takes any free name.  This one refuses names
+    that do not read reliably, gives a name to the proof (REGISTER's, of
+    the name's key: identity.py) it was first registered with, lets the
+    owner's new connection take it over, and keeps it for the owner a
+    while after its connection closes (``Owners``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.owners = Owners(self.limits.name_hold, self.limits.max_held_names)
+        self.proofs = {}            # folded name -> the proof its holder registered with
+
+    def name_key(self, name):
+        """Names that read alike are one name: the registry's key is the folded one."""
+        return fold(name)
+
+    def may_register(self, peer, message, key):
+        """A readable name that no one else holds or keeps; the owner takes its own over.
+
+        The owner's new connection takes the name at once: the old one is
+        most likely dead and not yet noticed (a laptop that slept, a NAT
+        that forgot the mapping).
+        """
+        try:
+            check_readable(message.name)
+        except wire.ProtocolError as error:
+            self.send_error(peer, wire.E_BAD_MESSAGE, str(error), 'unreadable name')
+            return False
+        if not self.owns(key, message.proof):
+            self.refuse_name(peer, message.name, key)
+            return False
+        holder = self.peers.get(key)
+        if holder is not None:
+            log.info('%s: a new connection with its key takes the name over', holder)
+            self.send_error(holder, wire.E_NAME_TAKEN,
+                            'a new connection with your key took over your name',
+                            'name taken over by its owner')
+            self.close(holder)
+        if not super().may_register(peer, message, key):
+            return False
+        self.owners.take(key)
+        self.proofs[key] = message.proof
+        return True
+
+    def owns(self, key, proof):
+        """True when no one else holds or keeps the (folded) name."""
+        owner = self.proofs[key] if key in self.peers else self.owners.proof(key, time.monotonic())
+        return owner is None or hmac.compare_digest(owner, proof)
+
+    def refuse_name(self, peer, name, key):
+        """Refuse a name that is someone else's, and close: each guess costs a connection.
+
+        (--accept-rate bounds those.)  The ERROR goes first: on a fresh
+        connection the kernel takes its few bytes at once, before the FIN.
+        """
+        holder = self.peers.get(key)
+        spelled = holder.name if holder else name
+        self.send_error(peer, wire.E_NAME_TAKEN,
+                        f'name {name!r} is taken' if spelled == name
+                        else f'name {name!r} is taken (it reads as {spelled!r})',
+                        'name taken')
+        self.close(peer)
+
+    def forget(self, peer):
+        """A closed connection's name is not free: it is kept for its proof a while."""
+        if peer.key is not None and self.peers.get(peer.key) is peer:
+            self.owners.release(peer.key, self.proofs.pop(peer.key), time.monotonic())
+        super().forget(peer)
+
+    def check_timers(self, now):
+        """Names kept past --name-hold are free again."""
+        super().check_timers(now)
+        self.owners.forget_expired(now)

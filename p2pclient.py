@@ -44,8 +44,9 @@ from script import ScriptMixIn
 from servers import SeveralServersMixIn
 from session import Session
 from status import StatusMixIn
-from tcppunch import TcpFirstMixIn
+from tcppunch import TcpPunchMixIn
 from transfer import FilesMixIn
+from upgrade import UpgradeMixIn
 
 
 class Peer(Console):
@@ -153,7 +154,7 @@ class Peer(Console):
         if session.punching:
             session.punch.tick(now)
             if session.punch.expired(now):
-                self.relay(session, now)
+                self.punch_failed(session, now)
         for text in session.channel.retransmit(now):
             self.say(f'not delivered to {session.name}: {wire.safe(text)}')
         if session.endpoint is not None:
@@ -164,6 +165,14 @@ class Peer(Console):
         session.keepalive.tick(now)
         if session.keepalive.dead(now) or session.channel.stalled:
             self.punch_again(session, now)
+
+    def punch_failed(self, session, now):
+        """No proof within the punch timeout: the relay carries the chat (point 11)."""
+        session.punch_running = False
+        if session.relayed:
+            self.say(f'no direct path to {session.name}: chat stays on the relay')
+        elif not session.direct:
+            self.relay(session, now)
 
     def relay(self, session, now):
         """Hook: no direct path: chat goes through the server (point 11)."""
@@ -269,9 +278,7 @@ class Peer(Console):
     def relay_lost(self, link):
         """Hook: a server went away, and the sessions it relayed with it.
 
-        The server forgets a session when either peer's control connection
-        closes, so even after we register again nothing would reach the
-        peer: say so, and how to reach it again.
+        (A server forgets a session with either peer's control connection.)
         """
         for session in list(self.sessions.values()):
             if session.link is link and session.relayed:
@@ -401,7 +408,7 @@ class Peer(Console):
         session.channel.hurry(now)
 
 
-class Client(StatusMixIn, ScriptMixIn, FilesMixIn, TcpFirstMixIn, SeveralServersMixIn,
+class Client(StatusMixIn, ScriptMixIn, FilesMixIn, TcpPunchMixIn, UpgradeMixIn, SeveralServersMixIn,
              EarlyLinesMixIn, RoamingMixIn, RePunchMixIn, PresenceMixIn, AllowMixIn, CapsMixIn,
              narrate.NarrateMixIn, BirthdayMixIn, Peer):
     """The peer with every addition: what ``p2pclient.py NAME`` runs."""
@@ -423,9 +430,7 @@ def main(argv=None):
         client = Peer(args.name, args.server, **common)
     else:
         client = Client(args.name, args.server, downloads=args.downloads,
-                        transport=args.transport, allow=args.allow,
-                        birthday_sockets=args.birthday_sockets,
-                        birthday_rate=args.birthday_rate, birthday_time=args.birthday_time,
+                        transport=args.transport, allow=args.allow, birthday=args.birthday,
                         **common)
         client.narrator = narrate.Narrator(args.name, sys.stderr) if args.verbose else None
     try:

@@ -10,9 +10,9 @@ the answer names that address as its source.  It costs about a tenth of
 the MAPPING rate (recvmsg and sendmsg); sockets bound to one address do
 not need it and do not pay it.
 
-Plugged into the server as a mix-in, composed in rendezvous.main():
+Plugged into the server as a mix-in, composed in rendezvous.py:
 
-    class Server(PktinfoMixIn, FastMappingMixIn, Rendezvous): ...
+    class Server(PktinfoMixIn, FastMappingMixIn, ..., Rendezvous): ...
 """
 
 import logging
@@ -29,7 +29,7 @@ IP_PKTINFO = getattr(socket, 'IP_PKTINFO', 8)    # Linux's number: Python 3.11 h
 ASK_PKTINFO = {socket.AF_INET6: (socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO),
                socket.AF_INET: (socket.IPPROTO_IP, IP_PKTINFO)}
 PKTINFO_SPACE = socket.CMSG_SPACE(20)           # struct in6_pktinfo, the larger of the two
-BURST = 64                  # datagrams read per wake-up, as rendezvous.UDP_BURST
+BURST = 64                  # datagrams read per wake-up, as fastpath.BURST
 
 
 class PktinfoMixIn:

@@ -1,7 +1,7 @@
 """One introduced peer, as the client sees it: how we reach it, what we send it.
 
 A Session is made when the rendezvous server introduces a peer (article
-point 4).  It holds the punch (UDP, point 5) and, tried first, the TCP
+point 4).  It holds the punch (UDP, point 5) and, raced beside it, the TCP
 punch; the path they lock onto, or the relay (point 11); the keepalive
 (point 9); and the reliable channel for chat (files add their own:
 transfer.FilesMixIn).  Its ``send`` picks the path, so nothing above it
@@ -27,14 +27,15 @@ class Session:
         self.key = SessionKey(token, role)
         self.targets = targets
         self.started = started
-        self.relayed = False        # punching failed: chat goes through the server
+        self.relayed = False        # no direct path (yet): chat goes through the server
         self.relay_gone = False     # the server said the peer's control connection closed
         self.doubted = None         # since then: when we began asking whether it is there
-        self.tcp = None             # TCP hole punching, tried first
-        # Made now, so that a UDP proof from the peer is taken even while
-        # we still try TCP; it sends nothing until start_punch.
+        self.tcp = None             # TCP hole punching, beside UDP's
+        # Made now, so that a UDP proof from the peer is taken even with
+        # --tcp-only; it sends nothing until start_punch.
         self.punch = punch.Punch(client.send_udp, self.key.seal, targets, now,
                                  client.punch_timeout)
+        self.punch_running = False  # PUNCH datagrams go out: from start_punch to a lock or give-up
         self.keepalive = punch.Keepalive(client.keepalive_interval, now,
                                          lambda: self.send(wire.KEEPALIVE))
         self.channel = ReliableChannel(self.transmit_data, over_stream=self.over_stream)
@@ -45,6 +46,7 @@ class Session:
         targets = self.targets + ([previous] if previous and previous not in self.targets else [])
         self.punch = punch.Punch(self.client.send_udp, self.key.seal, targets, now,
                                  self.client.punch_timeout)
+        self.punch_running = True
         self.punch.tick(now)
 
     @property
@@ -60,11 +62,11 @@ class Session:
     def over_stream(self):
         """The reliable layer asks: does TCP resend and pace for us now?
 
-        Also while TCP is being punched: a message that goes nowhere yet is
-        sent on the lock (hurry), and resending it into no path would only
-        count tries.
+        Also while TCP is being punched and no other path stands: a message
+        that goes nowhere yet is sent on the lock (hurry), and resending it
+        into no path would only count tries.
         """
-        return self.on_tcp or self.trying_tcp
+        return self.on_tcp or (self.trying_tcp and not self.direct and not self.relayed)
 
     @property
     def trying_tcp(self):
@@ -73,8 +75,13 @@ class Session:
 
     @property
     def punching(self):
-        """True while PUNCH datagrams are still going out."""
-        return self.tcp is None and self.endpoint is None and not self.relayed
+        """True while PUNCH datagrams are still going out (even while relayed)."""
+        return self.punch_running and self.endpoint is None
+
+    @property
+    def direct(self):
+        """True when a punched path, TCP or UDP, reaches the peer."""
+        return self.on_tcp or self.endpoint is not None
 
     @property
     def path(self):
@@ -85,8 +92,11 @@ class Session:
         if self.endpoint is not None:
             return f'direct, udp, at {wire.format_endpoint(self.endpoint)}'
         if self.relayed:
-            return f'relayed through {self.link}'
-        return 'punching TCP' if self.trying_tcp else 'punching'
+            still = ' (still punching)' if self.punching or self.trying_tcp else ''
+            return f'relayed through {self.link}{still}'
+        if self.trying_tcp:
+            return 'punching UDP and TCP' if self.punching else 'punching TCP'
+        return 'punching'
 
     def stop_tcp(self):
         """Close the TCP attempt and its connections."""

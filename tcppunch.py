@@ -7,7 +7,7 @@ and connects from it at the same time, and the stream may come from
 connect() or from accept() (a simultaneous open).  ``TcpPunch`` is that
 routine; ``tcp_connect`` makes the control connection's port shareable in
 the first place, and ``keep_tcp_alive`` is point 9 for TCP.
-``TcpFirstMixIn`` is the client's part: TCP first, then UDP.
+``TcpPunchMixIn`` is the client's part: TCP raced beside UDP.
 """
 
 import secrets
@@ -18,7 +18,10 @@ import time
 import p2pcommon as wire
 from punch import KEEPALIVE_INTERVAL
 
-TCP_PUNCH_TIMEOUT = 3.0     # seconds of trying before we fall back to UDP
+# A TCP punch that can work stands within a few connect retries (TCP_RETRY)
+# and a challenge round trip; 3 s covers a SYN lost twice on a 250 ms path.
+# It is also the grace in which TCP may take a session over from UDP.
+TCP_PUNCH_TIMEOUT = 3.0
 TCP_RETRY = 0.2             # seconds between connect attempts to one target
 TCP_DEAD_AFTER = 20         # seconds data may wait unacknowledged on a punched connection
 MAX_TCP_PUNCHES = 4         # TCP punches at once (a listener and a socket per target each)
@@ -232,10 +235,18 @@ class TcpPunch:
         self.streams.clear()
 
 
-class TcpFirstMixIn:
-    """The client punches TCP first, then UDP (or, with --tcp-only, relays).
+class TcpPunchMixIn:
+    """The client punches TCP beside UDP, and moves a session to TCP when it stands.
 
-    ``transport`` is 'both' (TCP first, then UDP), 'tcp' or 'udp'.
+    Both punches start at the introduction, as Happy Eyeballs (RFC 8305)
+    races the ways to connect instead of trying them in turn: the first
+    proven path carries chat at once.  A TCP connection that stands within
+    its TCP_PUNCH_TIMEOUT takes the session over even from a working UDP
+    path: the kernel then resends and paces for us, which moves files
+    faster under loss (bench/README), and the unacknowledged lines are
+    sent on it once more (the peer keeps one copy of each).
+
+    ``transport`` is 'both' (the race), 'tcp' (TCP, else the relay) or 'udp'.
     """
 
     def __init__(self, *args, transport='both', **kwargs):
@@ -247,7 +258,7 @@ class TcpFirstMixIn:
         return super().busy() or any(s.trying_tcp for s in self.sessions.values())
 
     def start_paths(self, session, link, message, now):
-        """TCP hole punching from our control connection's port, when the peer has one."""
+        """Punch UDP (unless --tcp-only) and, from our control connection's port, TCP."""
         tcp_punches = sum(1 for s in self.sessions.values() if s.trying_tcp)
         if self.transport == 'udp' or not message.tcp_port or tcp_punches >= MAX_TCP_PUNCHES:
             super().start_paths(session, link, message, now)
@@ -256,8 +267,12 @@ class TcpFirstMixIn:
         targets = [message.tcp_public] + [endpoint for endpoint in private
                                           if endpoint[0] in {t[0] for t in session.targets}]
         targets = list(dict.fromkeys(targets))
-        self.say(f'introduced to {message.name}; punching TCP to '
-                 f'{" ".join(map(wire.format_endpoint, targets))}')
+        where = ' '.join(map(wire.format_endpoint, targets))
+        if self.transport == 'tcp':
+            self.say(f'introduced to {message.name}; punching TCP to {where}')
+        else:
+            super().start_paths(session, link, message, now)
+            self.say(f'and TCP to {where}, at the same time')
         try:
             session.tcp = TcpPunch(
                 self.selector, link.local, targets, session.key, now,
@@ -268,9 +283,15 @@ class TcpFirstMixIn:
             self.after_tcp(session, f'cannot punch TCP ({error.strerror})', now)
 
     def tcp_locked(self, session, stream):
-        """A TCP connection proved the peer: chat goes over it."""
+        """A TCP connection proved the peer: chat goes over it, whatever carried it before."""
         now = time.monotonic()
-        peer = wire.plain(stream.sock.getpeername())
+        try:
+            peer = wire.plain(stream.sock.getpeername())
+        except OSError:             # it closed as it proved the peer: as if it never stood
+            session.stop_tcp()
+            return
+        session.punch_running = False       # no more PUNCHes: TCP carries the session
+        session.relayed = False
         elapsed = (now - session.started) * 1000
         self.connected(session, now, f'direct, tcp, {elapsed:.0f} ms',
                        f' at {wire.format_endpoint(peer)}')
@@ -284,17 +305,22 @@ class TcpFirstMixIn:
                 self.after_tcp(session, f'no TCP path to {session.name}', now)
         elif session.tcp is not None and not session.on_tcp:
             session.stop_tcp()
-            self.after_tcp(session, f'lost the TCP connection to {session.name}', now)
+            self.after_tcp(session, f'lost the TCP connection to {session.name}', now, lost=True)
         super().check_session(session, now)
 
-    def after_tcp(self, session, why, now):
-        """TCP gave up: punch UDP next or, with --tcp-only, relay."""
+    def after_tcp(self, session, why, now, lost=False):
+        """TCP gave up: UDP goes on (punching again if TCP was the path); --tcp-only relays."""
         if self.transport == 'tcp':
             self.say(why)
-            self.relay(session, now)
-        else:
+            if not session.relayed:
+                self.relay(session, now)
+        elif lost:
             self.say(f'{why}; punching UDP')
             session.start_punch(now)
+        else:
+            self.say(f'{why}; ' + ('chat goes over UDP' if session.endpoint is not None else
+                                   'still punching UDP' if session.punching else
+                                   'chat stays on the relay'))
 
     def peer_message(self, message, source):
         """With --tcp-only we take no datagram at all: the user asked for no UDP path."""
@@ -302,9 +328,10 @@ class TcpFirstMixIn:
             super().peer_message(message, source)
 
     def punched(self, session, message, source, now):
-        """A UDP proof first, or the peer gave up on our TCP connection: UDP it is."""
-        if session.endpoint is None:
-            session.stop_tcp()
+        """A UDP proof while TCP carries the session: bounce it, move nothing."""
+        if session.on_tcp:
+            session.punch.receive(message, source)
+            return
         super().punched(session, message, source, now)
 
     def end_session(self, session, why):

@@ -10,7 +10,9 @@ clients with the default bounds (birthday.py: 512 sockets, 100 a second,
 6 s): alice on a1, behind the symmetric NAT, and bob on b1, behind the
 cone.  In each direction the one who types ``/connect`` first is the
 initiator, and the other says yes.  The clock starts at that
-``/connect`` and stops when both have printed ``* connected``.
+``/connect`` and stops when both have settled on a path: each starts on
+the relay after half a second (upgrade.py), and moves to the direct path
+when the search finds it.
 
 Per direction: how many trials went direct (both sides), the median and
 95th percentile time to connect of those, the datagrams the search sent
@@ -29,7 +31,7 @@ from common import fmt, machine, markdown_table, median, percentile  # first: te
 
 import birthday
 import natlab
-from labpeers import CONNECTED, LabRun, consent
+from labpeers import LabRun, consent, how
 
 SEARCH = re.compile(r'^\* birthday search: (\d+) datagrams toward ')
 TRIAL_TIMEOUT = 30.0        # seconds: the search's 6 s, the relay, and a loaded machine
@@ -43,10 +45,13 @@ def trial(lab, initiator_site):
         started = time.monotonic()
         first.send(f'/connect {second.label}')
         consent(first, second, TRIAL_TIMEOUT)
-        modes = [proc.expect(CONNECTED.format(peer.label), TRIAL_TIMEOUT)
+        # Each starts on the relay after half a second (upgrade.py); what
+        # counts is where it settles: direct, or the relay once punching
+        # and the search have given up.
+        modes = [how(proc, peer.label, TRIAL_TIMEOUT)[0]
                  for proc, peer in ((first, second), (second, first))]
         elapsed = time.monotonic() - started
-        direct = all(match.group(2) == 'direct' for match in modes)
+        direct = modes == ['direct', 'direct']
         return direct, elapsed, search_sent(alice) + search_sent(bob)
 
 
@@ -56,11 +61,7 @@ def search_sent(proc):
     That comes before ``* connected`` (a socket of the symmetric side met
     the peer; the search gave up) or right after it (the path was found).
     """
-    for line in proc.lines:
-        match = SEARCH.match(line)
-        if match:
-            return int(match.group(1))
-    return int(proc.expect(SEARCH.pattern, TRIAL_TIMEOUT).group(1))
+    return int(proc.seen(SEARCH.pattern, TRIAL_TIMEOUT).group(1))
 
 
 def expected_success(sockets=birthday.SOCKETS, rate=birthday.RATE, give_up=birthday.GIVE_UP):

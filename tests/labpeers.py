@@ -18,6 +18,9 @@ SERVER_PORT = 7777
 SURE_BIRTHDAY = ('--birthday-sockets', '900', '--birthday-rate', '400')
 CONNECTED = (r'^\* connected to {} '
              r'(?:at (\S+) \((direct(?:, tcp)?), (\d+) ms\)|\((relayed) through)')
+# After 'relayed': a direct path after all, or punching gave up (UDP; TCP with --tcp-only).
+SETTLED = (r'^\* (?:connected to {peer} at (\S+) \((direct(?:, tcp)?), (\d+) ms\)'
+           r'|no direct path to {peer}: chat stays on the relay$|no TCP path to {peer}$)')
 
 
 class LabRun:
@@ -87,14 +90,32 @@ def consent(alice, bob, timeout=20):
 
 
 def how(proc, peer, timeout=20):
-    """Wait for the 'connected' status line about peer; return (mode, endpoint, ms).
+    """Wait for the path that the session with peer settles on; return (mode, endpoint, ms).
 
-    mode is 'direct' (UDP), 'direct, tcp' or 'relayed'.
+    mode is 'direct' (UDP), 'direct, tcp' or 'relayed'.  A session starts
+    on the relay when no punch has proven a path within half a second
+    (upgrade.py): it is 'relayed' only once punching gave up, and direct
+    if a punch proves a path later.
     """
     match = proc.expect(CONNECTED.format(peer), timeout)
     if match.group(2):
         return match.group(2), match.group(1), int(match.group(3))
+    match = proc.expect(SETTLED.format(peer=peer), timeout)
+    if match.group(2):
+        return match.group(2), match.group(1), int(match.group(3))
     return 'relayed', None, None
+
+
+def on_tcp(proc, peer, first=None, timeout=20):
+    """Wait until the session with peer is on a punched TCP connection; return where.
+
+    UDP and TCP are raced: a status line says so when TCP takes over, or
+    the first one (``first``, as ``how`` returned it) was TCP already.
+    """
+    if first is not None and first[0] == 'direct, tcp':
+        return first[1]
+    return proc.seen(rf'^\* connected to {peer} at (\S+) \(direct, tcp, \d+ ms\)$',
+                     timeout).group(1)
 
 
 def chat_both_ways(alice, bob, text='hello', timeout=20):

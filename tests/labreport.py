@@ -68,8 +68,10 @@ def scenarios(attempts):
         ('double NAT: A behind a cone CGN', dict(cgn='a'), {}),
         ('both behind one CGN, no hairpin', dict(cgn='both'), {}),
         ('IPv6, stateful firewalls', dict(ipv6=True), dict(server=natlab.SERVER_ADDRS6[0])),
-        ('TCP first, two port-restricted NATs', {}, dict(transport=None)),
-        ('TCP first, symmetric vs full-cone', dict(nat_a='symmetric', nat_b='full-cone'),
+        ('default (race), two port-restricted NATs', {}, dict(transport=None)),
+        ('default (race), symmetric vs full-cone', dict(nat_a='symmetric', nat_b='full-cone'),
+         dict(transport=None)),
+        ('default (race), symmetric vs symmetric', dict(nat_a='symmetric', nat_b='symmetric'),
          dict(transport=None)),
     ]
     for label, lab_args, run_args in rows:

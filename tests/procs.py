@@ -71,6 +71,19 @@ class Proc:
                 f'{self.transcript()}')
         return match
 
+    def seen(self, pattern, timeout=10.0):
+        """A stdout line matching pattern, printed already or within timeout.
+
+        For lines whose order against the other lines a test waits for is
+        not the point (a chat line and a status line racing on two paths).
+        """
+        regex = re.compile(pattern)
+        for line in list(self.out.lines):
+            match = regex.search(line)
+            if match:
+                return match
+        return self.expect(pattern, timeout)
+
     def expect_log(self, pattern, timeout=10.0):
         """Wait for a line on stderr (where the server logs) matching pattern."""
         return self.expect(pattern, timeout, self.err)

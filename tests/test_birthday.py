@@ -21,15 +21,6 @@ def lab_required():
     natlab.require_lab()
 
 
-def said(proc, pattern):
-    """The match of a line proc printed already, or else of the next one to come."""
-    for line in proc.lines:
-        match = re.search(pattern, line)
-        if match:
-            return match
-    return proc.expect(pattern)
-
-
 def udp_sockets(lab, node, proc):
     """The UDP sockets the client proc holds, as the kernel lists them."""
     listing = lab.run(node, ['ss', '-uanp']).stdout
@@ -51,8 +42,8 @@ def test_symmetric_random_ports_meet_a_port_restricted_cone_directly():
         (mode_a, at_bob, _), (mode_b, at_alice, _) = connect(alice, bob)
         assert (mode_a, mode_b) == ('direct', 'direct'), (alice.transcript(), bob.transcript())
         assert at_alice.startswith(lab.public_addr('a') + ':')
-        opened = int(said(alice, SEARCH.format('bob') + 'before one of our ports met').group(1))
-        probed = int(said(bob, SEARCH.format('alice') + 'before the path').group(1))
+        opened = int(alice.seen(SEARCH.format('bob') + 'before one of our ports met').group(1))
+        probed = int(bob.seen(SEARCH.format('alice') + 'before the path').group(1))
         chat_both_ways(alice, bob)
         # alice's own socket, and the one that met bob: the one bob sees.
         sockets = udp_sockets(lab, 'a1', alice)
@@ -80,14 +71,14 @@ def test_the_bounds_hold_and_everything_closes_when_the_search_gives_up():
         bob = run.client('b1', 'bob', '--punch-timeout', '1', '-v', *bounds)
         (mode_a, _, _), (mode_b, _, _) = connect(alice, bob)
         assert (mode_a, mode_b) == ('relayed', 'relayed')
-        opened = said(alice, SEARCH.format('bob') + r'and no path in 1\.5 s$')
-        probed = said(bob, SEARCH.format('alice') + r'and no path in 1\.5 s$')
+        opened = alice.seen(SEARCH.format('bob') + r'and no path in 1\.5 s$')
+        probed = bob.seen(SEARCH.format('alice') + r'and no path in 1\.5 s$')
         assert int(opened.group(1)) == 30                   # at most --birthday-sockets
         assert int(probed.group(1)) == 75                   # 50 a second for 1.5 s
         chat_both_ways(alice, bob)
         assert len(udp_sockets(lab, 'a1', alice)) == 1      # only alice's own
         assert len(flows(lab, 'ra', '198.18.1.2', '198.51.100.2')) == 30 + 1
-        punched = said(bob, r'^\* introduced to alice; punching to (.*)$').group(1).split()
+        punched = bob.seen(r'^\* introduced to alice; punching to (.*)$').group(1).split()
         ports = flows(lab, 'rb', '198.18.2.2', '198.51.100.1')
         probes = [port for port in ports if f'198.51.100.1:{port}' not in punched]
         assert len(probes) == len(set(probes)) <= 75

@@ -12,7 +12,7 @@ import pytest
 
 import p2pcommon as wire
 from procs import command, start, start_server
-from rendezvous import default_bind
+from servermain import default_bind
 
 
 def run(program, *args, timeout=10.0):

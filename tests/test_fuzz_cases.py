@@ -111,6 +111,7 @@ def test_a_second_name_with_a_token_in_use_is_ignored(tmp_path):
     client = p2pclient.Client('alice', [('127.0.0.1', 9)], out=io.StringIO(),
                               downloads=str(tmp_path))
     client.links = [ServerLinkStub()]
+    client.udp = wire.UDPSocket(0)          # UDP is punched beside TCP
     opened = len(os.listdir('/proc/self/fd'))
     for name in ['bob', 'carol']:
         client.handle_control(client.links[0], wire.decode(wire.reply(
@@ -122,6 +123,7 @@ def test_a_second_name_with_a_token_in_use_is_ignored(tmp_path):
         client.end_session(session, 'the test ended')
     assert len(os.listdir('/proc/self/fd')) == opened
     client.selector.close()
+    client.udp.close()
 
 
 def test_a_second_challenge_on_a_stream_closes_it():

@@ -271,8 +271,11 @@ def test_a_silent_peer_is_closed_and_one_that_says_alive_is_not(peers):
 
 
 def test_control_connections_ask_the_kernel_for_keepalives():
-    """A dead peer sends no FIN: its connection must still close, in process here."""
-    server = rendezvous.Rendezvous(['127.0.0.1'], 0)
+    """A dead peer sends no FIN: its connection must still close, in process here.
+
+    (An addition, limits.LimitsMixIn: the article's Rendezvous alone asks for none.)
+    """
+    server = rendezvous.Server(['127.0.0.1'], 0)
     try:
         with socket.create_connection(('127.0.0.1', server.port)):
             deadline = time.monotonic() + 5
@@ -464,7 +467,7 @@ def test_strangers_connecting_cannot_evict_a_session(peers):
     alice, bob = peers('alice'), peers('bob')
     to_alice, _ = introduce(alice, bob)
     strangers = [peers(f'mallory{i}') for i in range(3)]
-    for _ in range(rendezvous.MAX_SESSIONS + 10):          # more than a peer may hold
+    for _ in range(limits.MAX_SESSIONS + 10):          # more than a peer may hold
         for stranger in strangers:
             stranger.send(wire.CONNECT, target='alice')
     message = sealed(to_alice.session, wire.DATA, role=1, seq=0, oldest=0, text='still here')
