@@ -78,8 +78,8 @@ def client_arguments(argv):
                              f'(default: {birthday.RATE:.0f})')
     parser.add_argument('--birthday-time', type=seconds, default=birthday.GIVE_UP,
                         metavar='SECONDS',
-                        help=f'give that search up and relay after this long '
-                             f'(default: {birthday.GIVE_UP:.0f})')
+                        help=f'give that search up after this long; the relay carries the chat '
+                             f'meanwhile (default: {birthday.GIVE_UP:.0f})')
     parser.add_argument('--allow', action='append', default=[], metavar='PEER',
                         help="accept PEER's requests to connect without asking; may be "
                              "given several times; '*' accepts anyone (for scripts and demos)")

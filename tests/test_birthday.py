@@ -1,24 +1,50 @@
-"""birthday.py across real NATs: a symmetric NAT with random ports meets a cone (needs root).
+"""birthday.py: who does which, and across real NATs a symmetric NAT meets a cone.
 
-The real server and clients in the NAT lab, as in test_nat.py; what the
-routers' connection tables (/proc/net/nf_conntrack) and the kernel's
-socket list (ss) show is what the bounds are about.
+Across the NATs, the real server and clients in the NAT lab (needs root),
+as in test_nat.py; what the routers' connection tables
+(/proc/net/nf_conntrack) and the kernel's socket list (ss) show is what
+the bounds are about.
 """
 
 import re
+from types import SimpleNamespace
 
 import pytest
 
+import birthday
 import natlab
+import punch
 from labpeers import SURE_BIRTHDAY, LabRun, chat_both_ways, connect
 
 SEARCH = r'^\* birthday search: (\d+) datagrams toward {} '
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def lab_required():
     """Skip (fail in CI) when this machine cannot build the lab."""
     natlab.require_lab()
+
+
+def introduction(port_delta, public=('198.51.100.2', 40000)):
+    """What INTRODUCE tells of the peer that role() reads."""
+    return SimpleNamespace(public=public, port_delta=port_delta)
+
+
+def test_both_sides_take_their_parts_from_what_both_know():
+    cone = punch.Mapping(('198.51.100.1', 5000), ('198.51.100.1', 5000))
+    symmetric = punch.Mapping(('198.51.100.1', 5000), ('198.51.100.1', 61000))
+    # alice symmetric, bob a cone: alice sees bob's delta 0, bob sees hers, not 0.
+    assert birthday.role(symmetric, introduction(0)) == birthday.OPEN
+    assert birthday.role(cone, introduction(61000 - 5000 - 65536)) == birthday.PROBE
+    # Two cones punch as ever; two symmetric NATs are left to the relay.
+    assert birthday.role(cone, introduction(0)) is None
+    assert birthday.role(symmetric, introduction(7)) is None
+    # Not knowing our own NAT (no answer from the probe port), or IPv6: no search.
+    assert birthday.role(punch.Mapping(('198.51.100.1', 5000), None), introduction(7)) is None
+    assert birthday.role(cone, introduction(7, ('2001:db8::2', 40000))) is None
+    # Two addresses: the server tells the peer 0, so it would not probe.
+    two = punch.Mapping(('198.51.100.1', 5000), ('198.51.100.9', 61000))
+    assert birthday.role(two, introduction(0)) is None
 
 
 def udp_sockets(lab, node, proc):
@@ -34,7 +60,7 @@ def flows(lab, router, source, destination):
     return [int(port) for port in re.findall(pattern, table)]
 
 
-def test_symmetric_random_ports_meet_a_port_restricted_cone_directly():
+def test_symmetric_random_ports_meet_a_port_restricted_cone_directly(lab_required):
     """The socket that met bob carries alice's path; every other one is closed by then."""
     with natlab.Lab('symmetric', 'port-restricted') as lab, LabRun(lab) as run:
         alice = run.client('a1', 'alice', *SURE_BIRTHDAY)
@@ -58,7 +84,7 @@ def test_symmetric_random_ports_meet_a_port_restricted_cone_directly():
         assert len(flows(lab, 'rb', '198.18.2.2', '198.51.100.1')) <= probed + 9
 
 
-def test_the_bounds_hold_and_everything_closes_when_the_search_gives_up():
+def test_the_bounds_hold_and_everything_closes_when_the_search_gives_up(lab_required):
     """No path between the two NATs at all: the search runs to its end, then the relay."""
     bounds = ('--birthday-sockets', '30', '--birthday-rate', '50', '--birthday-time', '1.5')
     with natlab.Lab('symmetric', 'port-restricted') as lab, LabRun(lab) as run:
