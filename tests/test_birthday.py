@@ -109,12 +109,14 @@ def test_the_bounds_hold_and_everything_closes_when_the_search_gives_up(lab_requ
         probes = [port for port in ports if f'198.51.100.1:{port}' not in punched]
         assert len(probes) == len(set(probes)) <= 75
         # 50 a second: the k-th probe leaves k/50 s after the first, not
-        # sooner (the narrated PUNCHes' times, to the millisecond).
+        # sooner (the narrated PUNCHes' times, each written a moment after
+        # its probe left: 50 ms of slack for a loaded machine, a burst of
+        # probes ahead of the pace would be seconds).
         times = [stamp_seconds(line) for line in bob.err.lines
                  if re.search(r' bob > PUNCH to 198\.51\.100\.1:(\d+) ', line)
                  and line.split(' to ')[1].split()[0] not in punched]
         assert len(times) == 75
-        assert all(time - times[0] >= k / 50 - 0.001 for k, time in enumerate(times)), times
+        assert all(time - times[0] >= k / 50 - 0.05 for k, time in enumerate(times)), times
 
 
 def stamp_seconds(line):
