@@ -7,9 +7,11 @@ traceback, when its ``type`` raises ArgumentTypeError with the reason.
 import argparse
 import math
 
+import birthday
 import identity
 import p2pcommon as wire
 import punch
+from limits import non_negative
 
 
 def port(text):
@@ -65,6 +67,19 @@ def client_arguments(argv):
                         metavar='SECONDS',
                         help=f'give up punching and relay after this long '
                              f'(default: {punch.PUNCH_TIMEOUT:.0f})')
+    parser.add_argument('--birthday-sockets', type=non_negative(int), default=birthday.SOCKETS,
+                        metavar='N',
+                        help=f'against a cone NAT from behind a symmetric one: open at most N '
+                             f'sockets toward the peer; 0 turns the search off '
+                             f'(default: {birthday.SOCKETS})')
+    parser.add_argument('--birthday-rate', type=non_negative(float), default=birthday.RATE,
+                        metavar='PER_SECOND',
+                        help=f'sockets opened, or ports of a symmetric NAT probed, per second '
+                             f'(default: {birthday.RATE:.0f})')
+    parser.add_argument('--birthday-time', type=seconds, default=birthday.GIVE_UP,
+                        metavar='SECONDS',
+                        help=f'give that search up after this long; the relay carries the chat '
+                             f'meanwhile (default: {birthday.GIVE_UP:.0f})')
     parser.add_argument('--allow', action='append', default=[], metavar='PEER',
                         help="accept PEER's requests to connect without asking; may be "
                              "given several times; '*' accepts anyone (for scripts and demos)")
@@ -94,6 +109,7 @@ def client_arguments(argv):
                        for server in args.server or [f'127.0.0.1:{wire.DEFAULT_PORT}']]
     except (wire.ProtocolError, ValueError) as error:
         parser.error(str(error))
+    args.birthday = (args.birthday_sockets, args.birthday_rate, args.birthday_time)
     if args.article and (len(args.server) > 1 or args.allow or args.verbose):
         parser.error('--article runs one server, without --allow or -v')
     return args

@@ -31,6 +31,7 @@ import narrate
 import p2pcommon as wire
 import punch
 from allow import AllowMixIn
+from birthday import BirthdayMixIn
 from caps import CapsMixIn
 from control import Fatal, ServerLink
 from early import EarlyLinesMixIn
@@ -409,7 +410,7 @@ class Peer(Console):
 
 class Client(StatusMixIn, ScriptMixIn, FilesMixIn, TcpPunchMixIn, UpgradeMixIn, SeveralServersMixIn,
              EarlyLinesMixIn, RoamingMixIn, RePunchMixIn, PresenceMixIn, AllowMixIn, CapsMixIn,
-             narrate.NarrateMixIn, Peer):
+             narrate.NarrateMixIn, BirthdayMixIn, Peer):
     """The peer with every addition: what ``p2pclient.py NAME`` runs."""
 
 
@@ -429,7 +430,8 @@ def main(argv=None):
         client = Peer(args.name, args.server, **common)
     else:
         client = Client(args.name, args.server, downloads=args.downloads,
-                        transport=args.transport, allow=args.allow, **common)
+                        transport=args.transport, allow=args.allow, birthday=args.birthday,
+                        **common)
         client.narrator = narrate.Narrator(args.name, sys.stderr) if args.verbose else None
     try:
         client.start()

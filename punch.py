@@ -138,8 +138,10 @@ def candidates(introduction, our_public=None, networks=()):
     found = [public]
     if introduction.port_delta:
         for step in range(1, PREDICTION_STEPS + 1):
-            port = public[1] + step * introduction.port_delta
-            if 0 < port < 65536:
+            # The server gives the step modulo 65536 (a step of -60000 is
+            # +5536), so the prediction wraps as well.
+            port = (public[1] + step * introduction.port_delta) % 65536
+            if port:
                 found.append((public[0], port))
     same_nat = our_public is not None and our_public[0] == public[0]
     found += [endpoint for endpoint in introduction.private

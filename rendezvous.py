@@ -70,11 +70,14 @@ class Peer:
         """How far the NAT moved our port between the two server ports (point 6).
 
         Zero for a cone NAT; for a symmetric NAT that counts up, the step to predict.
+        Taken modulo 65536 into the field's -32768..32767, so that it is zero
+        only for one port: a NAT with random ports puts its two more than
+        32767 apart a quarter of the time, and the peer must still learn
+        that this NAT is symmetric (birthday.py).
         """
         if self.public is None or self.probed is None or self.public[0] != self.probed[0]:
             return 0
-        delta = self.probed[1] - self.public[1]
-        return delta if -32768 <= delta < 32768 else 0
+        return (self.probed[1] - self.public[1] + 32768) % 65536 - 32768
 
     def __str__(self):
         return self.name or wire.format_endpoint(self.address)

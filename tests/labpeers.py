@@ -9,6 +9,13 @@ import functools
 from procs import command, start
 
 SERVER_PORT = 7777
+# birthday.py's search with bounds that never miss, for tests that must
+# not flake: 900 sockets and 400 probes a second for 6 s leave a symmetric
+# NAT's port unmet with probability exp(-900 * 2400 / 64,512), 1 in 10^14.
+# (The defaults, 512 sockets and 600 probes, miss 1 time in 100:
+# bench/birthday.py measures them.)  900 sockets fit in the 1,024
+# descriptors a process may open by default.
+SURE_BIRTHDAY = ('--birthday-sockets', '900', '--birthday-rate', '400')
 CONNECTED = (r'^\* connected to {} '
              r'(?:at (\S+) \((direct(?:, tcp)?), (\d+) ms\)|\((relayed) through)')
 # After 'relayed': a direct path after all, or punching gave up (UDP; TCP with --tcp-only).

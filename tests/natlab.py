@@ -302,7 +302,7 @@ def nat_ruleset(nat_type, wan_addr, lan_net, hairpin, map_timeout):
     * Mapping. Plain ``masquerade`` keeps the inside source port whenever the
       resulting connection tuple is unique: that is endpoint-independent
       mapping in practice ("port-restricted" = what Linux does by default).
-      ``masquerade random`` picks a fresh random port for every new connection,
+      ``masquerade fully-random`` picks a fresh random port for every new connection,
       i.e. for every destination: a symmetric NAT. "symmetric-sequential"
       instead takes the next port of a counter (``numgen inc``) for every
       new UDP connection, from any inside host, so the port delta is +1.
@@ -379,11 +379,17 @@ def nat_ruleset(nat_type, wan_addr, lan_net, hairpin, map_timeout):
     # TCP (for the control connections) is masqueraded as UDP would be:
     # port-preserving, or random ports on a symmetric NAT.
     lines.append('    oifname "wan" meta l4proto != udp masquerade%s'
-                 % (' random' if nat_type == 'symmetric' else ''))
+                 % (' fully-random' if nat_type == 'symmetric' else ''))
     if nat_type == 'port-restricted':
         lines.append('    oifname "wan" masquerade')
     elif nat_type == 'symmetric':
-        lines.append('    oifname "wan" masquerade random')
+        # fully-random: every new mapping a port drawn at random from
+        # 1024-65535.  Recent kernels do the same for plain "random", but
+        # older ones take its port from a hash of the addresses and the
+        # destination port, so sockets toward one destination get ports in
+        # a row from one secret start: guessable, which a symmetric NAT in
+        # the field need not be (birthday.py must work without that).
+        lines.append('    oifname "wan" masquerade fully-random')
     elif nat_type == 'symmetric-sequential':
         # "numgen inc" counts new connections. Its value can't be used as the
         # port directly (nft 1.0.6 leaves it in host byte order, so the ports

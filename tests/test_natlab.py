@@ -114,6 +114,24 @@ def test_symmetric_sequential_is_predictable(lab_ok):
         assert m[1] == res['port2'] + 1
 
 
+def test_symmetric_ports_toward_one_destination_are_random(lab_ok):
+    """The symmetric NAT draws each mapping's port at random (birthday.py needs it so).
+
+    Forty sockets of one host, all toward one destination: their ports are
+    spread over 1024-65535, not a run from one start, as a NAT that hashes
+    the destination (older kernels' plain "random") would give them.
+    """
+    with Lab('symmetric', 'port-restricted') as lab:
+        server, a1 = lab.agent('server'), lab.agent('a1')
+        sock, _ = server.bind(5000)
+        for _ in range(40):
+            a1.send(a1.bind()[0], (SERVER_ADDRS[0], 5000))
+        ports = sorted(source[1] for _, source in server.recv_all(sock, QUIET))
+        assert len(ports) == 40 and ports[0] >= 1024
+        assert ports[-1] - ports[0] > 32768     # a run of 40 would span about 40
+        assert len({port // 4096 for port in ports}) >= 8
+
+
 def test_unsolicited_packet_does_not_steal_the_port(lab_ok):
     """Hole punching order: the peer's first punch arrives before we send.
 

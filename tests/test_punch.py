@@ -60,6 +60,12 @@ def test_candidates_predict_the_ports_of_a_symmetric_nat():
     assert len(found) == 1 + punch.PREDICTION_STEPS
 
 
+def test_candidates_wrap_around_as_the_servers_step_does():
+    """The server gives the step modulo 65536: 60000 then 2000 is a step of +7536."""
+    found = punch.candidates(introduction(port_delta=7536, public=('198.51.100.2', 60000)))
+    assert found[1:3] == [('198.51.100.2', 2000), ('198.51.100.2', 9536)]
+
+
 def test_candidates_drop_private_endpoints_outside_our_networks():
     """A private address the peer claims is someone's on every LAN: only ours are punched."""
     private = [('198.18.2.2', 5000), ('198.18.9.9', 5001), ('2001:db8::9', 5002)]

@@ -8,6 +8,7 @@ import pytest
 
 import identity
 import p2pcommon as wire
+import rendezvous
 from procs import command, start, start_server
 
 
@@ -139,6 +140,17 @@ def test_introduce_goes_to_both_with_one_fresh_session(peers):
     assert to_alice.port_delta == 0
     alice.send(wire.CONNECT, target='bob')      # consent was given: introduced at once
     assert alice.receive().session != to_alice.session
+
+
+def test_port_delta_is_zero_only_for_one_port():
+    """A random-port NAT's two ports may lie more than 32767 apart: still not zero."""
+    peer = rendezvous.Peer.__new__(rendezvous.Peer)     # only its two endpoints matter
+    for public, probed, delta in ((40000, 40002, 2), (40000, 39999, -1), (40000, 40000, 0),
+                                  (40000, 2000, 27536), (60000, 1100, 6636)):
+        peer.public, peer.probed = ('198.51.100.1', public), ('198.51.100.1', probed)
+        assert peer.port_delta == delta
+    peer.probed = ('198.51.100.9', 1100)        # another address: nothing to compare
+    assert peer.port_delta == 0
 
 
 def test_nobody_else_can_set_a_peers_public_endpoint(peers):
