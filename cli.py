@@ -112,4 +112,9 @@ def client_arguments(argv):
     args.birthday = (args.birthday_sockets, args.birthday_rate, args.birthday_time)
     if args.article and (len(args.server) > 1 or args.allow or args.verbose):
         parser.error('--article runs one server, without --allow or -v')
+    if not args.raw:
+        try:
+            args.key = identity.load_key(args.key or identity.default_key_path())
+        except (OSError, ValueError) as error:
+            parser.exit(1, f'* cannot use the key file: {error}\n')
     return args

@@ -419,13 +419,8 @@ def main(argv=None):
     args = cli.client_arguments(argv)
     if args.raw:
         return run_raw(args)
-    try:
-        key = identity.load_key(args.key or identity.default_key_path())
-    except (OSError, ValueError) as error:
-        print(f'* cannot use the key file: {error}')
-        return 1
     common = dict(udp_port=args.port, keepalive=args.keepalive,
-                  punch_timeout=args.punch_timeout, key=key)
+                  punch_timeout=args.punch_timeout, key=args.key)
     if args.article:
         client = Peer(args.name, args.server, **common)
     else:

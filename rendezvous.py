@@ -69,11 +69,8 @@ class Peer:
     def port_delta(self):
         """How far the NAT moved our port between the two server ports (point 6).
 
-        Zero for a cone NAT; for a symmetric NAT that counts up, the step to predict.
-        Taken modulo 65536 into the field's -32768..32767, so that it is zero
-        only for one port: a NAT with random ports puts its two more than
-        32767 apart a quarter of the time, and the peer must still learn
-        that this NAT is symmetric (birthday.py).
+        Zero for a cone NAT only; for a symmetric NAT that counts up, the
+        step to predict.  Modulo 65536, as random ports may lie far apart.
         """
         if self.public is None or self.probed is None or self.public[0] != self.probed[0]:
             return 0
