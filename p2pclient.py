@@ -399,12 +399,13 @@ class Peer(Console):
                        f' at {wire.format_endpoint(session.endpoint)}')
 
     def connected(self, session, now, how, where=''):
-        """Say how we reach the peer, and where typed lines go."""
+        """Say how we reach the peer (each time the path moves), and where typed lines go."""
         self.say(f'connected to {session.name}{where} ({how})')
         if self.chosen is None:
             self.chosen = session.name      # the first peer: nobody else was chosen
-        if self.chosen != session.name:
+        if self.chosen != session.name and not session.announced:
             self.say(f'what you type still goes to {self.chosen}; /to {session.name} to change')
+        session.announced = True
         session.channel.hurry(now)
 
 

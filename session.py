@@ -28,6 +28,7 @@ class Session:
         self.targets = targets
         self.started = started
         self.relayed = False        # no direct path (yet): chat goes through the server
+        self.announced = False      # '* connected to ...' said once already
         self.relay_gone = False     # the server said the peer's control connection closed
         self.doubted = None         # since then: when we began asking whether it is there
         self.tcp = None             # TCP hole punching, beside UDP's
