@@ -132,7 +132,9 @@ def candidates(introduction, our_public=None, networks=()):
     behind the same NAT (its public address is ``our_public``'s).  An
     IPv6 address is not private: with no NAT in the way it is the peer's
     own, which we punch when we have IPv6 too (the article's reader's
-    question).  Never more than MAX_ENDPOINTS in all.
+    question).  One more kind is safe: an endpoint on the peer's own
+    public address, a port its router forwards to it (portmap.py).
+    Never more than MAX_ENDPOINTS in all.
     """
     public = introduction.public
     found = [public]
@@ -144,8 +146,11 @@ def candidates(introduction, our_public=None, networks=()):
             if port:
                 found.append((public[0], port))
     same_nat = our_public is not None and our_public[0] == public[0]
+    # A port on the address the server saw the peer at is on the peer's own
+    # NAT: aiming us there aims nowhere new, since the server names that
+    # address in ``public`` anyway and prediction punches 8 of its ports.
     found += [endpoint for endpoint in introduction.private
-              if same_nat or reachable(endpoint[0], networks)]
+              if same_nat or endpoint[0] == public[0] or reachable(endpoint[0], networks)]
     return list(dict.fromkeys(found))[:wire.MAX_ENDPOINTS]
 
 

@@ -82,6 +82,18 @@ def test_candidates_keep_private_endpoints_behind_the_same_nat():
     assert found == [('198.51.100.2', 40000)] + private
 
 
+def test_candidates_keep_a_port_on_the_peers_own_public_address():
+    """A port the peer's router forwards (portmap.py) is on the peer's NAT: punched.
+
+    Any other address the peer claims is still dropped: the rule adds no
+    host that the introduction did not already name.
+    """
+    private = [('198.51.100.2', 41000), ('198.51.100.9', 41000), ('198.18.9.9', 5001)]
+    found = punch.candidates(introduction(private=private), our_public=('203.0.113.5', 1),
+                             networks=OUR_LAN)
+    assert found == [('198.51.100.2', 40000), ('198.51.100.2', 41000)]
+
+
 def test_candidates_never_more_than_sixteen():
     """Predicted ports and every private endpoint together are capped at MAX_ENDPOINTS."""
     private = [(f'198.18.2.{i + 1}', 5000 + i) for i in range(wire.MAX_ENDPOINTS)]
