@@ -10,6 +10,7 @@ import math
 import birthday
 import identity
 import p2pcommon as wire
+import portmap
 import punch
 from limits import non_negative
 
@@ -83,6 +84,10 @@ def client_arguments(argv):
     parser.add_argument('--allow', action='append', default=[], metavar='PEER',
                         help="accept PEER's requests to connect without asking; may be "
                              "given several times; '*' accepts anyone (for scripts and demos)")
+    parser.add_argument('--no-portmap', dest='portmap', action='store_false',
+                        help=f'do not ask the router (NAT-PMP, PCP) to forward a port to us '
+                             f'(asking costs at most {portmap.START_TIMEOUT:.0f} s at start-up '
+                             f'where no router answers)')
     parser.add_argument('--key', metavar='FILE',
                         help=f'the secret that keeps your name yours, created on first use '
                              f'(default: {identity.default_key_path()})')

@@ -85,6 +85,10 @@ class Console:
         self.out.write(f'<{name}> {wire.safe(text)}\n')
         self.out.flush()
 
+    def public_endpoint(self):
+        """Hook: 'IP:PORT (how we know)' for the registration line: what the server saw."""
+        return f'{wire.format_endpoint(self.mapping.public)} ({self.mapping.describe()})'
+
     def read_stdin(self, fd, mask):
         """Act on each complete line the user typed, in order; note the end of input."""
         lines, ended = self.stdin.read()

@@ -8,7 +8,6 @@ import collections
 import time
 
 import identity
-import interfaces
 import p2pcommon as wire
 import punch
 import tcppunch
@@ -63,7 +62,7 @@ class ServerLink:
         self.connects.clear()
         self.token = None
         route = wire.plain(self.sock.getsockname())[0]
-        private = [(host, self.client.udp.port) for host in interfaces.private_addresses(route)]
+        private = self.client.private_endpoints(self, route)
         proof = identity.name_proof(self.client.key, self.client.name, str(self))
         self.sock.sendall(wire.encode(wire.REGISTER, name=self.client.name, private=private,
                                       tcp_port=self.local[1], proof=proof))

@@ -37,6 +37,7 @@ from control import Fatal, ServerLink
 from early import EarlyLinesMixIn
 from console import Console, LineReader
 from netcat import run_raw
+from portmap import PortMapMixIn
 from presence import PresenceMixIn
 from repunch import RePunchMixIn
 from roaming import RoamingMixIn
@@ -98,9 +99,12 @@ class Peer(Console):
             link.refresh_mapping(now)       # the other servers learn it too
             link.attach(self.selector)
             self.say(f'registered as {self.name} with {link}; '
-                     f'public endpoint {wire.format_endpoint(self.mapping.public)} '
-                     f'({self.mapping.describe()})')
+                     f'public endpoint {self.public_endpoint()}')
         self.udp.setblocking(False)
+
+    def private_endpoints(self, link, route):
+        """Hook: what REGISTER tells link's server: our addresses toward route, our UDP port."""
+        return [(host, self.udp.port) for host in interfaces.private_addresses(route)]
 
     def register(self):
         """Hook: register with the server; return the links registered (one here)."""
@@ -411,7 +415,7 @@ class Peer(Console):
 
 class Client(StatusMixIn, ScriptMixIn, FilesMixIn, TcpPunchMixIn, UpgradeMixIn, SeveralServersMixIn,
              EarlyLinesMixIn, RoamingMixIn, RePunchMixIn, PresenceMixIn, AllowMixIn, CapsMixIn,
-             narrate.NarrateMixIn, BirthdayMixIn, Peer):
+             PortMapMixIn, narrate.NarrateMixIn, BirthdayMixIn, Peer):
     """The peer with every addition: what ``p2pclient.py NAME`` runs."""
 
 
@@ -427,7 +431,7 @@ def main(argv=None):
     else:
         client = Client(args.name, args.server, downloads=args.downloads,
                         transport=args.transport, allow=args.allow, birthday=args.birthday,
-                        **common)
+                        portmap=args.portmap, **common)
         client.narrator = narrate.Narrator(args.name, sys.stderr) if args.verbose else None
     try:
         client.start()

@@ -18,16 +18,21 @@ Start-up asks once, blocking, with a short timeout (``map``); after that
 the client's event loop renews the mapping before it expires (``tick`` and
 ``receive``), and ``close`` deletes it.  The message layouts are tables of
 (field, struct format), one per message, as in p2pcommon.py.
+``PortMapMixIn``, at the bottom, is the client's part: it asks at
+start-up and offers the mapped endpoint to peers.
 """
 
 import ipaddress
 import random
 import secrets
 import select
+import selectors
 import socket
 import struct
 import time
 from dataclasses import dataclass, replace
+
+import p2pcommon as wire
 
 SERVER_PORT = 5351          # both protocols (RFC 6886 section 3.1, RFC 6887 section 19)
 NATPMP_VERSION = 0
@@ -570,3 +575,126 @@ class PortMapper:
             if lease.mapping is None:
                 lease.retry = None
         self.address_retry = None
+
+
+class PortMapMixIn:
+    """The client asks its router to forward its UDP port, and offers peers that port.
+
+    Hole punching needs each NAT to take the other's packets for replies;
+    a port the router forwards takes anyone's, whatever kind of NAT it is
+    otherwise (a symmetric one too).  So at start-up, before REGISTER, the
+    client asks the default gateway for its UDP port and for the TCP port
+    of its first control connection, START_TIMEOUT at most; REGISTER then
+    reports the mapped endpoint first among our private ones, and a peer
+    punches it beside our public endpoint (punch.candidates: a port on our
+    public address is our own NAT's).  The loop renews the mapping; when
+    the loop ends (/quit, end of input, Ctrl-C) the mapping is deleted.
+
+    TCP punching (tcppunch.py) pairs each of our private addresses that the
+    peer punches with the one TCP port that INTRODUCE carries, our control
+    connection's local port: so the router's TCP mapping is found where
+    the router kept that port number, as miniupnpd does when it is free.
+
+    Behind a carrier-grade NAT the router's external address is the CGN's
+    inside, not the public address the server sees; offered all the same,
+    it is punched by peers behind the same CGN (the same public address as
+    ours: punch.candidates trusts them with our private endpoints), which
+    reach it across the CGN's inside network, without a hairpin.
+    """
+
+    def __init__(self, *args, portmap=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ask_at_register = portmap  # until the first REGISTER; False with --no-portmap
+        self.mapper = None              # a PortMapper holding a mapping, else None
+
+    def private_endpoints(self, link, route):
+        """Ask the router at the first REGISTER; the mapped endpoint goes first.
+
+        Once only: a reconnect, or a second server, does not wait again.
+        A server on loopback is on this host, and so are its peers: no
+        router is between us, and nobody is asked.
+        """
+        found = super().private_endpoints(link, route)
+        if self.ask_at_register and not ipaddress.ip_address(route).is_loopback:
+            self.ask_at_register = False
+            self.ask_router(link)
+        return list(dict.fromkeys(self.mapped_endpoints() + found))[:wire.MAX_ENDPOINTS]
+
+    def ask_router(self, link):
+        """Map our UDP port and link's TCP port; keep the mapper only if it got the UDP one."""
+        mapper = PortMapper(self.udp.port, tcp_port=link.local[1])
+        try:
+            mapper.map(START_TIMEOUT)
+        except PortMapError as error:
+            self.say(f'the router would not forward a port to us: {error}')
+        if mapper.mapping is None or mapper.mapping.external[0] is None:
+            mapper.close()              # deletes a TCP mapping, if that alone was given
+        else:
+            self.mapper = mapper
+
+    def mapped_endpoints(self):
+        """The endpoint the router forwards to our UDP port, in a list; [] without one."""
+        return [self.mapper.mapping.external] if self.mapper else []
+
+    def public_endpoint(self):
+        """The mapped endpoint, and which protocol gave it, when the router forwards one."""
+        if self.mapper is None:
+            return super().public_endpoint()
+        mapped = self.mapper.mapping
+        via = f'mapped by the router via {mapped.protocol}'
+        if mapped.external[0] == self.mapping.public[0]:
+            return f'{wire.format_endpoint(mapped.external)} ({via})'
+        # The router is behind another NAT (a CGN), which the server sees:
+        # the mapping reaches us from that NAT's inside only.
+        return (f'{wire.format_endpoint(self.mapping.public)} ({self.mapping.describe()}; '
+                f'{via} at {wire.format_endpoint(mapped.external)}, inside another NAT)')
+
+    def start(self):
+        """Watch the router's answers from the loop; a start that fails deletes the mapping."""
+        try:
+            super().start()
+        except BaseException:           # Fatal, or Ctrl-C: the mapping must not outlive us
+            self.close_portmap()
+            raise
+        if self.mapper is not None:
+            self.selector.register(self.mapper, selectors.EVENT_READ, self.router_answered)
+
+    def run(self, stdin_fd=0):
+        """However the loop ends (/quit, end of input, Ctrl-C), delete the mapping."""
+        try:
+            super().run(stdin_fd)
+        finally:
+            self.close_portmap()
+
+    def check_timers(self, now):
+        """Renew the mapping when due (halfway through its lifetime)."""
+        super().check_timers(now)
+        if self.mapper is not None:
+            self.mapper.tick(now)
+            self.router_checked()
+
+    def router_answered(self, sock, mask):
+        """The router's answers to our renewals: say so if our endpoint moved."""
+        before = self.mapper.mapping.external
+        for mapping in self.mapper.receive(time.monotonic()):
+            if mapping.transport == 'udp' and mapping.external != before:
+                self.say(f'the router now forwards {wire.format_endpoint(mapping.external)} '
+                         f'to us (peers introduced from now on may still try the old one)')
+        self.router_checked()
+
+    def router_checked(self):
+        """Say so once when the router stops forwarding our port, and stop asking."""
+        if self.mapper.mapping is None:
+            self.say(f'the router no longer forwards a port to us: {self.mapper.leases[0].error}')
+            self.close_portmap()
+
+    def close_portmap(self):
+        """Delete our mappings (the router answers within START_TIMEOUT, or we go anyway)."""
+        if self.mapper is None:
+            return
+        try:
+            self.selector.unregister(self.mapper)
+        except KeyError:
+            pass                        # start() failed before it was registered
+        self.mapper.close()
+        self.mapper = None
