@@ -100,6 +100,9 @@ INET_HOST_ADDR = '203.0.113.1'          # inet's address on the server/stranger 
 CGN_WAN = '198.51.100.3'
 MULTIHOMED_ADDR = '198.18.2.9'          # a1's second interface, on LAN B
 CGN_INSIDE = '198.19.0'                 # CGN inside net 198.19.0.0/24, CGN is .1
+# The STUN server miniupnpd asks from behind the CGN: the CGN's two inside
+# addresses (it gets .4 beside .1 for it).  See Lab._stun_for().
+CGN_STUN_ADDRS = (CGN_INSIDE + '.1', CGN_INSIDE + '.4')
 
 # Per site ('a' / 'b'): router name, WAN address (when not behind the CGN),
 # WAN address behind the CGN, LAN prefix, host names, IPv6 prefixes.
@@ -493,7 +496,7 @@ def duplicate_ruleset(links, fraction):
             '%s  }\n}\n' % rules)
 
 
-def miniupnpd_ruleset():
+def miniupnpd_ruleset(stun_addrs=SERVER_ADDRS):
     """nft script: the table and chains miniupnpd-nftables fills (it makes none itself).
 
     miniupnpd 2.3.1 adds each mapping as a DNAT rule to the chain
@@ -527,10 +530,10 @@ def miniupnpd_ruleset():
         '    ip daddr { %s } udp dport { %d, %d } notrack\n  }\n'
         '  chain stun_in { type filter hook prerouting priority raw; policy accept;\n'
         '    ip saddr { %s } udp sport { %d, %d } notrack\n  }\n'
-        '}\n' % ((t,) + (', '.join(SERVER_ADDRS), LAB_STUN_PORT, LAB_STUN_PORT + 1) * 2))
+        '}\n' % ((t,) + (', '.join(stun_addrs), LAB_STUN_PORT, LAB_STUN_PORT + 1) * 2))
 
 
-def miniupnpd_config(lan, lease_file):
+def miniupnpd_config(lan, lease_file, stun_host=SERVER_ADDRS[0]):
     """miniupnpd.conf for a lab router whose LAN is ``lan`` (e.g. '198.18.1').
 
     NAT-PMP and PCP only (``enable_natpmp`` turns on both in 2.3.1, which
@@ -549,7 +552,7 @@ def miniupnpd_config(lan, lease_file):
         'ipv6_disable=yes',
         'secure_mode=yes',
         'ext_perform_stun=yes',
-        'ext_stun_host=%s' % SERVER_ADDRS[0],
+        'ext_stun_host=%s' % stun_host,
         'ext_stun_port=%d' % LAB_STUN_PORT,
         'lease_file=%s' % lease_file,
         'upnp_table_name=%s' % MINIUPNPD_TABLE,
@@ -710,7 +713,8 @@ class Lab:
     miniupnpd          a site ('a', 'b') or several: run miniupnpd (NAT-PMP
                        and PCP) on that site's router, started and stopped
                        with the lab.  Needs miniupnpd-nftables installed;
-                       a STUN server (labstun.py) runs on the server host.
+                       a STUN server (labstun.py) runs on the server host
+                       (behind the CGN: on the CGN's inside, see _stun_for).
                        lab.miniupnpd_log(site) shows what it logged,
                        lab.leases(site) its lease file.
 
@@ -979,15 +983,17 @@ class Lab:
         if not os.access(MINIUPNPD, os.X_OK):
             raise LabError('%s missing: apt-get install miniupnpd-nftables' % MINIUPNPD)
         self._tmpdirs.append(tempfile.mkdtemp(prefix='p2pn-upnp-'))
-        self._start_labstun()
+        for node, addrs in sorted({self._stun_for(site) for site in self.miniupnpd}):
+            self._start_labstun(node, addrs)
         for site in self.miniupnpd:
             router, lan = SITES[site]['router'], SITES[site]['lan']
-            r = self.run(router, ['nft', '-f', '-'], input=miniupnpd_ruleset())
+            stun_addrs = self._stun_for(site)[1]
+            r = self.run(router, ['nft', '-f', '-'], input=miniupnpd_ruleset(stun_addrs))
             if r.returncode:
                 raise LabError('miniupnpd tables on %s: %s' % (router, r.stderr.strip()))
             conf = os.path.join(self._tmpdirs[0], '%s.conf' % router)
             with open(conf, 'w') as f:
-                f.write(miniupnpd_config(lan, self._lease_file(site)))
+                f.write(miniupnpd_config(lan, self._lease_file(site), stun_addrs[0]))
             # -d: stay in the foreground and log to stderr.  It logs to
             # syslog too, with LOG_CONS: where no syslog daemon listens
             # (/dev/log), glibc would write every line to /dev/console, so
@@ -1005,10 +1011,27 @@ class Lab:
                 raise LabError('miniupnpd on %s will not map ports:\n%s'
                                % (router, daemon.log()))
 
-    def _start_labstun(self):
-        """The STUN server miniupnpd asks at start-up, on the server host's two addresses."""
-        stun = self.popen('server', [sys.executable, LABSTUN, SERVER_ADDRS[0], SERVER_ADDRS[1],
-                                     str(LAB_STUN_PORT)],
+    def _stun_for(self, site):
+        """(node, its two addresses): where the STUN server that site's miniupnpd asks runs.
+
+        Usually the server host: it sees the router's WAN address, as any
+        host on the internet would.  Behind the CGN, the CGN's own inside:
+        seen from the internet the router would be the CGN's address, and
+        miniupnpd 2.3.1 then refuses to map (its STUN check finds a
+        "restrictive NAT"; it has no option to map on a private WAN address,
+        and ext_ip= refuses reserved ones).  A router on an ISP's inside
+        network still maps for the hosts on that network, which is all a
+        peer behind the same CGN needs; so its STUN check asks there, where
+        its WAN address is the one everybody sees.
+        """
+        if self.behind_cgn(site):
+            return 'cgn', CGN_STUN_ADDRS
+        return 'server', SERVER_ADDRS
+
+    def _start_labstun(self, node, addrs):
+        """The STUN server miniupnpd asks at start-up, on ``node``'s two addresses ``addrs``."""
+        stun = self.popen(node, [sys.executable, LABSTUN, addrs[0], addrs[1],
+                                 str(LAB_STUN_PORT)],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
         self._own_procs.append(stun)
@@ -1098,6 +1121,8 @@ class Lab:
             cgn.ip += ['link add lan type bridge forward_delay 0',
                        'addr add %s.1/24 dev lan' % CGN_INSIDE,
                        'link set lan up']
+            if any(self.behind_cgn(site) for site in self.miniupnpd):
+                cgn.ip.append('addr add %s/24 dev lan' % CGN_STUN_ADDRS[1])
             if self.ipv6:
                 cgn.ip.append('addr add %s1/64 dev lan nodad' % CGN_INSIDE6)
             cgn.nft = nat_ruleset(self.nat['cgn'], CGN_WAN, CGN_INSIDE, self.hairpin['cgn'],
