@@ -3,7 +3,8 @@
 Builds each topology in the NAT lab (tests/natlab.py), runs the real
 rendezvous server and two real clients in it, and prints how the pair got
 connected: a matrix of NAT types, then same NAT, double NAT, loss, idle
-timeouts and IPv6.  Needs root.
+timeouts and IPv6; then the matrix again with miniupnpd on router A, which
+the clients ask for a port (portmap.py), and what asking costs.  Needs root.
 """
 
 import argparse
@@ -12,6 +13,7 @@ import sys
 import time
 
 import natlab
+import portmap
 from labpeers import CONNECTED, LabRun
 
 PUNCH_TIMEOUT = '3'
@@ -48,14 +50,14 @@ def connect_and_chat(a, b, names):
     return f'relayed {elapsed:.1f} s'
 
 
-def matrix():
-    """Rows: A's NAT type; columns: B's."""
+def matrix(**lab_args):
+    """Rows: A's NAT type; columns: B's; lab_args go to every Lab (miniupnpd='a')."""
     width = 18
     print('A \\ B'.ljust(width) + ''.join(t.ljust(width) for t in natlab.NAT_TYPES))
     for nat_a in natlab.NAT_TYPES:
         cells = []
         for nat_b in natlab.NAT_TYPES:
-            with natlab.Lab(nat_a, nat_b) as lab:
+            with natlab.Lab(nat_a, nat_b, **lab_args) as lab:
                 cells.append(attempt(lab))
         print(nat_a.ljust(width) + ''.join(c.ljust(width) for c in cells), flush=True)
 
@@ -114,6 +116,34 @@ def idle():
                   + (f' ({"; ".join(notes)})' if notes else ''), flush=True)
 
 
+def portmap_scenarios():
+    """With the routers' port mappings: the rows after the second matrix."""
+    rows = [
+        ('both behind one CGN, PCP on both routers', dict(cgn='both', miniupnpd=('a', 'b')), {}),
+        ('TCP first, symmetric + PCP vs symmetric',
+         dict(nat_a='symmetric', nat_b='symmetric', miniupnpd='a'), dict(transport=None)),
+    ]
+    for label, lab_args, run_args in rows:
+        with natlab.Lab(**lab_args) as lab:
+            print(f'{label:<40} {attempt(lab, **run_args)}', flush=True)
+    startup()
+
+
+def startup():
+    """Seconds from starting p2pclient.py to its registration line: what asking the router costs."""
+    with natlab.Lab(miniupnpd='a') as lab, LabRun(lab) as run:
+        lab.run('rb', ['nft', '-f', '-'], input=natlab.SILENT_PORTMAP_RULESET)
+        for label, node, args in (('start-up, router A answers PCP', 'a1', ()),
+                                  ('start-up, router B answers nothing', 'b1', ()),
+                                  ('start-up, the same with --no-portmap', 'b1',
+                                   ('--no-portmap',))):
+            started = time.monotonic()
+            proc = run.client(node, 'alice', *args)
+            print(f'{label:<40} registered in {time.monotonic() - started:.2f} s', flush=True)
+            proc.send('/quit')
+            proc.wait()
+
+
 def trace(delay_ms=25):
     """One punch, narrated: both peers' -v traces and the server's -v log, in time order.
 
@@ -167,6 +197,12 @@ def main(argv=None):
         matrix()
         print()
         scenarios(args.attempts)
+        print(f'\nThe same with miniupnpd (NAT-PMP, PCP) on router A, which the clients ask '
+              f'for a port\n(start-up waits {portmap.START_TIMEOUT:.0f} s at most for the '
+              f'router):\n')
+        matrix(miniupnpd='a')
+        print()
+        portmap_scenarios()
         print()
     print('One punch, narrated (p2pclient.py -v on both peers, the server\'s -v log), '
           'two port-restricted NATs, 25 ms on each WAN link:\n')

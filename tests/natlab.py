@@ -533,6 +533,17 @@ def miniupnpd_ruleset(stun_addrs=SERVER_ADDRS):
         '}\n' % ((t,) + (', '.join(stun_addrs), LAB_STUN_PORT, LAB_STUN_PORT + 1) * 2))
 
 
+# nft script for a router that answers neither NAT-PMP nor PCP, nor with an
+# ICMP error (as most routers do): the client's ask costs its whole timeout.
+SILENT_PORTMAP_RULESET = """\
+table inet p2pn_silent {
+  chain input { type filter hook input priority filter - 20; policy accept;
+    iifname "lan" udp dport 5351 counter drop
+  }
+}
+"""
+
+
 def miniupnpd_config(lan, lease_file, stun_host=SERVER_ADDRS[0]):
     """miniupnpd.conf for a lab router whose LAN is ``lan`` (e.g. '198.18.1').
 

@@ -8,6 +8,7 @@ nothing in uninvited, so a datagram from the internet that reaches the
 inside socket got there through the mapping.
 """
 
+import io
 import ipaddress
 import json
 import os
@@ -21,7 +22,9 @@ import time
 import pytest
 
 import natlab
+import p2pcommon as wire
 import portmap
+from p2pclient import Client
 from portmap import NATPMP, PCP, PortMapError, PortMapper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -356,6 +359,65 @@ def test_default_gateway_from_the_routing_table(tmp_path):
         'eth0\t00000000\t0201A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n')
     assert portmap.default_gateway(str(table)) == '192.168.1.2'     # the lower metric
     assert portmap.default_gateway(str(tmp_path / 'missing')) is None
+
+
+# ----------------------------------------------------------------------------
+# The client's part, PortMapMixIn, with the stand-in router
+
+
+@pytest.fixture
+def alice():
+    """A client (never started) with a UDP socket on loopback; yields (client, its screen)."""
+    out = io.StringIO()
+    client = Client('alice', [('127.0.0.1', 9)], out=out, transport='udp')
+    client.udp = wire.UDPSocket(0, '127.0.0.1')
+    yield client, out
+    client.close_portmap()
+    client.udp.close()
+
+
+def holding(router, client, lifetime=100):
+    """Give client a mapper that holds a mapping from router; return the time it was granted."""
+    mapper = router.mapper(lifetime=lifetime)
+    answering(router, pcp_answer)
+    assert mapper.map(timeout=2) is not None
+    client.mapper = mapper
+    return time.monotonic()
+
+
+def test_a_server_on_loopback_means_no_router_is_asked(alice):
+    client, _ = alice
+    started = time.monotonic()
+    assert client.private_endpoints(None, '127.0.0.1') == [('127.0.0.1', client.udp.port)]
+    assert client.mapper is None and time.monotonic() - started < 0.1
+
+
+def test_the_mapped_endpoint_goes_first_in_register(router, alice):
+    client, _ = alice
+    holding(router, client)
+    assert client.private_endpoints(None, '127.0.0.1')[0] == ('198.51.100.7', 40001)
+
+
+def test_the_client_says_when_the_router_stops_forwarding(router, alice):
+    client, out = alice
+    granted = holding(router, client)
+    client.check_timers(granted + 99)
+    assert 'no longer' not in out.getvalue()
+    client.check_timers(granted + 100)          # the lifetime ran out, unrenewed
+    assert '* the router no longer forwards a port to us: the router did not answer ' \
+        'our renewals' in out.getvalue()
+    assert client.mapper is None
+
+
+def test_the_client_says_when_a_renewal_moves_its_endpoint(router, alice):
+    client, out = alice
+    granted = holding(router, client)
+    client.check_timers(granted + 63)           # past 5/8 of 100 s: renewing
+    renewal, source = router.request()
+    router.answer(pcp_answer(renewal, port=40500), source)
+    assert select.select([client.mapper], [], [], 2)[0]
+    client.router_answered(client.mapper, None)
+    assert '* the router now forwards 198.51.100.7:40500 to us' in out.getvalue()
 
 
 # ----------------------------------------------------------------------------
