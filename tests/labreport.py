@@ -119,8 +119,8 @@ def portmap_scenarios():
     """With the routers' port mappings: the rows after the second matrix."""
     rows = [
         ('both behind one CGN, PCP on each router', dict(cgn='both', miniupnpd=('a', 'b')), {}),
-        ('TCP first, symmetric + PCP vs symmetric',
-         dict(nat_a='symmetric', nat_b='symmetric', miniupnpd='a'), dict(transport=None)),
+        ('TCP only, symmetric + PCP vs symmetric',
+         dict(nat_a='symmetric', nat_b='symmetric', miniupnpd='a'), dict(transport='--tcp-only')),
     ]
     for label, lab_args, run_args in rows:
         with natlab.Lab(**lab_args) as lab:
