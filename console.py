@@ -85,8 +85,8 @@ class Console:
         self.out.write(f'<{name}> {wire.safe(text)}\n')
         self.out.flush()
 
-    def public_endpoint(self):
-        """Hook: 'IP:PORT (how we know)' for the registration line: what the server saw."""
+    def our_public(self):
+        """Hook: our public endpoint as the registration line says it: 'IP:PORT (how we know)'."""
         return f'{wire.format_endpoint(self.mapping.public)} ({self.mapping.describe()})'
 
     def read_stdin(self, fd, mask):

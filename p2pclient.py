@@ -98,8 +98,7 @@ class Peer(Console):
         for link in reached:
             link.refresh_mapping(now)       # the other servers learn it too
             link.attach(self.selector)
-            self.say(f'registered as {self.name} with {link}; '
-                     f'public endpoint {self.public_endpoint()}')
+            self.say(f'registered as {self.name} with {link}; public endpoint {self.our_public()}')
         self.udp.setblocking(False)
 
     def private_endpoints(self, link, route):

@@ -636,10 +636,10 @@ class PortMapMixIn:
         """The endpoint the router forwards to our UDP port, in a list; [] without one."""
         return [self.mapper.mapping.external] if self.mapper else []
 
-    def public_endpoint(self):
+    def our_public(self):
         """The mapped endpoint, and which protocol gave it, when the router forwards one."""
         if self.mapper is None:
-            return super().public_endpoint()
+            return super().our_public()
         mapped = self.mapper.mapping
         via = f'mapped by the router via {mapped.protocol}'
         if mapped.external[0] == self.mapping.public[0]:
