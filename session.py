@@ -32,6 +32,7 @@ class Session:
         self.relay_gone = False     # the server said the peer's control connection closed
         self.doubted = None         # since then: when we began asking whether it is there
         self.tcp = None             # TCP hole punching, beside UDP's
+        self.tcp_since = None       # when a TCP connection took the session over
         # Made now, so that a UDP proof from the peer is taken even with
         # --tcp-only; it sends nothing until start_punch.
         self.punch = punch.Punch(client.send_udp, self.key.seal, targets, now,

@@ -292,6 +292,7 @@ class TcpPunchMixIn:
             return
         session.punch_running = False       # no more PUNCHes: TCP carries the session
         session.relayed = False
+        session.tcp_since = now
         elapsed = (now - session.started) * 1000
         self.connected(session, now, f'direct, tcp, {elapsed:.0f} ms',
                        f' at {wire.format_endpoint(peer)}')
@@ -328,10 +329,21 @@ class TcpPunchMixIn:
             super().peer_message(message, source)
 
     def punched(self, session, message, source, now):
-        """A UDP proof while TCP carries the session: bounce it, move nothing."""
-        if session.on_tcp:
+        """A datagram while TCP carries the session: bounce it, or follow the peer to UDP.
+
+        While the race may still run (TCP_PUNCH_TIMEOUT after our lock), and
+        for hole punching traffic at any time, UDP only proves a path.  Past
+        it, the peer's regular traffic over UDP means it has left our TCP
+        connection (its end died: it punched again, and sends on UDP), so we
+        follow, instead of sending into that connection until ours times out.
+        """
+        if session.on_tcp and (message.flags & wire.FLAG_PUNCHING or
+                               now - session.tcp_since < TCP_PUNCH_TIMEOUT):
             session.punch.receive(message, source)
             return
+        if session.on_tcp:
+            self.say(f'{session.name} left the TCP connection; chat goes over UDP')
+            session.stop_tcp()
         super().punched(session, message, source, now)
 
     def end_session(self, session, why):

@@ -13,7 +13,7 @@ import sys
 import time
 
 import natlab
-from labpeers import CONNECTED, LabRun
+from labpeers import CONNECTED, SETTLED, LabRun
 
 PUNCH_TIMEOUT = '3'
 
@@ -34,7 +34,12 @@ def attempt(lab, host_a='a1', host_b='b1', server=None, names=('alice', 'bob'),
 
 
 def connect_and_chat(a, b, names):
-    """Time /connect to the status line; then one chat line must arrive."""
+    """Time /connect to the status line; then one chat line must arrive.
+
+    A session that starts on the relay (upgrade.py) may move to a direct
+    path later (the birthday search takes seconds): the cell says where it
+    settled, and when.
+    """
     started = time.monotonic()
     a.send(f'/connect {names[1]}')
     try:
@@ -42,6 +47,10 @@ def connect_and_chat(a, b, names):
         elapsed = time.monotonic() - started
         a.send('ping')
         b.expect(rf'^<{names[0]}> ping$', 20)
+        if not match.group(2):
+            settled = a.expect(SETTLED.format(peer=names[1]), 20)
+            if settled.group(2):
+                return f'{settled.group(2)} {int(settled.group(3)) / 1000:.1f} s (relay first)'
     except AssertionError:
         return 'FAILED'
     if match.group(2):
