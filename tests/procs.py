@@ -7,6 +7,7 @@ a fixed sleep; a failed wait shows the whole transcript.
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -118,11 +119,22 @@ class Proc:
 
 
 def start(argv, label, popen=subprocess.Popen, **kwargs):
-    """Start a program with pipes for stdin, stdout and stderr."""
+    """Start a program with pipes for stdin, stdout and stderr, as a terminal's foreground job.
+
+    A shell starts background jobs with SIGINT ignored, and children inherit
+    that: run from one (``bash .ci/run &``), a test's Ctrl-C would never
+    reach the program.  A terminal's foreground job has SIGINT as usual.
+    """
+    kwargs.setdefault('preexec_fn', sigint_as_usual)
     process = popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, text=True, encoding='utf-8', bufsize=1,
                     **kwargs)
     return Proc(process, label)
+
+
+def sigint_as_usual():
+    """In the child, before exec: SIGINT's default action, whatever the parent ignores."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_server(*args, popen=subprocess.Popen):
