@@ -15,12 +15,17 @@ import punch
 from limits import non_negative
 
 
-def port(text):
-    """An argparse type: a port, 0 (any free one) to 65535."""
+def whole_number(text):
+    """The integer an argument spells, or argparse's one-line error."""
     try:
-        number = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+
+
+def port(text):
+    """An argparse type: a port, 0 (any free one) to 65535."""
+    number = whole_number(text)
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f'{number} is not a port: give 0-65535')
     return number

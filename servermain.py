@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 
+import cli
 import p2pcommon as wire
 from limits import Limits
 
@@ -82,10 +83,7 @@ def parse_args(argv, max_request):
 
 def server_port(text):
     """An argparse type: a port for TCP and UDP that leaves room for the probe port, PORT+1."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    port = cli.whole_number(text)
     if not 0 <= port <= 65534:
         raise argparse.ArgumentTypeError(f'{port} is not a port for the server: give 0-65534 '
                                          f'(65535 would leave no room for the probe port, PORT+1)')

@@ -120,12 +120,17 @@ def test_natpmp_requests_are_rfc_6886s_layout(router):
     mapper.close(timeout=0)
 
 
+def asked(mapper, router, now):
+    """The mapper asks (PCP first); return the request as the stand-in router got it."""
+    mapper.ask(now)
+    mapper.tick(now)
+    return router.request()
+
+
 def test_pcp_answer_gives_the_mapping_and_plans_its_renewal(router):
     mapper = router.mapper(lifetime=1000)
     now = time.monotonic()
-    mapper.ask(now)
-    mapper.tick(now)
-    data, source = router.request()
+    data, source = asked(mapper, router, now)
     router.answer(pcp_answer(data, lifetime=600), source)
     assert select.select([mapper], [], [], 2)[0]
     [mapping] = mapper.receive(now)
@@ -140,9 +145,7 @@ def test_pcp_answer_gives_the_mapping_and_plans_its_renewal(router):
 def test_renewal_keeps_the_nonce_and_suggests_what_we_hold(router):
     mapper = router.mapper(lifetime=100)
     now = time.monotonic()
-    mapper.ask(now)
-    mapper.tick(now)
-    data, source = router.request()
+    data, source = asked(mapper, router, now)
     router.answer(pcp_answer(data, lifetime=100), source)
     select.select([mapper], [], [], 2)
     mapper.receive(now)
@@ -164,9 +167,7 @@ def test_renewal_keeps_the_nonce_and_suggests_what_we_hold(router):
 def test_a_mapping_nobody_renews_ends_with_its_lifetime(router):
     mapper = router.mapper(lifetime=100)
     now = time.monotonic()
-    mapper.ask(now)
-    mapper.tick(now)
-    data, source = router.request()
+    data, source = asked(mapper, router, now)
     router.answer(pcp_answer(data), source)
     select.select([mapper], [], [], 2)
     mapper.receive(now)
@@ -194,9 +195,7 @@ def test_a_mapping_nobody_renews_ends_with_its_lifetime(router):
 def test_a_malformed_or_foreign_answer_is_ignored(router, name, mangle):
     mapper = router.mapper()
     now = time.monotonic()
-    mapper.ask(now)
-    mapper.tick(now)
-    data, source = router.request()
+    data, source = asked(mapper, router, now)
     router.answer(mangle(pcp_answer(data)), source)
     router.answer(b'\x02\x81' + bytes(58), source)          # all zero: no nonce of ours
     router.answer(pcp_answer(data, port=40009), source)     # the real answer, last
@@ -215,22 +214,21 @@ def test_a_natpmp_only_router_gets_natpmp(router):
     # result 1 (unsupported version), and we ask again in NAT-PMP.
     mapper = router.mapper()
     now = time.monotonic()
-    mapper.ask(now)
-    mapper.tick(now)
-    data, source = router.request()
+    data, source = asked(mapper, router, now)
     router.answer(struct.pack('!BBHI', 0, 128 + data[1], 1, 1000), source)
     select.select([mapper], [], [], 2)
     assert mapper.receive(now) == [] and mapper.protocol == NATPMP
     mapper.tick(now)
-    asked = sorted(router.request()[0] for _ in range(2))
-    assert asked[0] == b'\0\0' and asked[1][:2] == b'\0\x01'
-    router.answer(struct.pack('!BBHI4s', 0, 128, 0, 1000, socket.inet_aton('192.0.2.9')), source)
-    router.answer(natpmp_answer(asked[1], lifetime=3600), source)
+    requests = sorted(router.request()[0] for _ in range(2))
+    assert requests[0] == b'\0\0' and requests[1][:2] == b'\0\x01'
+    router.answer(struct.pack('!BBHI4s', 0, 128, 0, 1000, socket.inet_aton('198.51.100.9')),
+                  source)
+    router.answer(natpmp_answer(requests[1], lifetime=3600), source)
     deadline = time.monotonic() + 2
     while mapper.mapping is None or mapper.mapping.external[0] is None:
         assert select.select([mapper], [], [], deadline - time.monotonic())[0]
         mapper.receive(now)
-    assert mapper.mapping == portmap.Mapping(NATPMP, 'udp', 40000, ('192.0.2.9', 40002),
+    assert mapper.mapping == portmap.Mapping(NATPMP, 'udp', 40000, ('198.51.100.9', 40002),
                                              3600, now + 3600)
     assert mapper.leases[0].renew_at == now + 1800                 # RFC 6886: halfway
     mapper.close(timeout=0)
@@ -239,9 +237,7 @@ def test_a_natpmp_only_router_gets_natpmp(router):
 def test_a_forced_protocol_does_not_fall_back(router):
     mapper = router.mapper(protocol=PCP)
     now = time.monotonic()
-    mapper.ask(now)
-    mapper.tick(now)
-    data, source = router.request()
+    data, source = asked(mapper, router, now)
     router.answer(struct.pack('!BBHI', 0, 128 + data[1], 1, 1000), source)
     select.select([mapper], [], [], 2)
     assert mapper.receive(now) == [] and mapper.protocol == PCP
@@ -322,7 +318,7 @@ def test_close_deletes_with_lifetime_zero_and_the_same_nonce(router):
 def test_close_sends_the_delete_request(router):
     mapper = router.mapper(protocol=NATPMP)
     lease = mapper.leases[0]
-    lease.mapping = portmap.Mapping(NATPMP, 'udp', 40000, ('192.0.2.9', 40002), 60,
+    lease.mapping = portmap.Mapping(NATPMP, 'udp', 40000, ('198.51.100.9', 40002), 60,
                                     time.monotonic() + 60)
     mapper.close(timeout=0.1)
     data, _ = router.request()
