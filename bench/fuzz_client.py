@@ -402,13 +402,13 @@ def check_bounds(unit, side, baseline, step):
     client = unit.client
     if len(client.sessions) > caps.MAX_SESSIONS:
         side.problem(f'more than {caps.MAX_SESSIONS} sessions', step)
-    if sum(1 for s in client.sessions.values() if s.tcp is not None) > p2pclient.MAX_TCP_PUNCHES:
-        side.problem(f'more than {p2pclient.MAX_TCP_PUNCHES} TCP punches', step)
+    if sum(1 for s in client.sessions.values() if s.tcp is not None) > tcppunch.MAX_TCP_PUNCHES:
+        side.problem(f'more than {tcppunch.MAX_TCP_PUNCHES} TCP punches', step)
     if any(len(s.targets) > wire.MAX_ENDPOINTS for s in client.sessions.values()):
         side.problem(f'more than {wire.MAX_ENDPOINTS} punch targets', step)
     punches = sum(1 for s in client.sessions.values() if s.tcp is not None)
     extra = open_fds() - baseline
-    if extra > p2pclient.MAX_TCP_PUNCHES + 4:
+    if extra > tcppunch.MAX_TCP_PUNCHES + 4:
         side.problem('descriptors beyond the TCP punches\' (a leak)', step)
     for what, n in [('sessions at once (most)', len(client.sessions)),
                     ('TCP punches at once (most)', punches),
@@ -454,12 +454,17 @@ def control_fuzz(count, seed):
             continue
         check_bounds(unit, side, baseline, step)
     finish_control(unit, side)
-    leaked = open_fds() - before
-    side.counts['descriptors left after every client closed'] = leaked
-    if leaked > 0:
-        side.problem('descriptors left after every client closed', leaked)
+    count_leaks(side, before, 'descriptors left after every client closed')
     side.elapsed = time.monotonic() - started
     return side
+
+
+def count_leaks(side, before, what):
+    """Count the descriptors opened since ``before`` and still open: any is a problem."""
+    leaked = open_fds() - before
+    side.counts[what] = leaked
+    if leaked > 0:
+        side.problem(what, leaked)
 
 
 def finish_control(unit, side):
@@ -721,10 +726,7 @@ def stranger_fuzz(count, seed):
             target = Stranger()
     side.counts['streams open at the end'] = len(target.punch.streams)
     target.close()
-    leaked = open_fds() - before
-    side.counts['descriptors left at the end'] = leaked
-    if leaked > 0:
-        side.problem('descriptors left at the end', leaked)
+    count_leaks(side, before, 'descriptors left at the end')
     side.elapsed = time.monotonic() - started
     return side
 
