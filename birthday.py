@@ -217,6 +217,7 @@ class BirthdayMixIn:
     def __init__(self, *args, birthday=(SOCKETS, RATE, GIVE_UP), **kwargs):
         super().__init__(*args, **kwargs)
         self.birthday_bounds = birthday
+        self.won = {}               # peer endpoint -> the winning socket our path leaves from
 
     def make_session(self, link, message, targets, now, started):
         """Decide our part now, from the introduction; it starts with UDP punching."""
@@ -303,6 +304,7 @@ class BirthdayMixIn:
                 if session.endpoint is not None:    # found another way meanwhile
                     continue
                 search.keep(sock, source)
+                self.won[source] = sock
                 self.say(f'birthday search: {search.sent} datagrams toward {session.name} '
                          f'before one of our ports met theirs')
             self.datagram(message, source)
@@ -310,23 +312,24 @@ class BirthdayMixIn:
     def send_udp(self, data, endpoint):
         """To a peer whose path a search won, from the winning socket; else as before.
 
-        The peer is where the session's path leads, or, for the bounce of
-        the very message that won (sent before the punch locks), where
-        that message came from.
+        One lookup by endpoint: this is the path of every chat line and
+        file chunk.  The peer's endpoint is where the winning message came
+        from, the path the punch then locks onto.
         """
-        for session in self.sessions.values():
-            search = session.birthday
-            if search and search.winner and endpoint in (session.endpoint, search.peer):
-                try:
-                    search.winner.sendto(data, endpoint)
-                except OSError:
-                    pass            # a lost datagram, as on the client's own socket
-                return
-        super().send_udp(data, endpoint)
+        sock = self.won.get(endpoint)
+        if sock is None:
+            super().send_udp(data, endpoint)
+            return
+        try:
+            sock.sendto(data, endpoint)
+        except OSError:
+            pass            # a lost datagram, as on the client's own socket
 
     def end_session(self, session, why):
         """The session is over: so is its search, and the winning socket closes."""
         super().end_session(session, why)
         if session.birthday is not None:
+            if session.birthday.winner is not None:
+                self.won.pop(session.birthday.peer, None)
             session.birthday.close()
             session.birthday = None

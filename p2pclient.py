@@ -170,7 +170,7 @@ class Peer(Console):
             self.punch_again(session, now)
 
     def punch_failed(self, session, now):
-        """No proof within the punch timeout: the relay carries the chat (point 11)."""
+        """Hook: no proof within the punch timeout: the relay carries the chat (point 11)."""
         session.punch_running = False
         if session.relayed:
             self.say(f'no direct path to {session.name}: chat stays on the relay')
