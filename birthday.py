@@ -257,6 +257,13 @@ class BirthdayMixIn:
         part, public = session.birthday_plan
         session.birthday_plan = None
         sockets, rate, give_up = self.birthday_bounds
+        if part == OPEN and any(isinstance(other.birthday, Sockets) and self.searching(other)
+                                for other in self.sessions.values()):
+            # One search's sockets at a time: two would be 1,024 descriptors,
+            # every one the process may have by default, and twice the
+            # entries in our router's table.
+            self.say(f'no birthday search toward {session.name}: another one holds our ports')
+            return
         if part == OPEN:
             self.say(f"our NAT gives every destination a new port and {session.name}'s "
                      f'keeps one: opening up to {sockets} ports toward it (the birthday '

@@ -6,13 +6,18 @@ as in test_nat.py; what the routers' connection tables
 the bounds are about.
 """
 
+import collections
+import io
 import re
+import time
 from types import SimpleNamespace
 
 import pytest
 
 import birthday
 import natlab
+import p2pclient
+import p2pcommon as wire
 import punch
 from labpeers import SURE_BIRTHDAY, LabRun, chat_both_ways, connect
 
@@ -45,6 +50,46 @@ def test_both_sides_take_their_parts_from_what_both_know():
     # Two addresses: the server tells the peer 0, so it would not probe.
     two = punch.Mapping(('198.51.100.1', 5000), ('198.51.100.9', 61000))
     assert birthday.role(two, introduction(0)) is None
+
+
+class LinkStub:
+    """A control connection that takes what the client sends."""
+
+    connects = collections.deque()
+    token = b'r' * wire.TOKEN_SIZE
+    local = ('127.0.0.1', 0)
+
+    def send(self, type, **fields):
+        """Encode and forget."""
+        wire.encode(type, **fields)
+
+    def tick(self, now):
+        """Nothing to reconnect or refresh."""
+
+
+def test_one_search_holds_our_ports_at_a_time():
+    """A server that introduces cone peers one after another gets one search's sockets."""
+    alice = p2pclient.Client('alice', [('127.0.0.1', 9)], out=io.StringIO(), transport='udp')
+    alice.links = [LinkStub()]
+    alice.udp = wire.UDPSocket(0)
+    alice.mapping = punch.Mapping(('127.0.0.1', 5000), ('127.0.0.1', 61000))     # symmetric
+    try:
+        for n, name in enumerate(['bob', 'carol', 'dave']):
+            alice.handle_control(alice.links[0], wire.decode(wire.reply(
+                wire.INTRODUCE, name=name, session=bytes([n + 1]) * wire.TOKEN_SIZE, role=0,
+                public=('127.0.0.1', 9), port_delta=0, private=[],
+                tcp_public=('127.0.0.1', 9), tcp_port=0)))
+        alice.check_timers(time.monotonic())
+        searches = [s.birthday for s in alice.sessions.values() if s.birthday is not None]
+        assert len(searches) == 1 and isinstance(searches[0], birthday.Sockets)
+        said = alice.out.getvalue()
+        for name in ('carol', 'dave'):
+            assert f'no birthday search toward {name}: another one holds our ports' in said
+    finally:
+        for session in list(alice.sessions.values()):
+            alice.end_session(session, 'the test ended')
+        alice.udp.close()
+        alice.selector.close()
 
 
 def udp_sockets(lab, node, proc):
